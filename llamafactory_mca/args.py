@@ -252,16 +252,14 @@ def mca_argument_dataclasses() -> list[type]:
 
 @hookimpl
 def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int) -> None:
-    model_args, _data_args, training_args, finetuning_args, _generating_args = lf_args
-    m = mca_args.get(MegatronArguments)
-    if m is None:
-        return
-    validate_megatron_args(m, world_size, model_args.model_name_or_path)
+    """What needs LLaMA-Factory's parsed arguments; the Megatron keys were checked before that parse."""
+    _model_args, _data_args, training_args, finetuning_args, _generating_args = lf_args
     _require(
         finetuning_args.finetuning_type == "full",
         "finetuning_type",
-        f"'{finetuning_args.finetuning_type}' is not supported by the Megatron backend yet",
-        "use finetuning_type: full, or run without USE_MCA",
+        f"'{finetuning_args.finetuning_type}' is not supported by the Megatron backend yet "
+        "(LLaMA-Factory's default is 'lora')",
+        "set finetuning_type: full, or run without USE_MCA",
     )
     _require(
         not getattr(training_args, "deepspeed", None),
@@ -346,9 +344,10 @@ def parse_train_args(args: dict[str, Any] | list[str] | None = None) -> tuple[di
     if isinstance(args, dict):
         args = dict(args)
     mca_args, rest = _split(args, mca_dataclasses())
-    lf_args = get_train_args(rest)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    stage = lf_args[3].stage
+    # Checked on the raw recipe, before LLaMA-Factory's parse (which already sets up torch.distributed and
+    # raises its own stage-specific errors, e.g. for PPO).
+    stage = _raw_value(rest, "stage", "sft")
     stages = flat(hook().mca_supported_stages())
     _require(
         stage in stages,
@@ -356,5 +355,21 @@ def parse_train_args(args: dict[str, Any] | list[str] | None = None) -> tuple[di
         f"'{stage}' is not supported by the Megatron backend (supported: {', '.join(stages)})",
         "choose a supported stage, or run without USE_MCA to use LLaMA-Factory's own trainer",
     )
+    if MegatronArguments in mca_args:
+        validate_megatron_args(mca_args[MegatronArguments], world_size, _raw_value(rest, "model_name_or_path"))
+    lf_args = get_train_args(rest)
     hook().mca_validate_args(mca_args=mca_args, lf_args=lf_args, world_size=world_size)
     return mca_args, lf_args
+
+
+def _raw_value(args: dict[str, Any] | list[str], key: str, default: Any = None) -> Any:
+    """A key's value from a recipe dict or a `--key value` / `--key=value` list, before any parsing."""
+    if isinstance(args, dict):
+        return args.get(key, default)
+    flag = f"--{key}"
+    for i, item in enumerate(args):
+        if item == flag and i + 1 < len(args):
+            return args[i + 1]
+        if item.startswith(flag + "="):
+            return item.split("=", 1)[1]
+    return default

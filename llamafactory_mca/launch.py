@@ -26,6 +26,10 @@ def training_function(config: dict[str, Any]) -> None:
     """Replaces `llamafactory.train.tuner._training_function`: parse, validate, run our workflow."""
     import torch.distributed as dist
 
+    from llamafactory_mca.activation import is_enabled
+
+    if is_enabled("USE_RAY"):  # LLaMA-Factory 0.9.4 runs this very function inside Ray workers
+        refuse_ray()
     mca_args, lf_args = parse_train_args(config.get("args"))
     stage = lf_args[3].stage
     workflow = hook().mca_workflow(stage=stage)

@@ -2,7 +2,8 @@
 
 Patch points, the same in LLaMA-Factory 0.9.4, 0.9.5 and main (checked at patch time, not assumed):
 - `llamafactory.train.tuner._training_function(config)`: run_exp's non-Ray training entry.
-- `llamafactory.train.tuner._ray_training_function`: refused, Ray is not supported under USE_MCA.
+- `llamafactory.train.tuner._ray_training_function` (0.9.5+): refused, Ray is not supported under USE_MCA.
+  (0.9.4 wraps `_training_function` itself in Ray; ours refuses USE_RAY there.)
 - `llamafactory.train.tuner.get_train_args`: run_exp calls it for `-h`; ours lists our keys as well.
 - `llamafactory.train.tuner.export_model`: `llamafactory-cli export` of a Megatron checkpoint.
 - `llamafactory.v1.launcher.launch`: refused, the v1 trainer (USE_V1) is not supported under USE_MCA.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-TUNER_NAMES = ("_training_function", "_ray_training_function", "get_train_args", "export_model", "run_exp")
+TUNER_NAMES = ("_training_function", "get_train_args", "export_model", "run_exp")
 
 
 class McaPatchError(RuntimeError):
@@ -40,7 +41,8 @@ def patch_tuner(tuner: ModuleType) -> None:
     from llamafactory_mca import launch
 
     tuner._training_function = launch.training_function
-    tuner._ray_training_function = launch.refuse_ray
+    if hasattr(tuner, "_ray_training_function"):
+        tuner._ray_training_function = launch.refuse_ray
     tuner.get_train_args = launch.get_train_args_for_help
     tuner.export_model = launch.wrap_export(tuner.export_model)
     tuner._llamafactory_mca_patched = True

@@ -64,7 +64,8 @@ def test_global_batch_size_rule():
     assert global_batch_size(m, 16, 4, 2) == 16
 
 
-RECIPE = dict(model_name_or_path="none", stage="sft", do_train=True, dataset="identity", template="default",
+RECIPE = dict(model_name_or_path="none", stage="sft", do_train=True, finetuning_type="full", dataset="identity",
+              template="default",
               overwrite_output_dir=True)
 
 

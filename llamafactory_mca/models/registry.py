@@ -1,0 +1,40 @@
+"""Built-in model families, registered through the `llamafactory_mca` entry-point group like any plugin.
+
+A third-party package adds a family the same way: a module with a `ModelBridge` subclass (a table) and
+`@hookimpl` functions `mca_model_bridge(hf_config)` / `mca_supported_model_types()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from llamafactory_mca.hookspecs import hookimpl
+
+_FAMILIES = {
+    "llama": ("llamafactory_mca.models.llama", "LlamaBridge"),
+    "qwen2": ("llamafactory_mca.models.qwen2", "Qwen2Bridge"),
+    "qwen3": ("llamafactory_mca.models.qwen3", "Qwen3Bridge"),
+    "qwen3_moe": ("llamafactory_mca.models.qwen3_moe", "Qwen3MoeBridge"),
+    "mixtral": ("llamafactory_mca.models.mixtral", "MixtralBridge"),
+}
+
+
+def bridge_for(model_type: str):
+    """The built-in bridge for `model_type`, or None (imports megatron-core only when found)."""
+    import importlib
+
+    found = _FAMILIES.get(model_type)
+    if found is None:
+        return None
+    module, cls = found
+    return getattr(importlib.import_module(module), cls)()
+
+
+@hookimpl
+def mca_model_bridge(hf_config: Any) -> Optional[Any]:
+    return bridge_for(getattr(hf_config, "model_type", None))
+
+
+@hookimpl
+def mca_supported_model_types() -> list[str]:
+    return list(_FAMILIES)

@@ -1,0 +1,122 @@
+"""Layer spec choice, in one place.
+
+* Transformer Engine importable and allowed (`transformer_impl` auto/transformer_engine, `attention_backend`
+  auto/te): megatron-core's TE spec.
+* otherwise megatron-core's local modules, with our pieces: `SDPAttention` (torch SDPA) as core attention
+  (`attention_backend: local` keeps megatron's DotProductAttention), `RMSNorm` matching Hugging Face's
+  arithmetic (fp32 statistics) that also works under sequence parallelism, and `TorchGroupedMLP` experts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from llamafactory_mca.models.attention import SDPAttention
+from llamafactory_mca.models.experts import TorchGroupedMLP
+from llamafactory_mca.platform import te_available
+
+
+class RMSNorm(torch.nn.Module):
+    """y = w * (x / rms(x)) with the statistics in fp32, exactly as Hugging Face's Llama/Qwen RMSNorm."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **kwargs):
+        super().__init__()
+        self.config = config
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # megatron all-reduces the grads of parameters marked so across TP under sequence parallelism
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class _LocalProvider(LocalSpecProvider):
+    def __init__(self, attention: type, experts_grouped: bool):
+        self._attention = attention
+        self._experts_grouped = experts_grouped
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        if rms_norm:
+            return RMSNorm
+        return super().layer_norm(rms_norm=rms_norm, for_qk=for_qk)
+
+    def core_attention(self) -> type:
+        return self._attention
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
+        if moe_use_grouped_gemm and self._experts_grouped:
+            return TorchGroupedMLP, None
+        return super().grouped_mlp_modules(False, False)
+
+
+def use_transformer_engine(mca_args) -> bool:
+    impl = getattr(mca_args, "transformer_impl", "auto")
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        if not te_available():
+            raise ValueError(
+                "`transformer_impl`: 'transformer_engine' but transformer_engine does not import. "
+                "Fix: install transformer_engine, or set transformer_impl: auto"
+            )
+        return True
+    return te_available() and getattr(mca_args, "attention_backend", "auto") in ("auto", "te")
+
+
+def layer_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False) -> ModuleSpec:
+    """The transformer layer spec for `config` (dense or MoE)."""
+    num_experts = config.num_moe_experts
+    if use_transformer_engine(mca_args):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=qk_layernorm
+        )
+    attention = DotProductAttention if getattr(mca_args, "attention_backend", "auto") == "local" else SDPAttention
+    provider = _LocalProvider(attention, experts_grouped=True)
+    # build the local spec with megatron's helper, then swap in our provider's modules
+    import megatron.core.models.gpt.gpt_layer_specs as specs
+
+    orig = specs.LocalSpecProvider
+    specs.LocalSpecProvider = lambda: provider
+    try:
+        spec = get_gpt_layer_local_spec(
+            num_experts=num_experts,
+            moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=qk_layernorm,
+            normalization=config.normalization,
+        )
+    finally:
+        specs.LocalSpecProvider = orig
+    return spec
+
+
+__all__ = ["RMSNorm", "SDPAttention", "TorchGroupedMLP", "layer_spec", "block_spec", "use_transformer_engine"]
+
+
+def block_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False, vp_stage: Optional[int] = None):
+    """What GPTModel takes as `transformer_layer_spec` for one pipeline chunk.
+
+    Local modules: an explicit block spec, so that the final norm is our RMSNorm as well (megatron's
+    fallback WrappedTorchNorm refuses sequence parallelism).
+    """
+    spec = layer_spec(config, mca_args, qk_layernorm=qk_layernorm)
+    if use_transformer_engine(mca_args):
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)

@@ -1,0 +1,455 @@
+"""CPU/gloo vs CUDA/NCCL, Transformer Engine present or not: every such difference lives in this module.
+
+megatron-core 0.16 assumes CUDA in ~70 places (RNG tracker, `torch.cuda.current_device()` as a tensor
+device, synchronize, streams/events, `.cuda()`, `device="cuda"`, `Tensor.type()` names). On a machine
+without CUDA, `setup_platform()` makes those spots run on CPU:
+
+* every loaded `megatron.core.*` module gets a `torch` proxy as its module-global `torch`: it forwards
+  everything to the real torch, except that `torch.cuda` is a CPU stand-in (current_device -> cpu,
+  synchronize/streams/events -> no-ops, RNG -> the CPU generator) and tensor factories map `device="cuda"`
+  to CPU. Nothing outside megatron-core sees the proxy.
+* megatron's CUDA RNG state helpers use the CPU generator (so the RNG tracker, `fork()`, activation
+  recompute and `model_parallel_cuda_manual_seed` work).
+* `Tensor.cuda()` returns the tensor itself (CUDA is absent, so nothing else can rely on it).
+* `Tensor.type()` called from megatron-core reports CPU tensors as `torch.cuda.*` (the optimizer checks it).
+* all-to-all split sizes become Python lists (gloo refuses tensors / numpy arrays).
+
+Needed on GPU as well when Transformer Engine is absent: megatron's MoE router references
+`te_general_gemm` (and a few fused_* names) that only exist when TE imports, so they are set to None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import os
+import socket
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from llamafactory_mca.args import MegatronArguments
+
+_PATCHED_MODULES: set[str] = set()
+_GLOBAL_PATCHES_DONE = False
+_TE_LESS_PATCH_DONE = False
+
+
+# --------------------------------------------------------------------------------------------- probes
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def on_gpu() -> bool:
+    """True when CUDA is usable: we then run on GPUs with NCCL, else on CPU with gloo."""
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def device() -> torch.device:
+    """The device this process computes on (its local GPU, or CPU)."""
+    if on_gpu():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def dist_backend() -> str:
+    return "nccl" if on_gpu() else "gloo"
+
+
+def batch_p2p_comm() -> bool:
+    """Pipeline p2p through batched isend/irecv: only on NCCL.
+
+    On gloo, interleaved (VPP) schedules with batch_p2p_comm=True silently mix up microbatches.
+    """
+    return dist_backend() == "nccl"
+
+
+# --------------------------------------------------------------------------------------------- CPU stand-ins
+
+
+class _NullStream:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_NullEvent":
+        return event or _NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _NullStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class _NullEvent:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+def _cpu_device(*args: Any, **kwargs: Any) -> torch.device:
+    return torch.device("cpu")
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _zero(*args: Any, **kwargs: Any) -> int:
+    return 0
+
+
+class _CpuRandom(types.SimpleNamespace):
+    pass
+
+
+def _make_fake_cuda() -> types.SimpleNamespace:
+    real = torch.cuda
+
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(state: torch.Tensor, device: Any = "cuda") -> None:
+        torch.set_rng_state(state)
+
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    @contextlib.contextmanager
+    def stream(s: Any = None):
+        yield
+
+    @contextlib.contextmanager
+    def nvtx_range(*args: Any, **kwargs: Any):
+        yield
+
+    nvtx = types.SimpleNamespace(range_push=_noop, range_pop=_noop, range=nvtx_range, mark=_noop)
+    random = _CpuRandom(get_rng_state=get_rng_state, set_rng_state=set_rng_state, manual_seed=manual_seed)
+
+    class FakeCuda(types.SimpleNamespace):
+        def __getattr__(self, name: str) -> Any:  # everything else: the real torch.cuda
+            return getattr(real, name)
+
+    return FakeCuda(
+        current_device=_cpu_device,
+        set_device=_noop,
+        device_count=lambda: 1,
+        synchronize=_noop,
+        empty_cache=_noop,
+        reset_peak_memory_stats=_noop,
+        memory_allocated=_zero,
+        max_memory_allocated=_zero,
+        memory_reserved=_zero,
+        max_memory_reserved=_zero,
+        Stream=_NullStream,
+        Event=_NullEvent,
+        current_stream=lambda *a, **k: _NullStream(),
+        default_stream=lambda *a, **k: _NullStream(),
+        stream=stream,
+        nvtx=nvtx,
+        random=random,
+        get_rng_state=get_rng_state,
+        set_rng_state=set_rng_state,
+        manual_seed=manual_seed,
+        manual_seed_all=manual_seed,
+    )
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, int):
+        return True
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    return False
+
+
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor",
+    "zeros_like", "ones_like", "empty_like", "full_like", "randn_like", "rand_like", "linspace", "eye",
+)
+
+
+class _TorchProxy(types.ModuleType):
+    """Stands in for `torch` inside megatron-core modules on CPU (see module docstring)."""
+
+    def __init__(self, fake_cuda: Any) -> None:
+        super().__init__("torch")
+        self.__dict__["cuda"] = fake_cuda
+        for name in _FACTORIES:
+            self.__dict__[name] = self._wrap_factory(getattr(torch, name))
+
+    @staticmethod
+    def _wrap_factory(fn: Any) -> Any:
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            return fn(*args, **kwargs)
+
+        factory.__name__ = getattr(fn, "__name__", "factory")
+        return factory
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+_PROXY: _TorchProxy | None = None
+
+
+# The modules patched on CPU: imported first so that their `torch` global can be swapped.
+_MEGATRON_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.utils",
+    "megatron.core.tensor_parallel",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer_param_scheduler",
+)
+
+
+def _patch_te_less_moe() -> None:
+    """moe_utils references TE-only names without a guard (`te_general_gemm` -> NameError)."""
+    global _TE_LESS_PATCH_DONE
+    if _TE_LESS_PATCH_DONE:
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in (
+        "te_general_gemm",
+        "fused_compute_score_for_moe_aux_loss",
+        "fused_moe_aux_loss",
+        "fused_permute",
+        "fused_permute_with_probs",
+        "fused_sort_chunks_by_index",
+        "fused_sort_chunks_by_index_with_probs",
+        "fused_topk_with_score_function",
+        "fused_unpermute",
+    ):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+    _TE_LESS_PATCH_DONE = True
+
+
+def _to_int_list(sizes: Any) -> Any:
+    if sizes is None or isinstance(sizes, list):
+        return sizes
+    if hasattr(sizes, "tolist"):
+        return [int(s) for s in sizes.tolist()]
+    return [int(s) for s in sizes]
+
+
+def _patch_cpu_globals() -> None:
+    """One-time patches of classes/functions (as opposed to the per-module `torch` swap)."""
+    global _GLOBAL_PATCHES_DONE
+    if _GLOBAL_PATCHES_DONE:
+        return
+    from megatron.core.tensor_parallel import mappings, random
+
+    # RNG: megatron's CUDA state helpers -> the CPU generator.
+    def _get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def _set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    random._get_cuda_rng_state = _get_rng_state
+    random._set_cuda_rng_state = _set_rng_state
+    for mod_name in ("megatron.core.transformer.transformer_block", "megatron.core.transformer.cuda_graphs"):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and hasattr(mod, "_set_cuda_rng_state"):
+            mod._set_cuda_rng_state = _set_rng_state
+
+    # all-to-all split sizes: gloo wants Python lists.
+    orig_forward = mappings._AllToAll.forward
+
+    def a2a_forward(ctx: Any, group: Any, input: torch.Tensor, output_split_sizes: Any, input_split_sizes: Any):
+        return orig_forward(ctx, group, input, _to_int_list(output_split_sizes), _to_int_list(input_split_sizes))
+
+    mappings._AllToAll.forward = staticmethod(a2a_forward)
+
+    # `.cuda()` on a CUDA-less machine: keep the tensor where it is.
+    def _cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self
+
+    torch.Tensor.cuda = _cuda
+
+    # `Tensor.type()` names, as megatron-core's optimizer checks them.
+    orig_type = torch.Tensor.type
+
+    def _type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = orig_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(result, str) and result.startswith("torch.") \
+                and not result.startswith("torch.cuda."):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("megatron."):
+                return "torch.cuda." + result[len("torch."):]
+        return result
+
+    torch.Tensor.type = _type
+    _GLOBAL_PATCHES_DONE = True
+
+
+def _swap_torch_in_megatron_modules() -> None:
+    global _PROXY
+    if _PROXY is None:
+        _PROXY = _TorchProxy(_make_fake_cuda())
+    for name, mod in list(sys.modules.items()):
+        if name in _PATCHED_MODULES or not name.startswith("megatron.core") or mod is None:
+            continue
+        if name.startswith("megatron.core.extensions"):
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = _PROXY
+        _PATCHED_MODULES.add(name)
+
+
+def setup_platform() -> None:
+    """Make megatron-core run here. Idempotent; call it again after importing more megatron modules."""
+    if not te_available():
+        _patch_te_less_moe()
+    if on_gpu():
+        return
+    for name in _MEGATRON_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # a module missing in this megatron-core version
+            pass
+    _patch_cpu_globals()
+    _swap_torch_in_megatron_modules()
+
+
+# --------------------------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """torch.distributed with env:// (torchrun), or a one-process group when launched without torchrun."""
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+        os.environ.setdefault("LOCAL_RANK", "0")
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(
+        backend=dist_backend(), init_method="env://", timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """megatron's per-TP/EP-rank RNG streams (`model_parallel_cuda_manual_seed`), on GPU or CPU."""
+    import random as py_random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    py_random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)  # CPU: patched to the CPU generator
+
+
+def init_parallel(mca_args: "MegatronArguments", seed: int = 42) -> None:
+    """torch.distributed + megatron parallel_state for `mca_args`' layout, then seeds. Safe to call twice."""
+    setup_platform()
+    from megatron.core import parallel_state
+
+    init_distributed(mca_args.distributed_timeout_minutes)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=mca_args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=mca_args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=mca_args.virtual_pipeline_model_parallel_size,
+            context_parallel_size=mca_args.context_parallel_size,
+            expert_model_parallel_size=mca_args.expert_model_parallel_size,
+            expert_tensor_parallel_size=mca_args.expert_tensor_parallel_size,
+            distributed_timeout_minutes=mca_args.distributed_timeout_minutes,
+        )
+    setup_platform()  # modules imported by initialize_model_parallel
+    seed_everything(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron parallel_state and torch.distributed (both only if initialised)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,56 @@
+"""Tiny random Hugging Face models built locally (no downloads), one per supported family and feature."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+VOCAB = 1001  # odd on purpose: vocab padding under TP
+
+
+def _config(kind: str):
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+    common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-6)
+    if kind == "llama":
+        return LlamaConfig(intermediate_size=128, tie_word_embeddings=False, **common)
+    if kind == "llama_tied":
+        return LlamaConfig(intermediate_size=128, tie_word_embeddings=True, **common)
+    if kind == "llama_rope3":
+        return LlamaConfig(intermediate_size=128, tie_word_embeddings=False,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                           **common)
+    if kind == "qwen2":
+        return Qwen2Config(intermediate_size=128, tie_word_embeddings=True, **common)
+    if kind == "qwen3":
+        return Qwen3Config(intermediate_size=128, head_dim=32, tie_word_embeddings=False, **common)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                              norm_topk_prob=True, head_dim=16, tie_word_embeddings=False, **common)
+    if kind == "mixtral":
+        return MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                             tie_word_embeddings=False, **common)
+    raise ValueError(kind)
+
+
+KINDS = ("llama", "llama_tied", "llama_rope3", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+
+
+def make_tiny_model(kind: str, path: str, seed: int = 0) -> str:
+    """Save a random tiny model of `kind` to `path` (fp32 safetensors); returns path."""
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = _config(kind)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms/biases so that mapping mistakes show up
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
