@@ -71,7 +71,8 @@ class MegatronArguments:
         default=None, metadata={"help": "Softmax before top-k; default: what the HF model family does."}
     )
     moe_aux_loss_coeff: Optional[float] = field(
-        default=None, metadata={"help": "Load-balancing loss weight; default: HF config's router_aux_loss_coef."}
+        default=None,
+        metadata={"help": "Load-balancing loss weight; default: LLaMA-Factory's moe_aux_loss_coef, else no aux loss."},
     )
     moe_z_loss_coeff: Optional[float] = field(default=None, metadata={"help": "Router z-loss weight."})
     moe_expert_capacity_factor: Optional[float] = field(

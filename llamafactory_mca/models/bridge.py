@@ -51,6 +51,33 @@ class _Entry:
     dtype: torch.dtype
 
 
+def _set_tensor_parallel_attributes(model: torch.nn.Module) -> None:
+    """Mark TP-split weights as megatron's weight-init functions would have.
+
+    With `perform_initialization=False` megatron-core 0.16 skips the init functions, and with them the
+    `tensor_model_parallel` / `partition_dim` attributes: the gradient norm (hence clipping), the distributed
+    optimizer and checkpoints then treat split weights as duplicates. Biases are marked by megatron itself.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    split_dims = {ColumnParallelLinear: {"weight": 0}, VocabParallelEmbedding: {"weight": 0},
+                  RowParallelLinear: {"weight": 1}, GroupedMLP: {"weight1": 1, "weight2": 0}}
+    for module in model.modules():
+        for cls, params in split_dims.items():
+            if not isinstance(module, cls):
+                continue
+            for name, dim in params.items():
+                param = getattr(module, name, None)
+                if isinstance(param, torch.nn.Parameter) and not getattr(param, "tensor_model_parallel", False):
+                    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
@@ -259,9 +286,12 @@ class ModelBridge:
             kw["recompute_modules"] = recompute_modules
         num_experts = self.num_experts(hf_config)
         if num_experts:
-            aux = m.moe_aux_loss_coeff
-            if aux is None:
-                aux = float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0)
+            # As LLaMA-Factory's HF path: no load-balancing loss unless a coefficient is asked for (the trainer
+            # passes LLaMA-Factory's own `moe_aux_loss_coef` here when ours is unset).
+            aux = m.moe_aux_loss_coeff or 0.0
+            balancing = m.moe_router_load_balancing_type
+            if aux == 0.0 and balancing in ("aux_loss", "seq_aux_loss", "global_aux_loss"):
+                balancing = "none"
             pre_softmax = m.moe_router_pre_softmax
             if pre_softmax is None:
                 pre_softmax = self.moe_router_pre_softmax(hf_config)
@@ -271,7 +301,7 @@ class ModelBridge:
                 moe_router_topk=m.moe_router_topk or self.moe_topk(hf_config),
                 moe_router_pre_softmax=pre_softmax,
                 moe_router_score_function="softmax",
-                moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+                moe_router_load_balancing_type=balancing,
                 moe_aux_loss_coeff=aux,
                 moe_z_loss_coeff=m.moe_z_loss_coeff,
                 moe_router_dtype=m.moe_router_dtype,
@@ -300,7 +330,6 @@ class ModelBridge:
         for large models). Each module carries `hf_config` and `mca_bridge` attributes for export.
         """
         from megatron.core import parallel_state as ps
-        from megatron.core.models.gpt import GPTModel
 
         from llamafactory_mca.models.spec import block_spec
         from llamafactory_mca.platform import device, setup_platform
@@ -313,8 +342,10 @@ class ModelBridge:
         models = []
         for vp in range(vpp):
             vp_stage = vp if vpp > 1 else None
-            model = GPTModel(
-                config=config,
+            model = self.new_model(
+                hf_config,
+                config,
+                mca_args,
                 transformer_layer_spec=block_spec(config, mca_args, config.qk_layernorm, vp_stage),
                 vocab_size=self.padded_vocab_size(hf_config, ps.get_tensor_model_parallel_world_size()),
                 max_sequence_length=getattr(hf_config, "max_position_embeddings", 4096),
@@ -328,6 +359,8 @@ class ModelBridge:
             )
             self._set_hf_rope(model, hf_config, rope)
             self._mask_padded_logits(model, hf_config)
+            if not init_weights:
+                _set_tensor_parallel_attributes(model)
             model.hf_config = hf_config
             model.mca_bridge = self
             model.to(device())
@@ -352,6 +385,12 @@ class ModelBridge:
                 wrapped.append(ddp)
             models = wrapped
         return models
+
+    def new_model(self, hf_config, config, mca_args, **kwargs):
+        """One model chunk: megatron's GPTModel with `kwargs`; multimodal families wrap or extend it."""
+        from megatron.core.models.gpt import GPTModel
+
+        return GPTModel(config=config, **kwargs)
 
     def _mask_padded_logits(self, model, hf_config) -> None:
         """Give the TP vocab-padding columns a logit of -inf, so softmax and loss equal the HF model's.
@@ -528,9 +567,13 @@ class ModelBridge:
             return torch.cat(parts, 0)
         raise ValueError(kind)
 
+    def reader(self, hf_path: str) -> _SafetensorsReader:
+        """Sliced access to the HF checkpoint at `hf_path` (families with renamed checkpoints override it)."""
+        return _SafetensorsReader(hf_path)
+
     def load_hf_weights(self, models: Sequence[torch.nn.Module], hf_path: str) -> None:
         """Stream this rank's shards of every parameter from the HF safetensors checkpoint at `hf_path`."""
-        reader = _SafetensorsReader(hf_path)
+        reader = self.reader(hf_path)
         try:
             for entry in self._entries(models):
                 hf_config = _unwrap(models[0]).hf_config

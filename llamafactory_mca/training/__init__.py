@@ -1,0 +1,1 @@
+"""The Megatron training loop (`loop`), its data adapter (`data`) and HF Trainer bookkeeping (`logging`)."""

@@ -1,0 +1,555 @@
+"""The training loop for stages pt / sft on megatron-core's schedules, with the HF Trainer's semantics.
+
+Per optimizer step (one "global step" as LLaMA-Factory users know it):
+  this rank's `gradient_accumulation_steps` microbatches (the HF Trainer's batches for this data-parallel rank)
+  -> `get_forward_backward_func()` (no pipelining / 1F1B / interleaved 1F1B)
+  -> per-token loss mode: each microbatch returns (sum of token CE, label tokens, ...); megatron's
+     `finalize_model_grads` divides the gradients by the label tokens of the whole global batch (all
+     microbatches, all data-parallel ranks), which is exactly the HF Trainer's `num_items_in_batch` scaling
+  -> megatron optimizer (grad clipping, AdamW) and `OptimizerParamScheduler` (HF schedule shapes)
+  -> loss = global token CE sum / global label tokens, broadcast to every rank, logged by global rank 0
+     through LLaMA-Factory's callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from llamafactory_mca.training import data as mdata
+from llamafactory_mca.training.logging import HFTrainerBookkeeping
+from transformers.trainer_utils import speed_metrics
+
+_SCHEDULES = {
+    # LLaMA-Factory / HF lr_scheduler_type -> (megatron lr_decay_style, use warmup)
+    "linear": ("linear", True),
+    "cosine": ("cosine", True),
+    "cosine_with_min_lr": ("cosine", True),
+    "constant": ("constant", False),
+    "constant_with_warmup": ("constant", True),
+    "inverse_sqrt": ("inverse-square-root", True),
+}
+
+
+def _log(msg: str) -> None:
+    from llamafactory.extras import logging as lf_logging
+
+    lf_logging.get_logger("llamafactory_mca.trainer").info_rank0(msg)
+
+
+def _warn(msg: str) -> None:
+    from llamafactory.extras import logging as lf_logging
+
+    lf_logging.get_logger("llamafactory_mca.trainer").warning_rank0(msg)
+
+
+def _get_bridge(hf_config: Any) -> Any:
+    from llamafactory_mca.models import get_bridge
+
+    return get_bridge(hf_config)
+
+
+def _params_dtype(training_args: Any) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def _build_optimizer(m: Any, training_args: Any, models: list, params_dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=training_args.learning_rate,
+        min_lr=0.0,
+        weight_decay=training_args.weight_decay,
+        adam_beta1=training_args.adam_beta1,
+        adam_beta2=training_args.adam_beta2,
+        adam_eps=training_args.adam_epsilon,
+        clip_grad=training_args.max_grad_norm if training_args.max_grad_norm else 0.0,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=m.use_distributed_optimizer,
+        overlap_param_gather_with_optimizer_step=False,
+    )
+    return get_megatron_optimizer(cfg, models)
+
+
+def _lr_schedule(training_args: Any, max_steps: int) -> tuple[str, int, float]:
+    name = str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type))
+    if name not in _SCHEDULES:
+        from llamafactory_mca.args import McaArgumentError
+
+        raise McaArgumentError(
+            f"`lr_scheduler_type`: '{name}' is not supported by the Megatron backend. "
+            f"Fix: use one of {', '.join(sorted(_SCHEDULES))}."
+        )
+    style, warm = _SCHEDULES[name]
+    warmup = training_args.get_warmup_steps(max_steps) if warm else 0
+    kwargs = training_args.lr_scheduler_kwargs or {}
+    min_lr = 0.0
+    if name == "cosine_with_min_lr":
+        if "min_lr" in kwargs:
+            min_lr = float(kwargs["min_lr"])
+        elif "min_lr_rate" in kwargs:
+            min_lr = float(kwargs["min_lr_rate"]) * training_args.learning_rate
+    return style, warmup, min_lr
+
+
+def _build_scheduler(optimizer: Any, training_args: Any, max_steps: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    style, warmup, min_lr = _lr_schedule(training_args, max_steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=training_args.learning_rate,
+        min_lr=min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(max_steps, 1),
+        lr_decay_style=style,
+        start_wd=training_args.weight_decay,
+        end_wd=training_args.weight_decay,
+        wd_incr_steps=max(max_steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+
+
+def _wrap_ddp(m: Any, models: list) -> list:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=m.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=m.overlap_grad_reduce,
+        overlap_param_gather=m.overlap_param_gather,
+        use_distributed_optimizer=m.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+        average_in_collective=False,
+    )
+    return [
+        DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model, disable_bucketing=i > 0)
+        for i, model in enumerate(models)
+    ]
+
+
+def _configure(models: list, ddp_models: list, optimizer: Any, m: Any, params_dtype: torch.dtype) -> Any:
+    """Schedule-related TransformerConfig fields, set on the config object every chunk shares."""
+    from llamafactory_mca import platform
+    from megatron.core.distributed import finalize_model_grads
+
+    for model in models:
+        config = model.config
+        config.batch_p2p_comm = platform.batch_p2p_comm()
+        config.overlap_p2p_comm = False
+        config.pipeline_dtype = params_dtype
+        config.variable_seq_lengths = False
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        config.timers = None
+        no_sync = [d.no_sync for d in ddp_models]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if m.overlap_grad_reduce:
+            sync = [d.start_grad_sync for d in ddp_models]
+            config.grad_sync_func = sync[0] if len(sync) == 1 else sync
+        if m.overlap_param_gather:
+            psync = [d.start_param_sync for d in ddp_models]
+            config.param_sync_func = psync[0] if len(psync) == 1 else psync
+    return models[0].config
+
+
+# --------------------------------------------------------------------------------------------- steps
+
+
+def _forward_step(data_iterator: Any, model: Any):
+    mb: mdata.MicroBatch = next(data_iterator)
+    device = next(model.parameters()).device
+    output = model(
+        mb.tokens.to(device),
+        mb.position_ids.to(device),
+        None,
+        labels=mb.labels.to(device),
+    )
+    return output, partial(_loss_func, mb.loss_mask.to(device), mb.num_label_tokens.to(device), mb.num_samples)
+
+
+def _loss_func(loss_mask: torch.Tensor, num_tokens: torch.Tensor, num_samples: int, output_tensor: torch.Tensor):
+    """Per-token loss mode: (sum of token CE, label tokens, report).
+
+    The schedule may scale the returned loss in place, so the report holds a clone:
+    [token CE sum, label tokens, samples].
+    """
+    losses = output_tensor.float().reshape(-1)
+    loss_sum = torch.sum(losses * loss_mask.reshape(-1))
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.detach().float(),
+                          torch.tensor(float(num_samples), device=loss_sum.device)])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _reduce_report(losses: list, device: torch.device, num_microbatches: int = 0) -> torch.Tensor:
+    """Per-microbatch [CE sum, label tokens, samples], summed over data-parallel ranks, on every rank.
+
+    Shape [num_microbatches, 3]; the loss only exists on the last pipeline stage, which broadcasts it.
+    """
+    from megatron.core import parallel_state as ps
+
+    n = num_microbatches or len(losses)
+    buf = torch.zeros(n, 3, dtype=torch.float64, device=device)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for i, item in enumerate(losses):
+            buf[i] = item["lm loss"].to(device=device, dtype=torch.float64)
+        dist.all_reduce(buf, group=ps.get_data_parallel_group(with_context_parallel=True))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(buf, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return buf
+
+
+def _run_schedule(ddp_models: list, mbs: list, forward_only: bool) -> list:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    iters = [mdata.microbatch_iterator(mbs) for _ in ddp_models]
+    return fb(
+        forward_step_func=_forward_step,
+        data_iterator=iters if len(iters) > 1 else iters[0],
+        model=ddp_models if len(ddp_models) > 1 else ddp_models[0],
+        num_microbatches=len(mbs),
+        seq_length=mbs[0].seq_length,
+        micro_batch_size=mbs[0].batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _sum_all(value: float, device: torch.device, group: Any = None) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return float(t[0])
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def run_stage(mca_args: dict, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+              generating_args: Any, callbacks: list) -> None:
+    """Train (and evaluate) stage pt / sft with full fine-tuning on megatron-core."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.model import load_tokenizer
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig
+
+    from llamafactory_mca import platform
+    from llamafactory_mca.args import MegatronArguments, global_batch_size
+
+    m: MegatronArguments = mca_args[MegatronArguments]
+    stage = finetuning_args.stage
+    if m.context_parallel_size > 1:
+        raise NotImplementedError(
+            "`context_parallel_size`: context parallelism is not implemented in the Megatron trainer yet. "
+            "Fix: set context_parallel_size: 1."
+        )
+
+    platform.setup_platform()
+    platform.init_parallel(m, training_args.seed)
+    device = platform.device()
+    world_size = dist.get_world_size()
+    dp_size = ps.get_data_parallel_world_size()
+    dp_rank = ps.get_data_parallel_rank()
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    ga = training_args.gradient_accumulation_steps
+    bs = training_args.per_device_train_batch_size
+    gbs = global_batch_size(m, world_size, bs, ga)
+    _log(
+        f"global batch size = (world_size {world_size} // (tp {tp} * pp {pp} * cp {m.context_parallel_size})) "
+        f"* per_device_train_batch_size {bs} * gradient_accumulation_steps {ga} = {gbs} "
+        f"(data-parallel size {dp_size})"
+    )
+
+    # ---- data: LLaMA-Factory's pipeline as it is
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
+    train_dataset = dataset_module.get("train_dataset")
+    eval_dataset = dataset_module.get("eval_dataset")
+    if training_args.do_train and train_dataset is None:
+        raise ValueError("no training data: set `dataset` (LLaMA-Factory's key)")
+    if train_dataset is not None and not hasattr(train_dataset, "__len__"):
+        raise NotImplementedError("`streaming: true` is not supported by the Megatron trainer yet. Fix: streaming: false.")
+    multiple = mdata.seq_multiple(tp, m.sequence_parallel, m.context_parallel_size)
+    collator = mdata.build_collator(stage, template, model_args, data_args, training_args, tokenizer_module, multiple)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    steps = mdata.StepBatches(train_dataset, collator, pad_id, multiple, uniform_shapes=pp > 1, micro_batch_size=bs)
+
+    # ---- model: the bridge builds it and loads the HF weights
+    if m.moe_aux_loss_coeff is None and getattr(model_args, "moe_aux_loss_coef", None):
+        m.moe_aux_loss_coeff = model_args.moe_aux_loss_coef  # LLaMA-Factory's own key, as its HF path uses it
+    hf_config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    params_dtype = _params_dtype(training_args)
+    bridge = _get_bridge(hf_config)
+    # No random init: every weight is overwritten by the HF checkpoint (the bridge marks TP-split weights).
+    models = bridge.build_model(hf_config, m, params_dtype, wrap_with_ddp=False, init_weights=False)
+    platform.setup_platform()  # megatron modules imported while building
+    bridge.load_hf_weights(models, model_args.model_name_or_path)
+    ddp_models = _wrap_ddp(m, models)
+    optimizer = _build_optimizer(m, training_args, ddp_models, params_dtype)
+    config = _configure(models, ddp_models, optimizer, m, params_dtype)
+
+    # ---- step accounting (HF Trainer.set_initial_training_values)
+    shuffle = not finetuning_args.disable_shuffling
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    drop_last = training_args.dataloader_drop_last
+    num_examples = len(train_dataset) if train_dataset is not None else 0
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        order = mdata.epoch_indices(num_examples, seed, epoch, shuffle)
+        return mdata.shard_batches(order, bs, dp_size, dp_rank, drop_last)
+
+    batches_per_epoch = max(len(epoch_batches(0)), 1)
+    update_steps_per_epoch = mdata.steps_per_epoch(batches_per_epoch, ga)
+    if training_args.max_steps > 0:
+        max_steps = training_args.max_steps
+        num_train_epochs = max_steps // update_steps_per_epoch + int(max_steps % update_steps_per_epoch > 0)
+        num_train_samples = max_steps * gbs
+    else:
+        max_steps = math.ceil(training_args.num_train_epochs * update_steps_per_epoch)
+        num_train_epochs = math.ceil(training_args.num_train_epochs)
+        num_train_samples = int(num_examples * training_args.num_train_epochs)
+    scheduler = _build_scheduler(optimizer, training_args, max_steps)
+
+    is_world_zero = dist.get_rank() == 0
+    book = HFTrainerBookkeeping(training_args, callbacks, tokenizer, is_world_zero,
+                                int(os.environ.get("LOCAL_RANK", "0")) == 0, hf_config)
+    book.on_init_end()
+
+    start_step = 0
+    resume = getattr(training_args, "resume_from_checkpoint", None)
+    if resume:
+        start_step = _load_checkpoint(resume, ddp_models, optimizer, scheduler, book)
+
+    _log(f"***** Running training (Megatron: tp={tp} pp={pp} vpp={m.virtual_pipeline_model_parallel_size} "
+         f"ep={m.expert_model_parallel_size} dp={dp_size}) *****")
+    _log(f"  Num examples = {num_examples:,}  Num epochs = {num_train_epochs:,}  Total optimization steps = "
+         f"{max_steps:,}  Global batch size = {gbs:,}")
+
+    if training_args.do_train:
+        book.state.global_step = start_step
+        book.globalstep_last_logged = start_step
+        book.on_train_begin(max_steps, num_train_epochs, bs * dp_size)
+        for model in ddp_models:
+            model.train()
+
+        def after_step() -> None:
+            """`Trainer._maybe_log_save_evaluate` after logging: evaluation, then checkpoint."""
+            if book.control.should_evaluate and eval_dataset is not None:
+                _evaluate_and_log(book, ddp_models, eval_dataset, collator, pad_id, multiple, pp, m,
+                                  training_args, dp_size, dp_rank, device)
+            if book.control.should_save:
+                _save_checkpoint(book, ddp_models, optimizer, scheduler, training_args, m, tokenizer, hf_config)
+                book.on_save()
+
+        last_grad_norm, last_lr = None, optimizer.param_groups[0]["lr"]
+        epochs_trained = start_step // update_steps_per_epoch
+        steps_skipped = start_step % update_steps_per_epoch
+        for epoch in range(epochs_trained, num_train_epochs):
+            batches = epoch_batches(epoch)
+            book.on_epoch_begin()
+            first = steps_skipped if epoch == epochs_trained else 0
+            for update_step in range(first, update_steps_per_epoch):
+                step_batches = batches[update_step * ga : (update_step + 1) * ga]
+                if not step_batches:
+                    break
+                book.on_step_begin()
+                mbs = steps.build(step_batches)
+                lr = optimizer.param_groups[0]["lr"]  # HF logs the rate this step used
+                for model in ddp_models:
+                    model.zero_grad_buffer()
+                optimizer.zero_grad()
+                losses = _run_schedule(ddp_models, mbs, forward_only=False)
+                ok, grad_norm, _ = optimizer.step()
+                if ok:
+                    scheduler.step(increment=1)
+                report = _reduce_report(losses, device, len(mbs)).sum(0)
+                loss = float(report[0]) / max(float(report[1]), 1.0)
+                input_tokens = _sum_all(sum(mb.num_input_tokens for mb in mbs), device,
+                                        ps.get_data_parallel_group(with_context_parallel=True))
+                book.state.num_input_tokens_seen += int(input_tokens)
+                book.add_step_loss(loss)
+                book.on_optimizer_step()
+                book.state.global_step += 1
+                consumed = min((update_step + 1) * ga, batches_per_epoch)
+                book.state.epoch = epoch + consumed / batches_per_epoch
+                book.on_step_end()
+                extra = _moe_metrics(config, ga)
+                last_grad_norm = float(grad_norm) if grad_norm is not None else None
+                last_lr = lr
+                book.maybe_log(last_grad_norm, lr, extra)
+                after_step()
+                if book.control.should_epoch_stop or book.control.should_training_stop:
+                    break
+            book.on_epoch_end()
+            book.maybe_log(last_grad_norm, last_lr, {})
+            after_step()
+            if book.control.should_training_stop:
+                break
+
+        metrics = book.final_metrics(num_train_samples)
+        book.on_train_end()
+        book.save_metrics("train", metrics)
+        book.save_state()
+        if m.save_hf_model:
+            dtype = params_dtype
+            bridge.save_hf_pretrained(models, training_args.output_dir, tokenizer=tokenizer, dtype=dtype)
+        if is_world_zero and finetuning_args.plot_loss:
+            from llamafactory.extras.ploting import plot_loss
+
+            keys = ["loss"]
+            if isinstance(eval_dataset, dict):
+                keys += [f"eval_{key}_loss" for key in eval_dataset.keys()]
+            else:
+                keys += ["eval_loss"]
+            plot_loss(training_args.output_dir, keys=keys)
+
+    if training_args.do_eval and eval_dataset is not None:
+        metrics = _evaluate(ddp_models, eval_dataset, collator, pad_id, multiple, pp, m, training_args,
+                            dp_size, dp_rank, device)
+        metrics = {k: v for k, v in metrics.items()}
+        if stage == "pt":
+            for key in list(metrics):
+                if key.endswith("_loss"):
+                    try:
+                        metrics[key.replace("_loss", "_perplexity")] = math.exp(metrics[key])
+                    except OverflowError:
+                        metrics[key.replace("_loss", "_perplexity")] = float("inf")
+        book.log(metrics)  # as HF's evaluate(): the metrics gain "epoch" and reach trainer_log.jsonl
+        book.on_evaluate(metrics)
+        book.save_metrics("eval", metrics)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def _evaluate(ddp_models: list, eval_dataset: Any, collator: Any, pad_id: int, multiple: int, pp: int, m: Any,
+              training_args: Any, dp_size: int, dp_rank: int, device: torch.device) -> dict[str, float]:
+    """eval_loss as the HF evaluation loop computes it: per eval step (one batch on each data-parallel rank),
+    token CE sum / label tokens of that step, averaged over steps weighted by their samples."""
+    datasets = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
+    metrics: dict[str, float] = {}
+    for model in ddp_models:
+        model.eval()
+    bs = training_args.per_device_eval_batch_size
+    for name, ds in datasets.items():
+        start = time.time()
+        builder = mdata.StepBatches(ds, collator, pad_id, multiple, uniform_shapes=pp > 1, micro_batch_size=bs)
+        batches = mdata.eval_batches(len(ds), bs, dp_size, dp_rank)
+        weighted, samples = 0.0, 0.0
+        chunk = max(training_args.gradient_accumulation_steps, 1)
+        for i in range(0, len(batches), chunk):
+            mbs = builder.build(batches[i : i + chunk])
+            with torch.no_grad():
+                losses = _run_schedule(ddp_models, mbs, forward_only=True)
+            for ce, tokens, n in _reduce_report(losses, device, len(mbs)).tolist():
+                if n > 0:
+                    weighted += n * ce / max(tokens, 1.0)
+                    samples += n
+        prefix = f"eval_{name}" if name else "eval"
+        metrics[f"{prefix}_loss"] = weighted / max(samples, 1.0)
+        steps = len(batches)
+        for key, value in speed_metrics("eval", start, num_samples=len(ds), num_steps=steps).items():
+            metrics[key.replace("eval", prefix, 1)] = value
+    for model in ddp_models:
+        model.train()
+    return metrics
+
+
+def _evaluate_and_log(book: HFTrainerBookkeeping, ddp_models: list, eval_dataset: Any, collator: Any, pad_id: int,
+                      multiple: int, pp: int, m: Any, training_args: Any, dp_size: int, dp_rank: int,
+                      device: torch.device) -> None:
+    metrics = _evaluate(ddp_models, eval_dataset, collator, pad_id, multiple, pp, m, training_args, dp_size,
+                        dp_rank, device)
+    book.log(dict(metrics))
+    book.on_evaluate(metrics)
+
+
+# --------------------------------------------------------------------------------------------- MoE
+
+
+def _moe_metrics(config: Any, num_microbatches: int) -> dict[str, float]:
+    """MoE auxiliary losses of this step from megatron's tracker (mean over MoE layers and microbatches), then
+    reset the tracker; empty for dense models. Collective: every rank calls it."""
+    if not getattr(config, "num_moe_experts", None):
+        return {}
+    try:
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks,
+        )
+    except ImportError:
+        return {}
+    out: dict[str, float] = {}
+    try:
+        reduce_aux_losses_tracker_across_ranks()
+        tracker = get_moe_layer_wise_logging_tracker()
+        for name, entry in tracker.items():
+            values = entry.get("values") if isinstance(entry, dict) else None
+            if values is None:
+                continue
+            layers = max(int((values != 0).sum()), 1)  # MoE layers that reported (dense layers stay 0)
+            out[name] = float(values.float().sum()) / num_microbatches / layers
+    finally:
+        clear_aux_losses_tracker()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: Any, scheduler: Any,
+                     training_args: Any, m: Any, tokenizer: Any, hf_config: Any) -> None:
+    """The one call site of checkpoint saving: output_dir/checkpoint-{global_step} (collective)."""
+    import dataclasses
+
+    from llamafactory_mca import checkpoint
+
+    checkpoint.save_checkpoint(
+        training_args.output_dir,
+        book.state.global_step,
+        ddp_models,
+        optimizer,
+        scheduler,
+        trainer_state=dataclasses.asdict(book.state),
+        mca_args=m,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        save_total_limit=training_args.save_total_limit,
+    )
+
+
+def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping) -> int:
+    """Resume (collective): restores weights, optimizer, scheduler, RNG and the TrainerState; returns the step."""
+    from llamafactory_mca import checkpoint
+
+    result = checkpoint.load_checkpoint(path, ddp_models, optimizer, scheduler)
+    state = result.get("trainer_state") or {}
+    for key, value in state.items():
+        if hasattr(book.state, key):
+            setattr(book.state, key, value)
+    book.state.global_step = int(result.get("step", state.get("global_step", 0)))
+    return book.state.global_step
