@@ -250,6 +250,7 @@ _MEGATRON_MODULES = (
     "megatron.core.tensor_parallel.cross_entropy",
     "megatron.core.models.gpt.gpt_model",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.rope_utils",  # CP: get_pos_emb_on_this_cp_rank pins memory
     "megatron.core.models.common.language_module.language_module",
     "megatron.core.transformer.transformer_block",
     "megatron.core.transformer.transformer_layer",
@@ -375,6 +376,10 @@ def setup_platform() -> None:
     """Make megatron-core run here. Idempotent; call it again after importing more megatron modules."""
     if not te_available():
         _patch_te_less_moe()
+        # megatron's TE/Apex-less grad-norm and grad-scale fallbacks sync the host once per parameter
+        from llamafactory_mca.kernels.optim import install_fast_multi_tensor
+
+        install_fast_multi_tensor()
     if on_gpu():
         return
     for name in _MEGATRON_MODULES:
@@ -453,3 +458,13 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def tune_optimizer(optimizer: Any) -> Any:
+    """The fused AdamW kernel for megatron's torch optimizers on GPU (megatron builds them unfused without
+    TE/Apex: 24 ms instead of 9 ms a step at 1.1B parameters on an H200). Returns the optimizer."""
+    if on_gpu() and not te_available():
+        from llamafactory_mca.kernels.optim import use_fused_adamw
+
+        use_fused_adamw(optimizer)
+    return optimizer

@@ -4,15 +4,25 @@ GPU, no [b, h, s, s] score matrix in Python), a drop-in for megatron-core's `Dot
 Layouts follow megatron: query [sq, b, np, hn], key/value [sk, b, ng, hn] (ng = query groups on this TP
 rank); output [sq, b, np * hn]. `attention_mask` is megatron's boolean mask (True = masked out), shape
 broadcastable to [b, 1 or np, sq, sk]; with the causal mask type it is combined with the causal mask.
-Packed sequences (`packed_seq_params`, THD) run as one sequence with a block-diagonal causal mask.
+
+Packed sequences (`packed_seq_params`, THD: query [t, np, hn]) run one SDPA call per sub-sequence (causal, no
+t x t mask); the layout comes from `cu_seqlens_q_padded` (else `cu_seqlens_q`), as megatron's THD RoPE uses.
+
+Context parallelism (cp > 1, no Transformer Engine needed) follows megatron's causal load balancing: the
+sequence (each packed sub-sequence under THD) is cut into 2*cp chunks and CP rank r holds chunks r and
+2*cp-1-r, concatenated (`megatron.core.utils.get_batch_on_this_cp_rank`, `models/packing.py`). Keys and values
+are all-gathered over the CP group (backward: reduce-scatter of their gradients), put back into sequence order,
+and each local query chunk attends to the key prefix up to its own end with the causal diagonal shifted by its
+offset. RoPE needs nothing here: megatron's rotary embedding already slices positions per CP rank the same way.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -37,8 +47,86 @@ def _packed_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> 
     return (same & causal)[None, None]
 
 
+class _Piece(NamedTuple):
+    """A run of local query rows: local start, length, its sub-sequence (start, length) in the full sequence,
+    and the offset of its first row inside that sub-sequence."""
+
+    local_start: int
+    length: int
+    seg_start: int
+    seg_len: int
+    offset: int
+
+
+class _Layout(NamedTuple):
+    pieces: tuple
+    perm: Optional[torch.Tensor]  # full-order index into the rank-major gathered keys (cp > 1), else None
+
+
+def _layout(seg_lens: list, cp: int, rank: int, device: torch.device) -> _Layout:
+    """Local pieces (and the gather permutation) for sub-sequences of `seg_lens` under causal CP splitting."""
+    pieces = []
+    local = 0
+    start = 0
+    for n in seg_lens:
+        if cp == 1:
+            pieces.append(_Piece(local, n, start, n, 0))
+            local += n
+        else:
+            if n % (2 * cp):
+                raise ValueError(
+                    f"context parallelism: every (sub-)sequence length must be a multiple of 2*cp = {2 * cp}, got "
+                    f"{n}; pad sequences (llamafactory_mca.models.packing does so) before splitting them"
+                )
+            c = n // (2 * cp)
+            for m in (rank, 2 * cp - 1 - rank):
+                pieces.append(_Piece(local, c, start, n, m * c))
+                local += c
+        start += n
+    perm = None
+    if cp > 1:
+        local_total = start // cp
+        idx = []
+        seg_start = 0
+        for n in seg_lens:
+            c = n // (2 * cp)
+            for m in range(2 * cp):
+                owner, within = (m, 0) if m < cp else (2 * cp - 1 - m, c)
+                src = owner * local_total + seg_start // cp + within
+                idx.append(torch.arange(src, src + c))
+            seg_start += n
+        perm = torch.cat(idx).to(device)
+    return _Layout(tuple(pieces), perm)
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along dim 0 over `group` (rank-major); backward: reduce-scatter (sum) of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        x = x.contiguous()
+        out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out, None
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Autograd-aware all-gather of `x` along dim 0 over `group` (rank-major)."""
+    return _GatherSeq.apply(x, group)
+
+
 class SDPAttention(MegatronModule):
-    """megatron `DotProductAttention` contract, computed by torch SDPA."""
+    """megatron `DotProductAttention` contract, computed by torch SDPA (also under context parallelism)."""
 
     def __init__(
         self,
@@ -52,14 +140,15 @@ class SDPAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "context_parallel_size > 1 needs Transformer Engine attention; "
-                "set context_parallel_size: 1 or install transformer_engine"
-            )
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            required = ["tp", "cp"] if config.context_parallel_size > 1 else ["tp"]
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
         tp = pg_collection.tp.size()
+        self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
+        if config.context_parallel_size > 1 and self.cp_group is None:
+            raise ValueError("context_parallel_size > 1 but no context-parallel process group is initialised")
+        if cp_comm_type not in (None, "p2p", "all_gather", "a2a", "a2a+p2p"):
+            raise ValueError(f"unknown cp_comm_type {cp_comm_type!r}")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         projection_size = config.kv_channels * config.num_attention_heads
@@ -69,6 +158,78 @@ class SDPAttention(MegatronModule):
         head_dim = divide(projection_size, config.num_attention_heads)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _sdpa(self, q, k, v, mask, is_causal):
+        kwargs = {}
+        if self.num_heads != self.num_groups:
+            if _SDPA_HAS_GQA and mask is None:
+                kwargs["enable_gqa"] = True
+            else:
+                rep = self.num_heads // self.num_groups
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0, is_causal=is_causal,
+            scale=self.softmax_scale, **kwargs,
+        )
+
+    def _cp_size_rank(self) -> tuple:
+        group = getattr(self, "cp_group", None)
+        if group is None:
+            return 1, 0
+        return group.size(), group.rank()
+
+    @staticmethod
+    def _segment_lengths(packed_seq_params: PackedSeqParams) -> list:
+        cu = packed_seq_params.cu_seqlens_q_padded
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+        cache = getattr(packed_seq_params, "_mca_seg_lens", None)
+        if cache is not None and cache[0] is cu:
+            return cache[1]
+        lens = (cu[1:] - cu[:-1]).tolist()  # one host sync per microbatch, cached on the params object
+        try:
+            packed_seq_params._mca_seg_lens = (cu, lens)
+        except Exception:  # pragma: no cover
+            pass
+        return lens
+
+    def _pieces_forward(self, q, k, v, seg_lens, causal, attention_mask) -> torch.Tensor:
+        """q [b, h, sq, d] local rows; k/v [b, g, sk_local, d]. Attention per piece, rows in local order."""
+        cp, rank = self._cp_size_rank()
+        layout = _layout(seg_lens, cp, rank, q.device)
+        if cp > 1:
+            # one all-gather for k and v: [sk, b, g, 2d] rank-major -> full sequence order
+            kv = torch.cat([k, v], dim=-1).permute(2, 0, 1, 3)
+            kv = gather_sequence(kv, self.cp_group).index_select(0, layout.perm)
+            kv = kv.permute(1, 2, 0, 3)
+            k, v = kv[..., : k.shape[-1]], kv[..., k.shape[-1]:]
+        sq = q.shape[2]
+        outs = []
+        for p in layout.pieces:
+            qi = q[:, :, p.local_start: p.local_start + p.length]
+            k_end = p.seg_start + (p.offset + p.length if causal else p.seg_len)
+            ki = k[:, :, p.seg_start: k_end]
+            vi = v[:, :, p.seg_start: k_end]
+            mask = None
+            if causal and p.offset > 0:
+                mask = torch.ones(p.length, k_end - p.seg_start, dtype=torch.bool, device=q.device).tril(p.offset)
+            if attention_mask is not None:
+                am = attention_mask
+                if am.shape[-2] == sq:
+                    am = am[..., p.local_start: p.local_start + p.length, :]
+                if am.shape[-1] != 1:
+                    am = am[..., p.seg_start: k_end]
+                allowed = ~am.bool()
+                if mask is None and causal:
+                    mask = torch.ones(p.length, k_end - p.seg_start, dtype=torch.bool, device=q.device).tril(0)
+                mask = allowed if mask is None else (mask & allowed)
+            outs.append(self._sdpa(qi, ki, vi, mask, is_causal=causal and mask is None))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    # ------------------------------------------------------------------------------------ forward
 
     def forward(
         self,
@@ -92,10 +253,34 @@ class SDPAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
+        cp, _ = self._cp_size_rank()
+        packed = packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None
 
+        if cp > 1 or (packed and attention_mask is None):
+            if packed:
+                if attention_mask is not None:
+                    raise NotImplementedError(
+                        "context parallelism with packed sequences takes cu_seqlens only, not an attention_mask")
+                seg_lens = self._segment_lengths(packed_seq_params)
+            else:
+                seg_lens = [sq * cp]
+            if sum(seg_lens) != sq * cp:
+                raise ValueError(
+                    f"packed sequence lengths sum to {sum(seg_lens)} but the input holds {sq} tokens x cp {cp}")
+            out = self._pieces_forward(q, k, v, seg_lens, causal, attention_mask)
+        else:
+            out = self._dense_forward(q, k, v, sq, causal, attention_mask, packed_seq_params if packed else None)
+        # [b, h, s, d] -> [s, b, h*d]
+        out = out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+        if thd:
+            out = out.squeeze(1)
+        return out
+
+    def _dense_forward(self, q, k, v, sq, causal, attention_mask, packed_seq_params) -> torch.Tensor:
         mask = None
-        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
-            mask = _packed_mask(packed_seq_params.cu_seqlens_q, sq, q.device)
+        if packed_seq_params is not None:
+            cu = packed_seq_params.cu_seqlens_q_padded
+            mask = _packed_mask(packed_seq_params.cu_seqlens_q if cu is None else cu, sq, q.device)
             if attention_mask is not None:
                 mask = mask & ~attention_mask.bool()
         elif attention_mask is not None:
@@ -104,28 +289,4 @@ class SDPAttention(MegatronModule):
                 sk = k.shape[2]
                 tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
                 mask = mask & tri
-        use_causal_flag = causal and mask is None
-
-        kwargs = {}
-        if self.num_heads != self.num_groups:
-            if _SDPA_HAS_GQA and mask is None:
-                kwargs["enable_gqa"] = True
-            else:
-                rep = self.num_heads // self.num_groups
-                k = k.repeat_interleave(rep, dim=1)
-                v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=use_causal_flag,
-            scale=self.softmax_scale,
-            **kwargs,
-        )
-        # [b, h, s, d] -> [s, b, h*d]
-        out = out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
-        if thd:
-            out = out.squeeze(1)
-        return out
+        return self._sdpa(q, k, v, mask, is_causal=causal and mask is None)

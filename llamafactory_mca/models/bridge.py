@@ -331,6 +331,7 @@ class ModelBridge:
         """
         from megatron.core import parallel_state as ps
 
+        from llamafactory_mca.kernels.cross_entropy import patch_language_model_loss
         from llamafactory_mca.models.spec import block_spec
         from llamafactory_mca.platform import device, setup_platform
 
@@ -359,6 +360,10 @@ class ModelBridge:
             )
             self._set_hf_rope(model, hf_config, rope)
             self._mask_padded_logits(model, hf_config)
+            if model.post_process:
+                # vocab-parallel cross entropy that writes its gradient into the logits buffer (Triton on
+                # GPU): less memory and time than megatron's TE-less version, same arithmetic.
+                patch_language_model_loss(model)
             if not init_weights:
                 _set_tensor_parallel_attributes(model)
             model.hf_config = hf_config

@@ -3,44 +3,25 @@
 * Transformer Engine importable and allowed (`transformer_impl` auto/transformer_engine, `attention_backend`
   auto/te): megatron-core's TE spec.
 * otherwise megatron-core's local modules, with our pieces: `SDPAttention` (torch SDPA) as core attention
-  (`attention_backend: local` keeps megatron's DotProductAttention), `RMSNorm` matching Hugging Face's
-  arithmetic (fp32 statistics) that also works under sequence parallelism, and `TorchGroupedMLP` experts.
+  (`attention_backend: local` keeps megatron's DotProductAttention), `FusedRMSNorm` (torch's fused kernel
+  on GPU, Hugging Face's exact arithmetic elsewhere; works under sequence parallelism) and `TorchGroupedMLP`
+  experts (one grouped GEMM for all local experts), both from `llamafactory_mca.kernels`.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from llamafactory_mca.models.attention import SDPAttention
-from llamafactory_mca.models.experts import TorchGroupedMLP
+from llamafactory_mca.kernels.experts import TorchGroupedMLP
+from llamafactory_mca.kernels.norm import FusedRMSNorm
 from llamafactory_mca.platform import te_available
-
-
-class RMSNorm(torch.nn.Module):
-    """y = w * (x / rms(x)) with the statistics in fp32, exactly as Hugging Face's Llama/Qwen RMSNorm."""
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **kwargs):
-        super().__init__()
-        self.config = config
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        # megatron all-reduces the grads of parameters marked so across TP under sequence parallelism
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
 
 
 class _LocalProvider(LocalSpecProvider):
@@ -50,7 +31,7 @@ class _LocalProvider(LocalSpecProvider):
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         if rms_norm:
-            return RMSNorm
+            return FusedRMSNorm
         return super().layer_norm(rms_norm=rms_norm, for_qk=for_qk)
 
     def core_attention(self) -> type:
@@ -104,13 +85,13 @@ def layer_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False) 
     return spec
 
 
-__all__ = ["RMSNorm", "SDPAttention", "TorchGroupedMLP", "layer_spec", "block_spec", "use_transformer_engine"]
+__all__ = ["FusedRMSNorm", "SDPAttention", "TorchGroupedMLP", "layer_spec", "block_spec", "use_transformer_engine"]
 
 
 def block_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False, vp_stage: Optional[int] = None):
     """What GPTModel takes as `transformer_layer_spec` for one pipeline chunk.
 
-    Local modules: an explicit block spec, so that the final norm is our RMSNorm as well (megatron's
+    Local modules: an explicit block spec, so that the final norm is our FusedRMSNorm as well (megatron's
     fallback WrappedTorchNorm refuses sequence parallelism).
     """
     spec = layer_spec(config, mca_args, qk_layernorm=qk_layernorm)
@@ -119,4 +100,4 @@ def block_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False, 
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=FusedRMSNorm)

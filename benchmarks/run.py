@@ -1,0 +1,444 @@
+"""Our Megatron backend against LLaMA-Factory's own Hugging Face path: the same recipe, twice, in one invocation.
+
+    python benchmarks/run.py --scenario s1                 # dense Qwen3 ~1.1B, 1 GPU, seq 4096
+    python benchmarks/run.py --scenario s3                 # Qwen3-30B-A3B-shaped MoE (4 layers), 1 GPU
+    python benchmarks/run.py --scenario s3x4               # the MoE with 8 layers, 4 GPUs (ours EP=4, HF FSDP)
+    python benchmarks/run.py --scenario s2                 # Llama-3-8B, 4 GPUs (ours TP2 + dist. opt., HF FSDP)
+    python benchmarks/run.py --scenario s1 --tiny          # CPU smoke run (tests/test_benchmark_script.py)
+
+For each scenario it builds, in a temporary folder, a model with the real architecture and size and random
+weights (benchmarks/shapes.py; vocab 151936 / 128256), a word-level tokenizer, and a generated pre-training
+corpus of realistic document lengths (log-normal, 16..16384 words, Zipf word frequencies); then runs
+`llamafactory-cli train <recipe>` with USE_MCA=1 (ours) and without (LLaMA-Factory's HF Trainer; FSDP where
+the scenario has several GPUs). Both recipes share every key (model, data, stage pt with packing into
+cutoff_len blocks, bf16, lr, steps, global batch, no activation recompute on either side); each side adds only
+its own launch keys (Megatron parallelism / HF FSDP), and gradient_accumulation_steps is set per side so that
+the global batch is the same (see README "Global batch size").
+
+Measurement: benchmarks/_hook/sitecustomize.py (put on PYTHONPATH) records, after every optimizer step of
+either backend, a synchronised timestamp and the peak GPU memory of each rank. Warm-up steps are excluded:
+throughput = tokens of the measured steps / their wall time. Tokens per step = global batch x cutoff_len
+(pre-training blocks are always full). MFU = model FLOPs per token (shapes.flops_per_token: 6 x active matmul
+weights incl. LM head + causal attention) x tokens/s / (GPUs x bf16 dense peak of the card).
+
+Writes benchmarks/results/<scenario>.json and regenerates the table in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from shapes import flops_per_token, hf_config_for, peak_tflops, total_params  # noqa: E402
+
+RESULTS_DIR = os.path.join(HERE, "results")
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+
+# ---------------------------------------------------------------------------------------------- scenarios
+# global_batch: sequences per optimizer step, the same on both sides.
+SCENARIOS = {
+    "s1": dict(
+        title="dense Qwen3 ~1.1B, 1 GPU", gpus=1, global_batch=8, seq=4096,
+        ours={},
+        hf={},
+        target=dict(ratio=1.15, mem="<=hf"),
+    ),
+    "s2": dict(
+        title="dense Llama-3-8B, 4 GPUs", gpus=4, global_batch=16, seq=4096,
+        ours=dict(tensor_model_parallel_size=2, sequence_parallel=True, use_distributed_optimizer=True,
+                  overlap_grad_reduce=True, overlap_param_gather=True),
+        hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=["LlamaDecoderLayer"])),
+        target=dict(ratio=1.2, mfu=0.45),
+    ),
+    "s3": dict(
+        title="MoE Qwen3-30B-A3B-shaped, 4 layers, 1 GPU", gpus=1, global_batch=8, seq=4096,
+        ours=dict(moe_grouped_gemm=True, moe_token_dispatcher_type="alltoall"),
+        hf={},
+        target=dict(ratio=1.1),
+    ),
+    "s3x4": dict(
+        title="MoE Qwen3-30B-A3B-shaped, 8 layers, 4 GPUs", gpus=4, global_batch=16, seq=4096,
+        ours=dict(expert_model_parallel_size=4, moe_grouped_gemm=True, moe_token_dispatcher_type="alltoall",
+                  use_distributed_optimizer=True, overlap_grad_reduce=True),
+        hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=["Qwen3MoeDecoderLayer"])),
+        target=dict(ratio=3.0, mem="<hf"),
+    ),
+}
+
+
+def log(*a):
+    print("[bench]", *a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_tokenizer(out_dir: str, n_words: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "<|im_start|>": 2, "<|im_end|>": 3}
+    for i in range(n_words):
+        vocab[f"w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=131072,
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_model(scenario: str, out_dir: str, tiny: bool, seq: int, device: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    os.makedirs(out_dir, exist_ok=True)
+    n_words = 400 if tiny else 32000
+    tok = build_tokenizer(out_dir, n_words)
+    cfg = hf_config_for(scenario.replace("x4", "x4"), tiny=tiny, seq=seq, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(out_dir)
+    info = dict(model_type=cfg.model_type, params=total_params(cfg), layers=cfg.num_hidden_layers,
+                hidden=cfg.hidden_size, vocab=cfg.vocab_size)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return info, cfg
+
+
+def build_data(out_dir: str, n_tokens: int, n_words: int, seed: int = 0) -> dict:
+    """A pre-training corpus with realistic document lengths: log-normal (median ~1100 words), clipped to
+    [16, 16384]; word ids Zipf-distributed. One word = one token with the word-level tokenizer."""
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** 1.1 for i in range(n_words)]
+    cum = []
+    acc = 0.0
+    for w in weights:
+        acc += w
+        cum.append(acc)
+    words = [f"w{i}" for i in range(n_words)]
+    docs, total, lengths = [], 0, []
+    while total < n_tokens:
+        n = int(min(16384, max(16, rng.lognormvariate(7.0, 1.0))))
+        docs.append({"text": " ".join(rng.choices(words, cum_weights=cum, k=n))})
+        lengths.append(n)
+        total += n + 1  # + eos
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_pt.json"), "w") as f:
+        json.dump(docs, f)
+    with open(os.path.join(out_dir, "dataset_info.json"), "w") as f:
+        json.dump({"bench_pt": {"file_name": "bench_pt.json", "columns": {"prompt": "text"}}}, f)
+    lengths.sort()
+    return dict(documents=len(docs), tokens=total, median_len=lengths[len(lengths) // 2], max_len=lengths[-1])
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def _yaml(d: dict) -> str:
+    lines = []
+    for k, v in d.items():
+        lines.append(f"{k}: {json.dumps(v)}")  # JSON scalars / flow collections are valid YAML
+    return "\n".join(lines) + "\n"
+
+
+def recipes(sc: dict, model_dir: str, data_dir: str, work: str, steps: int, tiny: bool) -> tuple[dict, dict, dict]:
+    common = dict(
+        model_name_or_path=model_dir, stage="pt", do_train=True, finetuning_type="full",
+        dataset="bench_pt", dataset_dir=data_dir, template="default", cutoff_len=sc["seq"],
+        overwrite_cache=True, preprocessing_num_workers=1 if tiny else 8,
+        logging_steps=1, save_strategy="no", save_steps=1000000, report_to="none", plot_loss=False,
+        overwrite_output_dir=True, per_device_train_batch_size=1, learning_rate=1.0e-5,
+        lr_scheduler_type="constant", warmup_steps=0, max_steps=steps, bf16=not tiny,
+        disable_gradient_checkpointing=True, flash_attn="sdpa", ddp_timeout=3600, seed=42,
+    )
+    ours = dict(common, output_dir=os.path.join(work, "out_ours"), save_hf_model=False, **sc["ours"])
+    hf = dict(common, output_dir=os.path.join(work, "out_hf"), **sc["hf"])
+    n = sc["gpus"]
+    tp = ours.get("tensor_model_parallel_size", 1) * ours.get("pipeline_model_parallel_size", 1) * ours.get(
+        "context_parallel_size", 1)
+    dp_ours, dp_hf = n // tp, n
+    for side, dp in ((ours, dp_ours), (hf, dp_hf)):
+        if sc["global_batch"] % dp:
+            raise ValueError(f"global batch {sc['global_batch']} not divisible by data-parallel size {dp}")
+        side["gradient_accumulation_steps"] = sc["global_batch"] // dp
+    return common, ours, hf
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _env(extra: dict, trace: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("USE_MCA", "LLAMAFACTORY_MCA_ACTIVE", "FORCE_TORCHRUN",
+                                                          "NPROC_PER_NODE", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.path.join(HERE, "_hook") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["MCA_BENCH_TRACE"] = trace
+    env["DISABLE_VERSION_CHECK"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env.update(extra)
+    return env
+
+
+def run_side(name: str, recipe: dict, sc: dict, work: str, timeout: int, tiny: bool) -> dict:
+    path = os.path.join(work, f"recipe_{name}.yaml")
+    with open(path, "w") as f:
+        f.write(_yaml(recipe))
+    trace = os.path.join(work, f"trace_{name}")
+    for fn in os.listdir(work):
+        if fn.startswith(f"trace_{name}."):
+            os.remove(os.path.join(work, fn))
+    extra = {"NPROC_PER_NODE": str(sc["gpus"])}
+    if name == "ours":
+        extra["USE_MCA"] = "1"
+    elif sc["gpus"] > 1:
+        extra["FORCE_TORCHRUN"] = "1"
+    if not tiny:
+        extra.setdefault("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(
+            str(i) for i in range(sc["gpus"]))))
+    cli = shutil.which("llamafactory-cli") or "llamafactory-cli"
+    cmd = [cli, "train", path]
+    shown = " ".join(f"{k}={v}" for k, v in extra.items() if k != "CUDA_VISIBLE_DEVICES") + " " + " ".join(
+        shlex.quote(c) for c in ["llamafactory-cli", "train", os.path.basename(path)])
+    log(f"{name}: {shown}")
+    logf = os.path.join(work, f"log_{name}.txt")
+    t0 = time.time()
+    with open(logf, "w") as lf:
+        try:
+            rc = subprocess.run(cmd, env=_env(extra, trace), stdout=lf, stderr=subprocess.STDOUT, cwd=work,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.time() - t0
+    with open(logf, errors="replace") as lf:
+        tail = lf.read()[-4000:]
+    res = dict(command=shown, recipe=recipe, returncode=rc, wall_s=round(wall, 1))
+    traces = sorted(fn for fn in os.listdir(work) if fn.startswith(f"trace_{name}.rank"))
+    recs = {}
+    for fn in traces:
+        with open(os.path.join(work, fn)) as f:
+            recs[fn] = [json.loads(line) for line in f if line.strip()]
+    res["trace_ranks"] = len(recs)
+    res["steps_recorded"] = max((len(v) for v in recs.values()), default=0)
+    if rc != 0 or not recs:
+        res["error"] = "run failed" if rc != 0 else "no optimizer step recorded"
+        with open(logf, errors="replace") as lf:
+            errs = [ln.rstrip() for ln in lf if "Error" in ln or "error:" in ln][:8]
+        res["log_tail"] = tail
+        res["error_lines"] = errs
+        log(f"{name}: FAILED rc={rc}; error lines:\n" + "\n".join(errs))
+    res["_recs"] = recs
+    return res
+
+
+def summarize(res: dict, warmup: int, tokens_per_step: int, fpt: float, n_gpus: int, peak: float) -> None:
+    recs = res.pop("_recs", {})
+    if not recs:
+        return
+    r0 = recs.get("trace_ours.rank0.jsonl") or recs.get("trace_hf.rank0.jsonl") or next(iter(recs.values()))
+    ts = [r["t"] for r in r0]
+    if len(ts) < warmup + 2:
+        res.setdefault("error", f"only {len(ts)} steps recorded, need warm-up {warmup} + 2")
+        return
+    steps = [b - a for a, b in zip(ts[warmup - 1:-1], ts[warmup:])] if warmup >= 1 else [
+        b - a for a, b in zip(ts[:-1], ts[1:])]
+    elapsed = sum(steps)
+    tps = len(steps) * tokens_per_step / elapsed
+    peaks = [max((r.get("peak_alloc", 0) for r in v), default=0) for v in recs.values()]
+    reserved = [max((r.get("peak_reserved", 0) for r in v), default=0) for v in recs.values()]
+    res.update(
+        measured_steps=len(steps), warmup_steps=warmup,
+        step_time_s=dict(median=statistics.median(steps), mean=elapsed / len(steps), min=min(steps), max=max(steps)),
+        tokens_per_step=tokens_per_step, tokens_per_s=tps, tokens_per_s_per_gpu=tps / n_gpus,
+        mfu=(tps * fpt / (n_gpus * peak * 1e12)) if peak else None,
+        peak_mem_gib=max(peaks) / 2**30, peak_mem_gib_per_rank=[p / 2**30 for p in peaks],
+        peak_reserved_gib=max(reserved) / 2**30,
+    )
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def device_info(tiny: bool) -> dict:
+    import torch
+
+    if not tiny and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return dict(device="cuda", card=name, gpus_visible=torch.cuda.device_count(), torch=torch.__version__,
+                    cuda=torch.version.cuda)
+    return dict(device="cpu", card="cpu", gpus_visible=0, torch=torch.__version__)
+
+
+def versions() -> dict:
+    out = {}
+    for mod in ("transformers", "llamafactory", "megatron.core", "accelerate", "llamafactory_mca"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            out[mod] = getattr(m, "__version__", "?")
+        except Exception as e:
+            out[mod] = f"not importable: {type(e).__name__}"
+    return out
+
+
+def run_scenario(name: str, args) -> dict:
+    sc = dict(SCENARIOS[name])
+    tiny = args.tiny
+    if tiny:
+        sc.update(gpus=1, global_batch=2, seq=64, ours={k: v for k, v in sc["ours"].items()
+                                                         if k in ("moe_grouped_gemm", "moe_token_dispatcher_type")},
+                  hf={})
+    work = os.path.join(args.workdir, name + ("_tiny" if tiny else ""))
+    os.makedirs(work, exist_ok=True)
+    dinfo = device_info(tiny)
+    t0 = time.time()
+    model_info, cfg = build_model(name, os.path.join(work, "model"), tiny, sc["seq"],
+                                  "cuda" if dinfo["device"] == "cuda" else "cpu")
+    steps = args.warmup + args.steps
+    n_tokens = int(steps * sc["global_batch"] * sc["seq"] * 1.3) + 4 * sc["seq"]
+    data_info = build_data(os.path.join(work, "data"), n_tokens, 400 if tiny else 32000)
+    log(f"{name}: built model ({model_info['params']/1e9:.2f}B params) and data ({data_info['tokens']} tokens, "
+        f"{data_info['documents']} documents) in {time.time()-t0:.0f}s")
+    common, ours, hf = recipes(sc, os.path.join(work, "model"), os.path.join(work, "data"), work, steps, tiny)
+    fpt = flops_per_token(cfg, sc["seq"])
+    pk = peak_tflops(dinfo["card"]) if dinfo["device"] == "cuda" else 0.0
+    tokens_per_step = sc["global_batch"] * sc["seq"]
+    result = dict(
+        scenario=name, title=sc["title"], date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=os.environ.get("MCA_BENCH_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
+        dirty=os.environ.get("MCA_BENCH_DIRTY") or (bool(_git("status", "--porcelain")) if _git("rev-parse", "HEAD") else None),
+        command=" ".join(["python", "benchmarks/run.py"] + sys.argv[1:]),
+        **dinfo, gpus=sc["gpus"], versions=versions(), model=model_info, data=data_info, seq=sc["seq"],
+        global_batch=sc["global_batch"], flops_per_token=fpt, peak_bf16_tflops=pk, recipe_common=common,
+        target=sc["target"], tiny=tiny,
+    )
+    sides = args.sides.split(",")
+    for side in sides:
+        rec = ours if side == "ours" else hf
+        r = run_side(side, rec, sc, work, args.timeout, tiny)
+        summarize(r, args.warmup, tokens_per_step, fpt, sc["gpus"], pk)
+        result[side] = r
+        if "tokens_per_s" in r:
+            log(f"{side}: {r['tokens_per_s']:.0f} tok/s, step {r['step_time_s']['median']:.3f}s, "
+                f"peak {r['peak_mem_gib']:.2f} GiB" + (f", MFU {r['mfu']*100:.1f}%" if r.get("mfu") else ""))
+    o, h = result.get("ours", {}), result.get("hf", {})
+    if "tokens_per_s" in o and "tokens_per_s" in h:
+        result["ratio_tokens_per_s"] = o["tokens_per_s"] / h["tokens_per_s"]
+        result["ratio_peak_mem"] = o["peak_mem_gib"] / h["peak_mem_gib"] if h["peak_mem_gib"] else None
+        t = sc["target"]
+        met = result["ratio_tokens_per_s"] >= t["ratio"]
+        if t.get("mem") == "<=hf":
+            met = met and o["peak_mem_gib"] <= h["peak_mem_gib"]
+        if t.get("mem") == "<hf":
+            met = met and o["peak_mem_gib"] < h["peak_mem_gib"]
+        if t.get("mfu"):
+            met = met and (o.get("mfu") or 0) >= t["mfu"]
+        result["target_met"] = bool(met)
+        log(f"{name}: ours/HF tokens/s = {result['ratio_tokens_per_s']:.3f}x, peak mem ratio "
+            f"{_fmt(result['ratio_peak_mem'], '{:.3f}')}; target {'met' if met else 'MISSED'}")
+    if not args.keep:
+        shutil.rmtree(os.path.join(work, "model"), ignore_errors=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+
+def _fmt(v, f="{:.0f}"):
+    return "-" if v is None else f.format(v)
+
+
+def write_results_md(results_dir: str, md_path: str) -> None:
+    rows = []
+    for fn in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        if not fn.endswith(".json"):
+            continue
+        with open(os.path.join(results_dir, fn)) as f:
+            r = json.load(f)
+        o, h = r.get("ours", {}), r.get("hf", {})
+        rows.append("| {sc} | {card} x{g} | {ot} | {ht} | {ratio} | {om} | {hm} | {op} | {hp} | {os_} | {hs} | {met} | {date} | {commit} |".format(
+            sc=f"{r['scenario']}: {r.get('title', '')}", card=r.get("card"), g=r.get("gpus"),
+            ot=_fmt(o.get("tokens_per_s")), ht=_fmt(h.get("tokens_per_s")),
+            ratio=_fmt(r.get("ratio_tokens_per_s"), "{:.2f}x"),
+            om=_fmt(o.get("mfu") and o["mfu"] * 100, "{:.1f}%"), hm=_fmt(h.get("mfu") and h["mfu"] * 100, "{:.1f}%"),
+            op=_fmt(o.get("peak_mem_gib"), "{:.1f}"), hp=_fmt(h.get("peak_mem_gib"), "{:.1f}"),
+            os_=_fmt(o.get("step_time_s", {}).get("median"), "{:.3f}"),
+            hs=_fmt(h.get("step_time_s", {}).get("median"), "{:.3f}"),
+            met={True: "yes", False: "**no**"}.get(r.get("target_met"), "n/a" if not (o.get("error") or h.get("error")) else "failed"),
+            date=r.get("date", "")[:10], commit=(r.get("commit") or "")[:8] + ("+dirty" if r.get("dirty") in (True, "1", "true") else ""),
+        ))
+    table = "\n".join([
+        "<!-- results:begin (generated by benchmarks/run.py from benchmarks/results/*.json) -->",
+        "| scenario | card | ours tok/s | HF tok/s | ours/HF | ours MFU | HF MFU | ours peak GiB | HF peak GiB | ours step s | HF step s | target met | date | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "<!-- results:end -->",
+    ])
+    text = ""
+    if os.path.exists(md_path):
+        with open(md_path) as f:
+            text = f.read()
+    if "<!-- results:begin" in text and "<!-- results:end -->" in text:
+        a = text.index("<!-- results:begin")
+        b = text.index("<!-- results:end -->") + len("<!-- results:end -->")
+        text = text[:a] + table + text[b:]
+    else:
+        text = "# Benchmark results\n\nGenerated by `python benchmarks/run.py`; see its docstring for the method.\n\n" + table + "\n" + text
+    with open(md_path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="repeatable; default s1")
+    ap.add_argument("--steps", type=int, default=5, help="measured optimizer steps")
+    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the numbers")
+    ap.add_argument("--sides", default="ours,hf")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU, fp32 (keeps the script working)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--results-dir", default=RESULTS_DIR)
+    ap.add_argument("--results-md", default=RESULTS_MD)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per side")
+    ap.add_argument("--keep", action="store_true", help="keep the generated model")
+    args = ap.parse_args(argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="mca_bench_")
+    os.makedirs(args.results_dir, exist_ok=True)
+    out = []
+    for name in args.scenario or ["s1"]:
+        res = run_scenario(name, args)
+        fn = os.path.join(args.results_dir, f"{name}{'_tiny' if args.tiny else ''}.json")
+        with open(fn, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        log(f"wrote {fn}")
+        out.append(res)
+    write_results_md(args.results_dir, args.results_md)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Scenario model shapes (real architectures, realistic sizes, random weights) and FLOP counts.
+
+s1   dense, Qwen3 architecture with Qwen3-1.7B's widths and 16 layers (~1.1B parameters, tied embeddings,
+     vocab 151936), 1 GPU
+s2   dense, Llama-3-8B (32 layers, vocab 128256), 4 GPUs
+s3   MoE, Qwen3-30B-A3B widths (128 experts, top-8, vocab 151936) with 4 layers, 1 GPU
+s3x4 the same MoE with 8 layers, 4 GPUs
+"""
+
+from __future__ import annotations
+
+SCENARIO_SHAPES = {
+    "s1": dict(
+        family="qwen3", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+    ),
+    "s2": dict(
+        family="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+    ),
+    "s3": dict(
+        family="qwen3_moe", hidden_size=2048, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
+    ),
+    "s3x4": dict(
+        family="qwen3_moe", hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
+    ),
+}
+
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+            moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, vocab_size=512)
+
+# bf16 dense tensor-core peak used for MFU (vendor datasheet, SXM, without sparsity): H100 and H200 alike.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def peak_tflops(card_name: str) -> float:
+    for k, v in PEAK_BF16_TFLOPS.items():
+        if k in (card_name or ""):
+            return v
+    return 989.0
+
+
+def hf_config_for(scenario: str, tiny: bool = False, layers: int | None = None, seq: int = 4096,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None):
+    shape = dict(SCENARIO_SHAPES[scenario])
+    family = shape.pop("family")
+    if tiny:
+        keep = {k: v for k, v in TINY.items() if k in shape}
+        shape.update(keep)
+        shape["num_hidden_layers"] = 2
+    if layers:
+        shape["num_hidden_layers"] = layers
+    common = dict(max_position_embeddings=max(seq, 4096), rms_norm_eps=1e-6, initializer_range=0.02,
+                  bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if family == "qwen3":
+        from transformers import Qwen3Config as C
+    elif family == "llama":
+        from transformers import LlamaConfig as C
+
+        common["attention_bias"] = False
+        common["mlp_bias"] = False
+    else:
+        from transformers import Qwen3MoeConfig as C
+
+        common.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, router_aux_loss_coef=0.001,
+                      output_router_logits=False)
+    return C(**shape, **common)
+
+
+def _g(cfg, name, default=None):
+    v = getattr(cfg, name, None)
+    return default if v is None else v
+
+
+def matmul_params_per_token(cfg) -> int:
+    """Weights touched by one token in matrix products (active experts only; LM head included; the embedding
+    lookup excluded)."""
+    H = cfg.hidden_size
+    d = _g(cfg, "head_dim", H // cfg.num_attention_heads)
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    attn = H * d * nh * 2 + H * d * nkv * 2
+    if _g(cfg, "num_experts"):
+        mlp = cfg.num_experts_per_tok * 3 * H * cfg.moe_intermediate_size + H * cfg.num_experts
+    else:
+        mlp = 3 * H * cfg.intermediate_size
+    return cfg.num_hidden_layers * (attn + mlp) + H * cfg.vocab_size
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """Model FLOPs per trained token for fwd+bwd: 6 * active matmul weights + causal attention
+    (QK^T and PV: 4*s*d per token and layer forward, halved by the causal mask, x3 for fwd+bwd)."""
+    H = cfg.hidden_size
+    d = _g(cfg, "head_dim", H // cfg.num_attention_heads)
+    attn_dim = d * cfg.num_attention_heads
+    return 6.0 * matmul_params_per_token(cfg) + 6.0 * cfg.num_hidden_layers * seq * attn_dim
+
+
+def total_params(cfg) -> int:
+    H = cfg.hidden_size
+    d = _g(cfg, "head_dim", H // cfg.num_attention_heads)
+    attn = H * d * cfg.num_attention_heads * 2 + H * d * cfg.num_key_value_heads * 2
+    if _g(cfg, "num_experts"):
+        mlp = cfg.num_experts * 3 * H * cfg.moe_intermediate_size + H * cfg.num_experts
+    else:
+        mlp = 3 * H * cfg.intermediate_size
+    emb = H * cfg.vocab_size * (1 if cfg.tie_word_embeddings else 2)
+    return cfg.num_hidden_layers * (attn + mlp) + emb

@@ -1,0 +1,6 @@
+"""Fast pieces that need no Transformer Engine (see each module's docstring).
+
+- grouped_gemm.grouped_mm: one grouped GEMM for all local experts (torch._grouped_mm on Hopper, bf16).
+- experts.TorchGroupedMLP: drop-in experts module for megatron-core's MoE layer spec.
+Nothing heavy is imported here: import the submodule you need.
+"""

@@ -1,0 +1,217 @@
+"""Qwen2-VL: Hugging Face's vision tower + merger on the first pipeline stage, the Qwen2 language model as a
+megatron GPTModel with 3-D multimodal RoPE (mRoPE).
+
+* The vision tower is Hugging Face's own `Qwen2VisionTransformerPretrainedModel`, a submodule of the first
+  stage's model chunk, replicated over tensor-parallel ranks (every TP rank computes the same features from the
+  same pixels, so its gradients agree across TP without a reduction). Its parameters keep their HF names under
+  `vision_model.` (table: everything under `visual.`, replicated).
+* Image / video placeholder tokens (`image_token_id` / `video_token_id`) have their word embeddings replaced by
+  the merger's outputs, in Hugging Face's order (masked_scatter over [batch, seq]), before the sequence-parallel
+  scatter.
+* position_ids: [3, batch, seq] as HF's `get_rope_index` (LLaMA-Factory's collator) gives them; a [4, b, s]
+  tensor (text positions first, transformers 5 style) is accepted and its first row dropped; a plain [b, s]
+  tensor is broadcast to 3 rows (text only).
+* Checkpoint names: the layout Hugging Face writes (also transformers 5.6: `model.layers.*`, `model.embed_tokens`,
+  `visual.*`, `lm_head.*`) on export; transformers' internal layout (`model.language_model.*`,
+  `model.visual.*`) is read as well.
+Context parallelism is not supported for this family yet (image tokens would have to be merged before the split).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+
+from llamafactory_mca.models.bridge import REPL, ModelBridge, _SafetensorsReader, dense_table
+
+class _CompatReader(_SafetensorsReader):
+    """Reads the checkpoint names Hugging Face writes (`model.layers.*`, `visual.*`) from checkpoints in either
+    layout (transformers' internal one is `model.language_model.*`, `model.visual.*`)."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._alias = {}
+        for name in list(self.weight_map):
+            if name.startswith("model.visual."):
+                self._alias[name[len("model."):]] = name
+            elif name.startswith("model.language_model."):
+                self._alias["model." + name[len("model.language_model."):]] = name
+
+    def _real(self, name: str) -> str:
+        return name if name in self.weight_map else self._alias.get(name, name)
+
+    def __contains__(self, name: str) -> bool:
+        return self._real(name) in self.weight_map
+
+    def shape(self, name: str) -> list:
+        return super().shape(self._real(name))
+
+    def read(self, name: str, dim=None, start: int = 0, stop=None) -> torch.Tensor:
+        return super().read(self._real(name), dim, start, stop)
+
+
+def _gpt_with_vision():
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+
+    class Qwen2VLGPTModel(GPTModel):
+        """GPTModel whose first stage embeds images / videos with Hugging Face's Qwen2-VL vision tower."""
+
+        def __init__(self, *args, hf_config=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.vision_model = None
+            self.image_token_id = hf_config.image_token_id
+            self.video_token_id = hf_config.video_token_id
+            if self.pre_process:
+                from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+                self.vision_model = Qwen2VisionTransformerPretrainedModel._from_config(
+                    hf_config.vision_config, dtype=self.config.params_dtype)
+
+        def _vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+            dtype = next(self.vision_model.parameters()).dtype
+            out = self.vision_model(pixel_values.to(dtype), grid_thw=grid_thw)
+            return getattr(out, "pooler_output", out)
+
+        def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                  video_grid_thw=None) -> torch.Tensor:
+            """[s, b, h] decoder input (sequence-parallel scattered when SP is on)."""
+            word = self.embedding.word_embeddings
+            reduce_scatter = word.reduce_scatter_embeddings
+            word.reduce_scatter_embeddings = False
+            try:
+                emb = word(input_ids)  # [b, s, h], full over TP
+            finally:
+                word.reduce_scatter_embeddings = reduce_scatter
+            for values, grid, token in ((pixel_values, image_grid_thw, self.image_token_id),
+                                        (pixel_values_videos, video_grid_thw, self.video_token_id)):
+                if values is None:
+                    continue
+                feats = self._vision(values, grid).to(emb.dtype)
+                mask = input_ids == token
+                if int(mask.sum()) != feats.shape[0]:
+                    raise ValueError(
+                        f"{int(mask.sum())} placeholder tokens {token} but {feats.shape[0]} vision features")
+                emb = emb.masked_scatter(mask.unsqueeze(-1).expand_as(emb), feats)
+            emb = emb.transpose(0, 1).contiguous()
+            if self.config.sequence_parallel:
+                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+            return emb
+
+        def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
+                    pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                    **kwargs):
+            if position_ids is not None:
+                if position_ids.dim() == 2:
+                    position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+                elif position_ids.dim() == 3 and position_ids.shape[0] == 4:
+                    position_ids = position_ids[1:]
+            if self.pre_process and decoder_input is None:
+                decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                           video_grid_thw)
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                   labels=labels, **kwargs)
+
+    return Qwen2VLGPTModel
+
+
+class Qwen2VLBridge(ModelBridge):
+    model_types = ("qwen2_vl",)
+    table = dense_table(attn_bias=True)
+
+    # ------------------------------------------------------------------ config: the text model's
+    @staticmethod
+    def _text(hf_config):
+        return getattr(hf_config, "text_config", None) or hf_config
+
+    def check_config(self, hf_config) -> None:
+        text = self._text(hf_config)
+        super().check_config(text)
+        if getattr(text, "use_sliding_window", False):
+            raise ValueError("qwen2_vl with use_sliding_window=True is not supported by the Megatron bridge yet")
+        if not self.mrope_section(hf_config):
+            raise ValueError("qwen2_vl config without rope mrope_section")
+
+    def mrope_section(self, hf_config) -> list:
+        rope = self._rope_parameters(hf_config)
+        return list(rope.get("mrope_section") or [])
+
+    @staticmethod
+    def _rope_parameters(hf_config) -> dict:
+        return ModelBridge._rope_parameters(getattr(hf_config, "text_config", None) or hf_config)
+
+    def rope_theta(self, hf_config) -> float:
+        return super().rope_theta(self._text(hf_config))
+
+    def head_dim(self, hf_config) -> int:
+        return super().head_dim(self._text(hf_config))
+
+    def add_qkv_bias(self, hf_config) -> bool:
+        return True
+
+    def tied_embeddings(self, hf_config) -> bool:
+        tie = getattr(hf_config, "tie_word_embeddings", None)
+        if tie is None:
+            tie = getattr(self._text(hf_config), "tie_word_embeddings", False)
+        return bool(tie)
+
+    def padded_vocab_size(self, hf_config, tp: int) -> int:
+        return super().padded_vocab_size(self._text(hf_config), tp)
+
+    def config_overrides(self, hf_config) -> dict:
+        return {"mrope_section": self.mrope_section(hf_config)}
+
+    def transformer_config(self, hf_config, mca_args, params_dtype: torch.dtype = torch.float32):
+        if mca_args.context_parallel_size > 1:
+            raise ValueError("`context_parallel_size`: Qwen2-VL does not support context parallelism yet. "
+                             "Fix: set context_parallel_size: 1")
+        return super().transformer_config(self._text(hf_config), mca_args, params_dtype)
+
+    # ------------------------------------------------------------------ model
+    def new_model(self, hf_config, config, mca_args, **kwargs):
+        kwargs["position_embedding_type"] = "mrope"
+        kwargs["max_sequence_length"] = getattr(self._text(hf_config), "max_position_embeddings", 4096)
+        return _gpt_with_vision()(config=config, hf_config=hf_config, **kwargs)
+
+    def _mask_padded_logits(self, model, hf_config) -> None:
+        super()._mask_padded_logits(model, self._text(hf_config))
+
+    def _set_hf_rope(self, model, hf_config, rope: dict) -> None:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"qwen2_vl rope_type {rope_type!r} is not supported by the Megatron bridge yet")
+
+    # ------------------------------------------------------------------ weights
+    def _compiled_table(self, hf_config) -> list:
+        out = super()._compiled_table(hf_config)
+        out.append((re.compile(r"vision_model\.(?P<rest>.+)$"), ("visual.{rest}",), REPL))
+        return out
+
+    def _read_local(self, reader, entry, hf_names, hf_config, tp_rank, tp_size) -> torch.Tensor:
+        return super()._read_local(reader, entry, hf_names, self._text(hf_config), tp_rank, tp_size)
+
+    def _to_hf(self, entry_kind, hf_names, full, hf_config, tp_size) -> list:
+        return super()._to_hf(entry_kind, hf_names, full, self._text(hf_config), tp_size)
+
+    def reader(self, hf_path: str) -> _SafetensorsReader:
+        return _CompatReader(hf_path)
+
+
+def get_rope_index(hf_config, input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor] = None,
+                   video_grid_thw: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                   mm_token_type_ids: Optional[torch.Tensor] = None) -> Any:
+    """[3, b, s] mRoPE position ids exactly as Hugging Face computes them (its own `get_rope_index`), for
+    callers without LLaMA-Factory's collator. `mm_token_type_ids` defaults to the placeholder tokens."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    if mm_token_type_ids is None:
+        mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+        mm_token_type_ids[input_ids == hf_config.image_token_id] = 1
+        mm_token_type_ids[input_ids == hf_config.video_token_id] = 2
+    stub = Qwen2VLModel.__new__(Qwen2VLModel)
+    object.__setattr__(stub, "config", hf_config)
+    pos, _ = Qwen2VLModel.get_rope_index(stub, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                         attention_mask)
+    return pos

@@ -1,0 +1,100 @@
+"""Shared helpers of the end-to-end tests: tiny models, recipes, and `llamafactory-cli train` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, clean_env
+
+STEPS = 5
+REL_TOL = 1e-4
+
+
+def _pth_installed() -> bool:
+    return any(os.path.isfile(os.path.join(d, "llamafactory_mca.pth")) for d in site.getsitepackages())
+
+
+def make_models(tmp_path_factory) -> dict[str, str]:
+    """Build the tiny dense and MoE Qwen3 models (random weights, local tokenizer) once per module."""
+    if not _pth_installed():
+        pytest.fail("llamafactory_mca.pth is not in site-packages: install with `pip install . --no-deps` "
+                    "(not -e) so that USE_MCA=1 works in every process")
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for kind, extra in (("dense", []), ("moe", ["--moe"])):
+        path = str(root / kind)
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path, *extra],
+                              env=clean_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[kind] = path
+    return out
+
+
+def make_recipe(model: str, output_dir: str, **overrides) -> dict:
+    recipe = dict(
+        model_name_or_path=model,
+        stage="sft",
+        do_train=True,
+        finetuning_type="full",
+        dataset="tiny_sft",
+        dataset_dir=os.path.join(REPO, "tests", "data"),
+        template="qwen",
+        cutoff_len=128,
+        overwrite_cache=True,
+        preprocessing_num_workers=1,
+        output_dir=output_dir,
+        overwrite_output_dir=True,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1.0e-3,
+        max_steps=STEPS,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+    )
+    recipe.update(overrides)
+    return recipe
+
+
+def train(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -> str:
+    """Run `llamafactory-cli train` on `recipe` (ours with USE_MCA=1) and return its output_dir."""
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = clean_env(NPROC_PER_NODE=str(nproc), PYTHONPATH=REPO)
+    if mca:
+        env["USE_MCA"] = "1"
+    elif nproc > 1:
+        env["FORCE_TORCHRUN"] = "1"  # the HF path on CPU: torchrun + gloo
+    proc = subprocess.run(["llamafactory-cli", "train", str(path)], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=str(tmp_path))
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return recipe["output_dir"]
+
+
+def log_records(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "trainer_log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(output_dir: str, key: str = "loss") -> list[float]:
+    return [r[key] for r in log_records(output_dir) if key in r]
+
+
+def assert_parity(hf_dir: str, ours_dir: str, key: str = "loss", expected: int = STEPS) -> None:
+    hf, ours = losses(hf_dir, key), losses(ours_dir, key)
+    assert len(hf) == len(ours) == expected, (hf, ours)
+    rel = [abs(a - b) / abs(a) for a, b in zip(hf, ours)]
+    print(f"{key} HF {hf}\n{key} MCA {ours}\nmax rel diff {max(rel):.2e}")
+    assert max(rel) <= REL_TOL, list(zip(hf, ours, rel))
+
+

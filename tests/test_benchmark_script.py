@@ -1,0 +1,76 @@
+"""Keeps benchmarks/run.py working: tiny shapes on CPU through `llamafactory-cli train`, both sides.
+No timing assertions: only that each side ran, was measured, and that the JSON / RESULTS.md are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, clean_env
+
+
+def _trainer_importable() -> str | None:
+    r = subprocess.run([sys.executable, "-c", "import llamafactory_mca.trainer"], capture_output=True, text=True,
+                       env=clean_env(), cwd=REPO, timeout=300)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("scenario", ["s1", "s3"])
+def test_benchmark_script_tiny(tmp_path, scenario):
+    why = _trainer_importable()
+    if why:
+        pytest.skip(f"llamafactory_mca.trainer is not importable yet: {why}")
+    results, md = tmp_path / "results", tmp_path / "RESULTS.md"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--scenario", scenario, "--tiny",
+           "--steps", "2", "--warmup", "1", "--workdir", str(tmp_path / "work"), "--results-dir", str(results),
+           "--results-md", str(md), "--timeout", "600"]
+    r = subprocess.run(cmd, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=1400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads((results / f"{scenario}_tiny.json").read_text())
+    for side in ("ours", "hf"):
+        res = data[side]
+        assert res["returncode"] == 0, (side, res.get("error_lines"), res.get("log_tail", "")[-2000:])
+        assert res["measured_steps"] == 2 and res["tokens_per_s"] > 0, res
+        assert res["recipe"]["cutoff_len"] == 64
+    # the two recipes differ only in output_dir, launch keys and gradient accumulation
+    common = data["recipe_common"]
+    for side in ("ours", "hf"):
+        for k, v in common.items():
+            if k not in ("output_dir",):
+                assert data[side]["recipe"][k] == v, (side, k)
+    assert data["ratio_tokens_per_s"] > 0
+    text = md.read_text()
+    assert "results:begin" in text and f"{scenario}:" in text
+
+
+def test_recipes_keep_global_batch():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import run as bench
+
+    for name, sc in bench.SCENARIOS.items():
+        common, ours, hf = bench.recipes(sc, "/m", "/d", "/w", 8, tiny=False)
+        n = sc["gpus"]
+        mp = ours.get("tensor_model_parallel_size", 1) * ours.get("pipeline_model_parallel_size", 1)
+        assert (n // mp) * ours["gradient_accumulation_steps"] == sc["global_batch"], name
+        assert n * hf["gradient_accumulation_steps"] == sc["global_batch"], name
+        assert not any(k.startswith("fsdp") for k in ours), name
+        assert not any(k in hf for k in ("tensor_model_parallel_size", "expert_model_parallel_size")), name
+
+
+def test_flops_per_token_sane():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from shapes import flops_per_token, hf_config_for, total_params
+
+    s1 = hf_config_for("s1")
+    assert 1.0e9 < total_params(s1) < 1.3e9
+    s2 = hf_config_for("s2")
+    assert 7.9e9 < total_params(s2) < 8.2e9  # Llama-3-8B: 8.03B
+    s3 = hf_config_for("s3")
+    # dense 6N rule of thumb within the attention term
+    assert 6 * 4.0e8 < flops_per_token(s3, 4096) < 6 * 8.0e8

@@ -1,0 +1,229 @@
+"""Multi-process CPU checks of the Qwen2-VL bridge, run under torchrun (2 gloo ranks).
+
+    torchrun --nproc_per_node 2 tests/vl_helpers.py --model DIR --out OUT --layouts dp2,tp2,tp2sp,pp2
+
+Per layout: build the megatron model (vision tower on the first stage), stream the HF weights in, compare
+logits with HF's Qwen2VLForConditionalGeneration on a batch with one image per row (different grids), fp32;
+export back to HF (bit-exact) and save_hf_pretrained (reloads with transformers to the same weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+LAYOUTS = {
+    "dp2": dict(),
+    "tp2": dict(tensor_model_parallel_size=2),
+    "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    "pp2": dict(pipeline_model_parallel_size=2),
+}
+
+
+def make_tiny_qwen2_vl(path: str, seed: int = 0) -> str:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=1001, rms_norm_eps=1e-6, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                          "rope_theta": 10000.0}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=1000, video_token_id=999, vision_start_token_id=998, vision_end_token_id=997,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+def make_inputs(hf_config, seed: int = 7) -> dict:
+    """Two rows, one image each ([1, 4, 4] and [1, 4, 6] patch grids -> 4 and 6 image tokens), right padding."""
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.tensor([[1, 4, 4], [1, 4, 6]])
+    vc = hf_config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    pixel_values = torch.randn(int(grids.prod(-1).sum()), patch_dim, generator=g)
+    merge = vc.spatial_merge_size ** 2
+    rows = []
+    for i, grid in enumerate(grids):
+        n_img = int(grid.prod()) // merge
+        pre = torch.randint(0, 990, (3 + i,), generator=g).tolist()
+        post = torch.randint(0, 990, (5,), generator=g).tolist()
+        rows.append(pre + [hf_config.vision_start_token_id] + [hf_config.image_token_id] * n_img
+                    + [hf_config.vision_end_token_id] + post)
+    s = -(-max(len(r) for r in rows) // 4) * 4  # divisible by tp under sequence parallelism
+    input_ids = torch.tensor([r + [0] * (s - len(r)) for r in rows])
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (s - len(r)) for r in rows])
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grids)
+
+
+def forward(models, inputs, position_ids, keep_local: list | None = None) -> torch.Tensor | None:
+    """Forward through pipeline stages with plain p2p; full-vocab logits on the last stage."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    tp = ps.get_tensor_model_parallel_world_size()
+    group_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    model = models[0]
+    config = model.config
+    b, s = inputs["input_ids"].shape
+    hidden_shape = (s // tp if config.sequence_parallel else s, b, config.hidden_size)
+    if pp_rank > 0:
+        buf = torch.empty(hidden_shape, dtype=config.params_dtype)
+        dist.recv(buf, src=group_ranks[pp_rank - 1])
+        model.set_input_tensor(buf)
+    else:
+        model.set_input_tensor(None)
+    extra = {}
+    if pp_rank == 0:
+        extra = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    y = model(input_ids=inputs["input_ids"], position_ids=position_ids, attention_mask=None, **extra)
+    if pp_rank < pp - 1:
+        dist.send(y.contiguous(), dst=group_ranks[pp_rank + 1])
+        return None
+    if keep_local is not None:
+        keep_local.append(y)
+    if tp > 1:
+        parts = [torch.empty_like(y) for _ in range(tp)]
+        dist.all_gather(parts, y.contiguous(), group=ps.get_tensor_model_parallel_group())
+        y = torch.cat(parts, dim=-1)
+    return y
+
+
+def check(model_dir: str, layout: str, work: str) -> dict:
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.qwen2_vl import get_rope_index
+    from llamafactory_mca.models.registry import bridge_for
+
+    res: dict = {"layout": layout}
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    bridge = bridge_for(hf_config.model_type)
+    mca_args = MegatronArguments(**LAYOUTS[layout])
+    models = bridge.build_model(hf_config, mca_args, torch.float32, init_weights=False)
+    bridge.load_hf_weights(models, model_dir)
+    for m in models:
+        m.eval()
+    res["has_vision"] = models[0].vision_model is not None
+    inputs = make_inputs(hf_config)
+    position_ids = get_rope_index(hf_config, inputs["input_ids"], inputs["image_grid_thw"],
+                                  attention_mask=inputs["attention_mask"])
+    backward = layout in ("dp2", "tp2")  # pipeline backward needs the schedule; covered by the trainer tests
+    V = hf_config.text_config.vocab_size
+    real = inputs["attention_mask"].bool()
+    labels = torch.cat([inputs["input_ids"][:, 1:], torch.full((real.shape[0], 1), -100)], 1)
+    labels = labels.masked_fill(~torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], 1), -100)
+    ce = torch.nn.functional.cross_entropy
+    with torch.set_grad_enabled(backward):
+        local = []
+        logits = forward(models, inputs, position_ids, keep_local=local)
+        if backward:  # vocab-parallel loss on this rank's logits (the TP gather above has no autograd)
+            from megatron.core import tensor_parallel
+
+            per_token = tensor_parallel.vocab_parallel_cross_entropy(
+                local[0].transpose(0, 1).contiguous(), labels.clamp(min=0).transpose(0, 1).contiguous())
+            (per_token.transpose(0, 1) * (labels != -100)).sum().backward()
+    if logits is not None:
+        hf = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+        hf.eval()
+        mm = (inputs["input_ids"] == hf_config.image_token_id).int()
+        with torch.set_grad_enabled(backward):
+            ref = hf(**inputs, mm_token_type_ids=mm).logits
+            if backward:
+                ce(ref.reshape(-1, V), labels.reshape(-1), reduction="sum").backward()
+        res["logits_max_abs_diff"] = float((logits.detach()[..., :V] - ref.detach())[real].abs().max())
+        with torch.no_grad():  # the image really enters: without pixels the logits differ
+            plain = hf(input_ids=inputs["input_ids"]).logits
+        res["image_effect"] = float((plain - ref.detach())[real].abs().max())
+    if backward:
+        from tests.seq_helpers import _compare_grads, _grads_hf_named
+
+        grads = _grads_hf_named(bridge, models)
+        if dist.get_rank() == 0:
+            res.update(_compare_grads({_hf_internal(k): v for k, v in grads.items()}, hf))
+
+    exported = dict(bridge.export_hf_state_dict(models))
+    if dist.get_rank() == 0:
+        with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+            orig = {k: f.get_tensor(k) for k in f.keys()}
+        res["missing"] = sorted(set(orig) - set(exported))
+        res["extra"] = sorted(set(exported) - set(orig))
+        res["not_equal"] = sorted(k for k in orig if k in exported and not (
+            exported[k].dtype == orig[k].dtype and torch.equal(exported[k], orig[k])))
+    out_dir = os.path.join(work, f"qwen2_vl-{layout}")
+    bridge.save_hf_pretrained(models, out_dir, max_shard_size="100KB")
+    if dist.get_rank() == 0:
+        sd = Qwen2VLForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32).state_dict()
+        ref_sd = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+        res["saved_shards"] = len([f for f in os.listdir(out_dir) if f.endswith(".safetensors")])
+        res["reload_not_equal"] = sorted(k for k in ref_sd if k not in sd or not torch.equal(ref_sd[k], sd[k]))
+    return res
+
+
+def _hf_internal(name: str) -> str:
+    """Checkpoint name -> transformers' parameter name (model.language_model.*, model.visual.*)."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layouts", required=True)
+    a = p.parse_args(argv)
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.platform import destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    results = []
+    work = tempfile.mkdtemp(prefix="vl-save-") if rank == 0 else None
+    for layout in a.layouts.split(","):
+        init_parallel(MegatronArguments(**LAYOUTS[layout]), seed=1)
+        obj = [work]
+        dist.broadcast_object_list(obj, src=0)
+        t0 = time.time()
+        try:
+            r = check(a.model, layout, obj[0])
+        except Exception:
+            r = {"layout": layout, "error": traceback.format_exc()}
+        r["seconds"] = round(time.time() - t0, 2)
+        results.append(r)
+        ps.destroy_model_parallel()
+    with open(f"{a.out}.rank{rank}.json", "w") as f:
+        json.dump(results, f, indent=1)
+    destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
