@@ -94,7 +94,9 @@ class MegatronArguments:
         default=True, metadata={"help": "Keep the main gradient buffer in fp32 under bf16/fp16."}
     )
     # --- fusions and kernels ----------------------------------------------------------------------------------
-    bias_activation_fusion: bool = field(default=False, metadata={"help": "Fused bias + SwiGLU/GeLU."})
+    bias_activation_fusion: bool = field(
+        default=True, metadata={"help": "Fused bias + SwiGLU/GeLU (GPU; needs no TE). Off on CPU."}
+    )
     apply_rope_fusion: bool = field(default=False, metadata={"help": "Fused rotary embedding kernel."})
     bias_dropout_fusion: bool = field(default=False, metadata={"help": "Fused bias + dropout + residual add."})
     masked_softmax_fusion: bool = field(default=False, metadata={"help": "Fused masked softmax (local attention)."})
@@ -255,13 +257,42 @@ def mca_argument_dataclasses() -> list[type]:
 def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int) -> None:
     """What needs LLaMA-Factory's parsed arguments; the Megatron keys were checked before that parse."""
     _model_args, _data_args, training_args, finetuning_args, _generating_args = lf_args
+    ftype = finetuning_args.finetuning_type
     _require(
-        finetuning_args.finetuning_type == "full",
+        ftype in ("full", "freeze", "lora"),
         "finetuning_type",
-        f"'{finetuning_args.finetuning_type}' is not supported by the Megatron backend yet "
-        "(LLaMA-Factory's default is 'lora')",
-        "set finetuning_type: full, or run without USE_MCA",
+        f"'{ftype}' is not supported by the Megatron backend (supported: full, freeze, lora)",
+        "set finetuning_type: full, freeze or lora, or run without USE_MCA",
     )
+    if ftype == "lora":
+        for key, bad in (("use_dora", finetuning_args.use_dora), ("pissa_init", finetuning_args.pissa_init),
+                         ("use_llama_pro", finetuning_args.use_llama_pro),
+                         ("additional_target", finetuning_args.additional_target),
+                         ("quantization_bit", getattr(_model_args, "quantization_bit", None))):
+            _require(not bad, key, "is not supported with LoRA by the Megatron backend",
+                     f"remove {key}, or run without USE_MCA")
+        _require(not finetuning_args.create_new_adapter, "create_new_adapter",
+                 "is not supported by the Megatron backend", "remove create_new_adapter")
+        adapters = getattr(_model_args, "adapter_name_or_path", None) or []
+        _require(len(adapters) <= 1, "adapter_name_or_path",
+                 "the Megatron backend resumes one LoRA adapter and merges none",
+                 "merge the other adapters first (llamafactory-cli export) and pass one adapter")
+    if ftype == "freeze":
+        _require(not finetuning_args.use_llama_pro, "use_llama_pro",
+                 "is not supported by the Megatron backend", "remove use_llama_pro")
+    if finetuning_args.stage == "dpo":
+        _require(finetuning_args.pref_loss in ("sigmoid", "ipo", "orpo", "simpo"), "pref_loss",
+                 f"'{finetuning_args.pref_loss}' is not supported by the Megatron backend",
+                 "use pref_loss: sigmoid, ipo, orpo or simpo")
+        _require(finetuning_args.pref_bco_weight < 1e-6, "pref_bco_weight",
+                 "BCO is not supported by the Megatron backend", "set pref_bco_weight: 0")
+        _require(finetuning_args.ld_alpha is None, "ld_alpha",
+                 "LD-DPO is not supported by the Megatron backend", "remove ld_alpha")
+        _require(not (ftype == "lora" and finetuning_args.ref_model), "ref_model",
+                 "with LoRA the reference model is the base model with the adapter disabled",
+                 "remove ref_model, or use finetuning_type: full/freeze")
+        _require(not finetuning_args.ref_model_adapters, "ref_model_adapters",
+                 "is not supported by the Megatron backend", "merge the adapters into ref_model first")
     _require(
         not getattr(training_args, "deepspeed", None),
         "deepspeed",

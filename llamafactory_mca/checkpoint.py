@@ -1,16 +1,607 @@
-"""Megatron checkpoints: where they live and how to recognise a complete one.
+"""Megatron checkpoints: save, load (exact resume, any layout), find, rotate.
 
-A checkpoint directory `checkpoint-N/` is complete exactly when its marker file exists: the marker is the
-last thing written, after every rank has finished, and the directory is published by an atomic rename.
+Layout of `output_dir/checkpoint-N/` (a directory is complete exactly when MARKER_FILE exists in it)::
+
+    *.distcp, .metadata, common.pt, metadata.json   megatron-core dist_checkpointing, `torch_dist` format:
+                                                     `model{i}` (one per VPP chunk) and `optimizer`
+    rng_state_{rank}.pth                             python / numpy / torch / megatron RNG state of every rank
+    scheduler.pt                                     the LR scheduler's state_dict (rank 0)
+    trainer_state.json                               the trainer's state (global step, data position, logs)
+    mca_args.json                                    our MegatronArguments at save time
+    config.json, tokenizer files                     the Hugging Face config and tokenizer (merge reads them)
+    mca_checkpoint.json                              MARKER_FILE: format, step, layout; written last
+
+Writing is atomic: every rank writes into the sibling `.checkpoint-N.tmp` (a name that transformers'
+`get_last_checkpoint` does not match), rank 0 writes the marker last and publishes with one rename.
+
+Sharded tensors use global names (`decoder.layers.{global_layer}.…`, one key per layer: metadata
+`non_homogeneous_layers=True`), so a checkpoint loads into any tp/pp/vpp/ep/dp layout and `export.py` can
+stream it layer by layer. The distributed optimizer is saved `fully_reshardable` (model-space tensors).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import logging
 import os
+import random
+import re
+import shutil
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
 
 MARKER_FILE = "mca_checkpoint.json"
+FORMAT = "llamafactory-mca/torch_dist"
+FORMAT_VERSION = 1
+PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+TRAINER_STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.pt"
+MCA_ARGS_FILE = "mca_args.json"
+RNG_FILE = "rng_state_{rank}.pth"
+_CHECKPOINT_RE = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
+
+# Passed to every `sharded_state_dict(...)` call, on save and on load (the keys depend on it).
+SHARDED_STATE_DICT_METADATA = {
+    "non_homogeneous_layers": True,  # one key per layer: streaming merge, PP/VPP resharding
+    "distrib_optim_sharding_type": "fully_reshardable",  # optimizer state in model space: any layout
+    "chained_optim_avoid_prefix": True,  # optimizer keys independent of how optimizers are chained
+}
+
+
+class CheckpointError(ValueError):
+    """A path is not a usable checkpoint (or an output path is unsafe); the message names path and fix."""
+
+
+# --------------------------------------------------------------------------------------------- finding
 
 
 def is_megatron_checkpoint(path: str) -> bool:
     """True for a complete checkpoint written by llamafactory-mca (see MARKER_FILE)."""
-    return os.path.isfile(os.path.join(path, MARKER_FILE))
+    return bool(path) and os.path.isfile(os.path.join(path, MARKER_FILE))
+
+
+def _tmp_dir(final_dir: str) -> str:
+    parent, name = os.path.split(os.path.normpath(final_dir))
+    return os.path.join(parent, f".{name}.tmp")
+
+
+def checkpoint_info(path: str) -> dict[str, Any]:
+    """The marker's content of a complete checkpoint; CheckpointError (naming path and fix) otherwise."""
+    path = os.path.normpath(path)
+    name = os.path.basename(path)
+    if name.startswith(".") and name.endswith(".tmp"):
+        raise CheckpointError(
+            f"{path} is a checkpoint that was still being written (a temporary directory; the run stopped before "
+            f"publishing it). Fix: resume from the newest complete `checkpoint-N` next to it, and delete {path}."
+        )
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} does not exist or is not a directory. Fix: pass a `checkpoint-N` directory.")
+    marker = os.path.join(path, MARKER_FILE)
+    if not os.path.isfile(marker):
+        if os.path.isfile(os.path.join(path, "metadata.json")) or any(f.endswith(".distcp") for f in os.listdir(path)):
+            raise CheckpointError(
+                f"{path} is an incomplete Megatron checkpoint (no {MARKER_FILE}: it was not finished). Fix: use an "
+                f"older complete checkpoint-N, and delete {path}."
+            )
+        if os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(
+                f"{path} is a Hugging Face model, not a Megatron checkpoint (no {MARKER_FILE}). Fix: use it as "
+                f"model_name_or_path for training, or `llamafactory-mca convert` it into a Megatron checkpoint."
+            )
+        raise CheckpointError(
+            f"{path} is not a llamafactory-mca checkpoint (no {MARKER_FILE}). Fix: pass a directory "
+            f"`output_dir/checkpoint-N` written by `USE_MCA=1 llamafactory-cli train` or `llamafactory-mca convert`."
+        )
+    with open(marker, encoding="utf-8") as f:
+        info = json.load(f)
+    if info.get("format") != FORMAT or int(info.get("version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {info.get('format')!r} version {info.get('version')!r}. "
+            f"Fix: upgrade llamafactory-mca."
+        )
+    return info
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `output_dir`, oldest first, as (step, path)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if m and is_megatron_checkpoint(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def get_last_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete checkpoint in `output_dir` (half-written ones are skipped), or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int], keep: Sequence[str] = ()) -> list[str]:
+    """Delete the oldest complete checkpoints beyond `save_total_limit`; never the newest nor `keep`."""
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    found = list_checkpoints(output_dir)
+    protect = {os.path.normpath(p) for p in keep}
+    if found:
+        protect.add(os.path.normpath(found[-1][1]))
+    deleted = []
+    excess = len(found) - save_total_limit
+    for _, path in found:
+        if excess <= 0:
+            break
+        if os.path.normpath(path) in protect:
+            continue
+        # Unpublish first (atomic), then delete: a crash mid-delete leaves only a hidden directory.
+        trash = os.path.join(output_dir, f".{os.path.basename(path)}.deleting")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(path)
+        excess -= 1
+    return deleted
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def _world_size() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d:
+        d.barrier()
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Peel megatron's DDP / Float16Module wrappers off a model chunk."""
+    while hasattr(model, "module") and type(model).__name__ in (
+        "DistributedDataParallel",
+        "Float16Module",
+        "FullyShardedDataParallel",
+    ):
+        model = model.module
+    return model
+
+
+def model_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    """{'model0': ..., 'model1': ...}: one sharded state dict per VPP chunk, with global keys."""
+    return {
+        f"model{i}": unwrap_model(m).sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
+        for i, m in enumerate(models)
+    }
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {"world_size": _world_size()}
+    return {
+        "world_size": _world_size(),
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "context_parallel_size": ps.get_context_parallel_world_size(),
+        "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
+        "data_parallel_size": ps.get_data_parallel_world_size(),
+    }
+
+
+def _save_strategy():
+    """torch_dist, written synchronously by the calling process with torch DCP's own FileSystemWriter.
+
+    megatron-core's default torch_dist writer starts a `spawn` multiprocessing Manager and forks writer
+    processes (which needs `if __name__ == "__main__"` in every entry script); this one starts nothing. The
+    files are the same torch DCP format, read back by megatron-core's default torch_dist loader.
+    """
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):  # noqa: D102
+            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
+            dcp_save(
+                pyt_state_dict,
+                storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True),
+                planner=MCoreSavePlanner(
+                    dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
+                ),
+            )
+
+    return SyncTorchDistSaveStrategy("torch_dist", 1)
+
+
+def _mca_optimizers(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    out = []
+    for opt in _mca_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", opt)
+        out.extend(getattr(inner, "sub_optimizers", None) or [inner])
+    return [o for o in out if isinstance(o, torch.optim.Optimizer)]
+
+
+def init_optimizer_state(optimizer: Any) -> None:
+    """Allocate the state of a fresh optimizer (zeros, step 0) so a checkpoint can be loaded into it.
+
+    Without this, megatron's DistributedOptimizer.state_dict() fails on an empty torch optimizer, and Adam
+    would lazily create its state at the first step after loading. Nothing is computed: no dummy step, so
+    parameters stay untouched (a zero-grad AdamW step would still apply weight decay).
+    """
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                if len(state) > 0:
+                    continue
+                if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group.get("amsgrad"):
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif isinstance(opt, torch.optim.SGD):
+                    if group.get("momentum", 0):
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                else:
+                    raise CheckpointError(
+                        f"cannot initialise the state of optimizer {type(opt).__name__} before loading. "
+                        "Fix: use optimizer adam/adamw or sgd."
+                    )
+
+
+def untie_optimizer_steps(optimizer: Any) -> int:
+    """Give every parameter its own `step` tensor; returns how many were shared.
+
+    megatron-core 0.16.1's DistributedOptimizer.load_state_dict assigns ONE step tensor to every parameter
+    (without TE/apex); torch AdamW then increments it in place once per parameter per step, so the bias
+    correction runs ahead and training silently diverges after a resume.
+    """
+    fixed = 0
+    for opt in _torch_optimizers(optimizer):
+        seen: set[int] = set()
+        for state in opt.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen or step.untyped_storage().data_ptr() in seen:
+                    state["step"] = step.detach().clone()
+                    fixed += 1
+                seen.add(id(state["step"]))
+                seen.add(state["step"].untyped_storage().data_ptr())
+    return fixed
+
+
+@contextlib.contextmanager
+def _tolerate_step_in_fully_reshardable_load(optimizer: Any):
+    """Let DistributedOptimizer load `fully_reshardable` state into a torch Adam/AdamW (no TE/apex).
+
+    megatron-core 0.16.1 copies every key of the torch optimizer's per-param state from the loaded tensors,
+    but the loaded tensors never carry `step` (it travels in the param groups) -> KeyError: 'step'. During
+    the load we copy the keys that are there; `step` itself is set by load_state_dict (and then untied).
+    """
+    patched = []
+    for opt in _mca_optimizers(optimizer):
+        if type(opt).__name__ != "DistributedOptimizer" or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            continue
+
+        def _set(model_param, tensors, opt=opt):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **opt.optimizer.state[main_param]}
+            missing = set(dst) - set(tensors) - {"step"}
+            if missing:
+                raise CheckpointError(f"optimizer state {sorted(missing)} missing in the checkpoint")
+            for key, value in tensors.items():
+                dst[key].copy_(value)
+
+        opt._set_main_param_and_optimizer_states = _set
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
+def optimizer_sharded_state_dict(optimizer: Any, model_sd: dict[str, Any], is_loading: bool) -> Any:
+    # Local state-dict keys repeat across VPP chunks (each numbers its layers from 0): keep them apart.
+    flat_model_sd = {f"{name}.{k}": v for name, chunk in model_sd.items() for k, v in chunk.items()}
+    return optimizer.sharded_state_dict(
+        flat_model_sd, is_loading=is_loading, metadata=dict(SHARDED_STATE_DICT_METADATA)
+    )
+
+
+# --------------------------------------------------------------------------------------------- RNG
+
+
+def get_rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        from megatron.core import tensor_parallel
+
+        state["megatron"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    except Exception:  # noqa: BLE001 - tracker not initialised (no parallel state)
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "megatron" in state:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if hasattr(obj, "to_dict") and not isinstance(obj, dict):
+        obj = obj.to_dict()
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    models: Sequence[torch.nn.Module],
+    optimizer: Any = None,
+    scheduler: Any = None,
+    *,
+    trainer_state: Optional[dict[str, Any]] = None,
+    mca_args: Any = None,
+    hf_config: Any = None,
+    tokenizer: Any = None,
+    save_total_limit: Optional[int] = None,
+    save_rng: bool = True,
+) -> str:
+    """Write `output_dir/checkpoint-{step}` (collective: every rank calls it) and return its path.
+
+    `models`: the model chunks (one per VPP stage; DDP/Float16Module wrappers are fine). `optimizer`: a
+    megatron-core optimizer (distributed or not, chained or not). `scheduler`: anything with
+    state_dict()/load_state_dict(). `trainer_state`: a JSON-able dict (global step, data position, log
+    history, ...) given back by load_checkpoint. `mca_args`: our MegatronArguments. `hf_config`/`tokenizer`:
+    saved with save_pretrained (merge needs the config's model_type). After publishing, the oldest complete
+    checkpoints beyond `save_total_limit` are deleted (never the newest).
+    """
+    final_dir = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+    write_checkpoint(final_dir, step, models, optimizer, scheduler, trainer_state=trainer_state, mca_args=mca_args,
+                     hf_config=hf_config, tokenizer=tokenizer, save_rng=save_rng)
+    if _rank() == 0:
+        rotate_checkpoints(output_dir, save_total_limit, keep=[final_dir])
+    _barrier()
+    return final_dir
+
+
+def write_checkpoint(
+    final_dir: str,
+    step: int,
+    models: Sequence[torch.nn.Module],
+    optimizer: Any = None,
+    scheduler: Any = None,
+    *,
+    trainer_state: Optional[dict[str, Any]] = None,
+    mca_args: Any = None,
+    hf_config: Any = None,
+    tokenizer: Any = None,
+    save_rng: bool = True,
+) -> str:
+    """Write a checkpoint into exactly `final_dir` (collective), atomically: see the module docstring."""
+    from megatron.core import dist_checkpointing
+
+    rank = _rank()
+    final_dir = os.path.normpath(final_dir)
+    parent = os.path.dirname(final_dir) or "."
+    tmp_dir = _tmp_dir(final_dir)
+    if rank == 0:
+        os.makedirs(parent, exist_ok=True)
+        if os.path.exists(tmp_dir):  # left by a run that died while saving
+            shutil.rmtree(tmp_dir)
+        os.makedirs(tmp_dir)
+    _barrier()
+
+    t0 = time.time()
+    sharded_sd: dict[str, Any] = model_sharded_state_dict(models)
+    if optimizer is not None:
+        sharded_sd["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded_sd, is_loading=False)
+    dist_checkpointing.save(sharded_sd, tmp_dir, sharded_strategy=_save_strategy(), async_sharded_save=False)
+
+    if save_rng:
+        torch.save(get_rng_state(), os.path.join(tmp_dir, RNG_FILE.format(rank=rank)))
+    if rank == 0:
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), os.path.join(tmp_dir, SCHEDULER_FILE))
+        _write_json(os.path.join(tmp_dir, TRAINER_STATE_FILE), _to_jsonable(trainer_state or {}))
+        if mca_args is not None:
+            _write_json(os.path.join(tmp_dir, MCA_ARGS_FILE), _to_jsonable(mca_args))
+        if hf_config is not None:
+            hf_config.save_pretrained(tmp_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp_dir)
+    _barrier()  # every rank's files are in tmp_dir
+
+    if rank == 0:
+        marker = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "step": step,
+            "model_type": getattr(hf_config, "model_type", None),
+            "num_model_chunks": len(models),
+            "layout": _layout(),
+            "has_optimizer": optimizer is not None,
+            "has_scheduler": scheduler is not None,
+            "has_rng": save_rng,
+            "sharded_state_dict_metadata": SHARDED_STATE_DICT_METADATA,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _write_json(os.path.join(tmp_dir, MARKER_FILE), marker)  # last file: the checkpoint is complete
+        old = None
+        if os.path.exists(final_dir):  # the same step saved again (e.g. after a resume): replace it
+            old = os.path.join(parent, f".{os.path.basename(final_dir)}.replaced")
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(final_dir, old)
+        os.rename(tmp_dir, final_dir)  # publish
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(parent)
+        logger.info("saved %s in %.1fs", final_dir, time.time() - t0)
+    _barrier()
+    return final_dir
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def load_checkpoint(
+    path: str,
+    models: Sequence[torch.nn.Module],
+    optimizer: Any = None,
+    scheduler: Any = None,
+    *,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into `models` (and `optimizer`, `scheduler`), whatever layout it was saved with.
+
+    Collective. Returns {"trainer_state": dict, "step": int, "info": marker dict, "rng_restored": bool,
+    "optimizer_loaded": bool}. A checkpoint without optimizer state (e.g. from `llamafactory-mca convert`)
+    loads the weights only. `strict`: every model parameter must be in the checkpoint. The RNG state of each rank is restored only when the world size and layout
+    are unchanged (otherwise there is no one-to-one mapping of ranks; a warning is logged).
+    """
+    from megatron.core import dist_checkpointing
+
+    info = checkpoint_info(path)
+    sharded_sd: dict[str, Any] = model_sharded_state_dict(models)
+    want_optimizer = optimizer is not None and load_optimizer and info.get("has_optimizer", False)
+    if optimizer is not None and load_optimizer and not info.get("has_optimizer", False):
+        logger.warning("%s has no optimizer state: the optimizer starts fresh", path)
+    if want_optimizer:
+        init_optimizer_state(optimizer)
+        sharded_sd["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded_sd, is_loading=True)
+
+    # Keys we ask for and the checkpoint lacks fail inside torch DCP; keys we do not ask for (the optimizer
+    # when it is not loaded) are fine.
+    loaded = dist_checkpointing.load(sharded_sd, path, strict="assume_ok_unexpected")
+    for i, m in enumerate(models):
+        unwrap_model(m).load_state_dict(loaded[f"model{i}"], strict=strict)
+    if want_optimizer:
+        with _tolerate_step_in_fully_reshardable_load(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
+        untie_optimizer_steps(optimizer)
+        # No reload_model_params(): it copies model params (bf16) over the loaded fp32 main params.
+
+    if scheduler is not None and want_optimizer:
+        sched_path = os.path.join(path, SCHEDULER_FILE)
+        if os.path.isfile(sched_path):
+            scheduler.load_state_dict(torch.load(sched_path, weights_only=False))
+
+    rng_restored = False
+    same_layout = info.get("layout") == _layout()
+    rng_path = os.path.join(path, RNG_FILE.format(rank=_rank()))
+    if load_rng and info.get("has_rng") and os.path.isfile(rng_path):
+        if same_layout:
+            set_rng_state(torch.load(rng_path, weights_only=False))
+            rng_restored = True
+        elif _rank() == 0:
+            logger.warning(
+                "%s was saved with layout %s, now %s: RNG states are not restored (dropout masks differ from "
+                "an uninterrupted run)", path, info.get("layout"), _layout()
+            )
+
+    trainer_state: dict[str, Any] = {}
+    state_path = os.path.join(path, TRAINER_STATE_FILE)
+    if os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            trainer_state = json.load(f)
+    _barrier()
+    return {
+        "trainer_state": trainer_state,
+        "step": int(info.get("step", 0)),
+        "info": info,
+        "rng_restored": rng_restored,
+        "optimizer_loaded": want_optimizer,
+    }
+
+
+def read_mca_args(path: str) -> dict[str, Any]:
+    """The MegatronArguments a checkpoint was saved with (a dict; empty if absent)."""
+    p = os.path.join(path, MCA_ARGS_FILE)
+    if not os.path.isfile(p):
+        return {}
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)

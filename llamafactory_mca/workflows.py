@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from llamafactory_mca.hookspecs import hookimpl
 
-STAGES = ("pt", "sft")
+STAGES = ("pt", "sft", "dpo")
 
 
 @hookimpl
@@ -18,6 +18,10 @@ def mca_supported_stages() -> list[str]:
 def mca_workflow(stage: str) -> Callable[..., None] | None:
     if stage not in STAGES:
         return None
+    if stage == "dpo":
+        from llamafactory_mca.training.dpo import run_dpo
+
+        return run_dpo
     from llamafactory_mca import trainer
 
     return trainer.run_stage

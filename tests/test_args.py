@@ -92,9 +92,9 @@ def test_unsupported_stage_is_refused(tmp_path, stage):
         _parse(tmp_path, stage=stage)
 
 
-def test_lora_is_refused_until_supported(tmp_path):
+def test_unsupported_finetuning_type_is_refused(tmp_path):
     with pytest.raises(McaArgumentError, match="`finetuning_type`"):
-        _parse(tmp_path, finetuning_type="lora")
+        _parse(tmp_path, finetuning_type="oft")
 
 
 def test_world_size_is_checked_at_parse_time(tmp_path, monkeypatch):

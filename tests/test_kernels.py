@@ -256,3 +256,19 @@ def test_fast_multi_tensor_matches_megatron_local():
     same = [t.clone() for t in ts]
     fast_multi_tensor_scale(0, None, [same, same], 2.0)
     assert all(torch.equal(d, t * 2.0) for d, t in zip(same, ts))
+
+
+def test_fused_adamw_walks_chained_optimizers():
+    """Under EP megatron chains a dense and an expert optimizer; its `.optimizer` then asserts (seen on 4 H200s)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import ChainedOptimizer, FP32Optimizer
+
+    from llamafactory_mca.kernels.optim import _torch_optimizers, use_fused_adamw
+    from llamafactory_mca.platform import setup_platform
+
+    setup_platform()  # megatron's optimizer module asks torch.cuda for the device
+    config = OptimizerConfig(optimizer="adam", lr=1e-3)
+    inner = [torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]) for _ in range(2)]
+    chained = ChainedOptimizer([FP32Optimizer(opt, config, lambda o: None) for opt in inner])
+    assert list(_torch_optimizers(chained)) == inner
+    assert use_fused_adamw(chained) == 0  # CPU parameters: the fused CUDA kernel is not used

@@ -81,8 +81,13 @@ def _torch_optimizers(opt: Any) -> Iterable[torch.optim.Optimizer]:
     if isinstance(opt, torch.optim.Optimizer):
         yield opt
         return
-    for child in getattr(opt, "chained_optimizers", None) or []:
-        yield from _torch_optimizers(child)
+    chained = getattr(opt, "chained_optimizers", None)
+    if chained is not None:
+        # A ChainedOptimizer (dense + expert parameters under EP) asserts on `.optimizer` when it holds more
+        # than one: walk its children only.
+        for child in chained:
+            yield from _torch_optimizers(child)
+        return
     inner = getattr(opt, "optimizer", None)
     if inner is not None and inner is not opt:
         yield from _torch_optimizers(inner)

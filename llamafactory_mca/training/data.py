@@ -14,7 +14,7 @@ What this module adds around them:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -124,6 +124,7 @@ class MicroBatch:
     num_label_tokens: torch.Tensor  # int: the HF Trainer's token count (see `to_microbatch`)
     num_input_tokens: int  # non-padding input tokens (throughput)
     num_samples: int = 0  # real samples (eval loss weighting)
+    extra: dict = field(default_factory=dict)  # stage-specific data (e.g. DPO: pairs, sample ids, reference logps)
 
     @property
     def seq_length(self) -> int:
@@ -190,6 +191,7 @@ def pad_microbatch(mb: MicroBatch, seq_length: int, batch_size: int, pad_token_i
         num_label_tokens=mb.num_label_tokens,
         num_input_tokens=mb.num_input_tokens,
         num_samples=mb.num_samples,
+        extra=mb.extra,
     )
 
 

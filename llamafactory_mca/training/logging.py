@@ -51,6 +51,7 @@ class HFTrainerBookkeeping:
         self.tr_loss = 0.0  # sum of per-step losses since the last log
         self.total_loss = 0.0  # sum of all logged per-step losses
         self.globalstep_last_logged = 0
+        self.stored_metrics: dict[str, list[float]] = {}  # per-step metrics since the last log (e.g. DPO rewards)
 
     # ---------------------------------------------------------------------------------------- events
     def on_init_end(self) -> None:
@@ -112,6 +113,12 @@ class HFTrainerBookkeeping:
                 loss = self.tr_loss / (1 + self.state.global_step - self.globalstep_last_logged)
         self.tr_loss += loss
 
+    def add_step_metrics(self, metrics: dict[str, float]) -> None:
+        """Metrics of one optimizer step (already averaged over its microbatches and data-parallel ranks); the
+        next log reports their mean over the steps since the last log, as TRL's `store_metrics` / `log` do."""
+        for key, value in metrics.items():
+            self.stored_metrics.setdefault(key, []).append(float(value))
+
     def maybe_log(self, grad_norm: Optional[float], learning_rate: float, extra: dict[str, float]) -> None:
         """`Trainer._maybe_log_save_evaluate`'s logging part: mean of the per-step losses since the last log."""
         if not (self.control.should_log and self.state.global_step > self.globalstep_last_logged):
@@ -126,6 +133,9 @@ class HFTrainerBookkeeping:
         logs["tokens_per_second"] = round(tokens / max(now - self._last_log_time, 1e-9), 2)
         self._last_log_time, self._last_log_tokens = now, self.state.num_input_tokens_seen
         logs.update(extra)
+        for key, values in self.stored_metrics.items():
+            logs[key] = sum(values) / len(values)
+        self.stored_metrics = {}
         self.total_loss += self.tr_loss
         self.tr_loss = 0.0
         self.globalstep_last_logged = self.state.global_step

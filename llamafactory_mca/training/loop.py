@@ -1,5 +1,8 @@
 """The training loop for stages pt / sft on megatron-core's schedules, with the HF Trainer's semantics.
 
+The pieces (`setup_run`, `train`, `evaluate`) are shared by every stage; a task object supplies the
+stage's collator, batches, loss and metrics (`SupervisedTask` here, `training.dpo.DPOTask` for dpo).
+
 Per optimizer step (one "global step" as LLaMA-Factory users know it):
   this rank's `gradient_accumulation_steps` microbatches (the HF Trainer's batches for this data-parallel rank)
   -> `get_forward_backward_func()` (no pipelining / 1F1B / interleaved 1F1B)
@@ -16,12 +19,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from llamafactory_mca.log import get_logger
 from llamafactory_mca.training import data as mdata
 from llamafactory_mca.training.logging import HFTrainerBookkeeping
 from transformers.trainer_utils import speed_metrics
@@ -38,15 +43,11 @@ _SCHEDULES = {
 
 
 def _log(msg: str) -> None:
-    from llamafactory.extras import logging as lf_logging
-
-    lf_logging.get_logger("llamafactory_mca.trainer").info_rank0(msg)
+    get_logger("trainer").info_rank0(msg)
 
 
 def _warn(msg: str) -> None:
-    from llamafactory.extras import logging as lf_logging
-
-    lf_logging.get_logger("llamafactory_mca.trainer").warning_rank0(msg)
+    get_logger("trainer").warning_rank0(msg)
 
 
 def _get_bridge(hf_config: Any) -> Any:
@@ -84,7 +85,9 @@ def _build_optimizer(m: Any, training_args: Any, models: list, params_dtype: tor
         use_distributed_optimizer=m.use_distributed_optimizer,
         overlap_param_gather_with_optimizer_step=False,
     )
-    return get_megatron_optimizer(cfg, models)
+    from llamafactory_mca import platform
+
+    return platform.tune_optimizer(get_megatron_optimizer(cfg, models))
 
 
 def _lr_schedule(training_args: Any, max_steps: int) -> tuple[str, int, float]:
@@ -218,13 +221,15 @@ def _reduce_report(losses: list, device: torch.device, num_microbatches: int = 0
     return buf
 
 
-def _run_schedule(ddp_models: list, mbs: list, forward_only: bool) -> list:
+def _run_schedule(ddp_models: list, mbs: list, forward_only: bool, forward_step: Optional[Callable] = None) -> list:
+    """One pass of megatron's schedule over `mbs` (forward and backward unless forward_only); returns the
+    loss functions' reports of the last pipeline stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
     iters = [mdata.microbatch_iterator(mbs) for _ in ddp_models]
     return fb(
-        forward_step_func=_forward_step,
+        forward_step_func=forward_step or _forward_step,
         data_iterator=iters if len(iters) > 1 else iters[0],
         model=ddp_models if len(ddp_models) > 1 else ddp_models[0],
         num_microbatches=len(mbs),
@@ -243,9 +248,96 @@ def _sum_all(value: float, device: torch.device, group: Any = None) -> float:
 # --------------------------------------------------------------------------------------------- run
 
 
-def run_stage(mca_args: dict, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-              generating_args: Any, callbacks: list) -> None:
-    """Train (and evaluate) stage pt / sft with full fine-tuning on megatron-core."""
+@dataclass
+class Run:
+    """Everything one training run holds after setup (the pieces every stage's task works with)."""
+
+    m: Any
+    model_args: Any
+    data_args: Any
+    training_args: Any
+    finetuning_args: Any
+    callbacks: list
+    stage: str
+    device: torch.device
+    world_size: int
+    dp_size: int
+    dp_rank: int
+    tp: int
+    pp: int
+    ga: int
+    bs: int
+    gbs: int
+    tokenizer: Any = None
+    tokenizer_module: Any = None
+    template: Any = None
+    train_dataset: Any = None
+    eval_dataset: Any = None
+    collator: Any = None
+    pad_id: int = 0
+    multiple: int = 1
+    hf_config: Any = None
+    params_dtype: torch.dtype = torch.float32
+    bridge: Any = None
+    models: list = field(default_factory=list)
+    ddp_models: list = field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+    config: Any = None
+    lora: Any = None  # models.lora.LoraState under finetuning_type: lora
+    book: Optional[HFTrainerBookkeeping] = None
+    max_steps: int = 0
+
+
+class SupervisedTask:
+    """Stages pt / sft: token-weighted cross entropy, as the HF Trainer computes it."""
+
+    dataset_stage: Optional[str] = None  # None: the run's own stage
+
+    def build_collator(self, run: Run) -> Any:
+        return mdata.build_collator(run.stage, run.template, run.model_args, run.data_args, run.training_args,
+                                    run.tokenizer_module, run.multiple)
+
+    def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int) -> Any:
+        return mdata.StepBatches(dataset, run.collator, run.pad_id, run.multiple, uniform_shapes=run.pp > 1,
+                                 micro_batch_size=micro_batch_size)
+
+    def prepare(self, run: Run) -> None:
+        """After the model, optimizer and bookkeeping exist, before the first step."""
+
+    def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
+        """Forward and backward of one optimizer step's microbatches; returns (loss, metrics to log)."""
+        losses = _run_schedule(run.ddp_models, mbs, forward_only=False)
+        report = _reduce_report(losses, run.device, len(mbs)).sum(0)
+        return float(report[0]) / max(float(report[1]), 1.0), {}
+
+    def evaluate(self, run: Run, name: str, dataset: Any) -> dict[str, float]:
+        """eval_loss as the HF evaluation loop computes it: per eval step (one batch on each data-parallel rank),
+        token CE sum / label tokens of that step, averaged over steps weighted by their samples."""
+        builder = self.batch_builder(run, dataset, run.training_args.per_device_eval_batch_size)
+        batches = mdata.eval_batches(len(dataset), run.training_args.per_device_eval_batch_size, run.dp_size,
+                                     run.dp_rank)
+        weighted, samples = 0.0, 0.0
+        chunk = max(run.ga, 1)
+        for i in range(0, len(batches), chunk):
+            mbs = builder.build(batches[i : i + chunk])
+            with torch.no_grad():
+                losses = _run_schedule(run.ddp_models, mbs, forward_only=True)
+            for ce, tokens, n in _reduce_report(losses, run.device, len(mbs)).tolist():
+                if n > 0:
+                    weighted += n * ce / max(tokens, 1.0)
+                    samples += n
+        prefix = f"eval_{name}" if name else "eval"
+        return {f"{prefix}_loss": weighted / max(samples, 1.0)}
+
+    def plot_keys(self) -> list[str]:
+        return ["loss"]
+
+
+def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+              callbacks: list, task: Any) -> Run:
+    """Parallel state, LLaMA-Factory's data pipeline, the bridged model with its fine-tuning method, DDP,
+    optimizer, LR schedule and HF Trainer bookkeeping."""
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.model import load_tokenizer
     from megatron.core import parallel_state as ps
@@ -255,7 +347,6 @@ def run_stage(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     from llamafactory_mca.args import MegatronArguments, global_batch_size
 
     m: MegatronArguments = mca_args[MegatronArguments]
-    stage = finetuning_args.stage
     if m.context_parallel_size > 1:
         raise NotImplementedError(
             "`context_parallel_size`: context parallelism is not implemented in the Megatron trainer yet. "
@@ -264,56 +355,97 @@ def run_stage(mca_args: dict, model_args: Any, data_args: Any, training_args: An
 
     platform.setup_platform()
     platform.init_parallel(m, training_args.seed)
-    device = platform.device()
     world_size = dist.get_world_size()
-    dp_size = ps.get_data_parallel_world_size()
-    dp_rank = ps.get_data_parallel_rank()
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
     ga = training_args.gradient_accumulation_steps
     bs = training_args.per_device_train_batch_size
-    gbs = global_batch_size(m, world_size, bs, ga)
+    run = Run(m=m, model_args=model_args, data_args=data_args, training_args=training_args,
+              finetuning_args=finetuning_args, callbacks=callbacks, stage=finetuning_args.stage,
+              device=platform.device(), world_size=world_size, dp_size=ps.get_data_parallel_world_size(),
+              dp_rank=ps.get_data_parallel_rank(), tp=ps.get_tensor_model_parallel_world_size(),
+              pp=ps.get_pipeline_model_parallel_world_size(), ga=ga, bs=bs,
+              gbs=global_batch_size(m, world_size, bs, ga))
     _log(
-        f"global batch size = (world_size {world_size} // (tp {tp} * pp {pp} * cp {m.context_parallel_size})) "
-        f"* per_device_train_batch_size {bs} * gradient_accumulation_steps {ga} = {gbs} "
-        f"(data-parallel size {dp_size})"
+        f"global batch size = (world_size {world_size} // (tp {run.tp} * pp {run.pp} * cp {m.context_parallel_size}))"
+        f" * per_device_train_batch_size {bs} * gradient_accumulation_steps {ga} = {run.gbs} "
+        f"(data-parallel size {run.dp_size})"
     )
 
     # ---- data: LLaMA-Factory's pipeline as it is
-    tokenizer_module = load_tokenizer(model_args)
-    tokenizer = tokenizer_module["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    dataset_module = get_dataset(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
-    train_dataset = dataset_module.get("train_dataset")
-    eval_dataset = dataset_module.get("eval_dataset")
-    if training_args.do_train and train_dataset is None:
+    run.tokenizer_module = load_tokenizer(model_args)
+    run.tokenizer = run.tokenizer_module["tokenizer"]
+    run.template = get_template_and_fix_tokenizer(run.tokenizer, data_args)
+    dataset_module = get_dataset(run.template, model_args, data_args, training_args,
+                                 stage=task.dataset_stage or run.stage, **run.tokenizer_module)
+    run.train_dataset = dataset_module.get("train_dataset")
+    run.eval_dataset = dataset_module.get("eval_dataset")
+    if training_args.do_train and run.train_dataset is None:
         raise ValueError("no training data: set `dataset` (LLaMA-Factory's key)")
-    if train_dataset is not None and not hasattr(train_dataset, "__len__"):
+    if run.train_dataset is not None and not hasattr(run.train_dataset, "__len__"):
         raise NotImplementedError("`streaming: true` is not supported by the Megatron trainer yet. Fix: streaming: false.")
-    multiple = mdata.seq_multiple(tp, m.sequence_parallel, m.context_parallel_size)
-    collator = mdata.build_collator(stage, template, model_args, data_args, training_args, tokenizer_module, multiple)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    steps = mdata.StepBatches(train_dataset, collator, pad_id, multiple, uniform_shapes=pp > 1, micro_batch_size=bs)
+    run.multiple = mdata.seq_multiple(run.tp, m.sequence_parallel, m.context_parallel_size)
+    run.collator = task.build_collator(run)
+    run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
 
-    # ---- model: the bridge builds it and loads the HF weights
+    # ---- model: the bridge builds it and loads the HF weights, then the fine-tuning method applies
     if m.moe_aux_loss_coeff is None and getattr(model_args, "moe_aux_loss_coef", None):
         m.moe_aux_loss_coeff = model_args.moe_aux_loss_coef  # LLaMA-Factory's own key, as its HF path uses it
-    hf_config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    params_dtype = _params_dtype(training_args)
-    bridge = _get_bridge(hf_config)
+    run.hf_config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                               trust_remote_code=model_args.trust_remote_code)
+    run.params_dtype = _params_dtype(training_args)
+    run.bridge = _get_bridge(run.hf_config)
     # No random init: every weight is overwritten by the HF checkpoint (the bridge marks TP-split weights).
-    models = bridge.build_model(hf_config, m, params_dtype, wrap_with_ddp=False, init_weights=False)
+    run.models = run.bridge.build_model(run.hf_config, m, run.params_dtype, wrap_with_ddp=False, init_weights=False)
     platform.setup_platform()  # megatron modules imported while building
-    bridge.load_hf_weights(models, model_args.model_name_or_path)
-    ddp_models = _wrap_ddp(m, models)
-    optimizer = _build_optimizer(m, training_args, ddp_models, params_dtype)
-    config = _configure(models, ddp_models, optimizer, m, params_dtype)
+    run.bridge.load_hf_weights(run.models, model_args.model_name_or_path)
+    run.lora = apply_finetuning_type(run)
+    run.ddp_models = _wrap_ddp(m, run.models)
+    run.optimizer = _build_optimizer(m, training_args, run.ddp_models, run.params_dtype)
+    run.config = _configure(run.models, run.ddp_models, run.optimizer, m, run.params_dtype)
+    run.book = HFTrainerBookkeeping(training_args, callbacks, run.tokenizer, dist.get_rank() == 0,
+                                    int(os.environ.get("LOCAL_RANK", "0")) == 0, run.hf_config)
+    run.book.on_init_end()
+    return run
+
+
+def apply_finetuning_type(run: Run) -> Any:
+    """full: everything trains; freeze: LLaMA-Factory's layer/module selection; lora: adapters on the TP linears.
+    Returns the LoRA state (or None)."""
+    from llamafactory_mca.training.finetune import apply_freeze, count_parameters
+
+    ftype = run.finetuning_args.finetuning_type
+    lora_state = None
+    if ftype == "freeze":
+        names = apply_freeze(run.bridge, run.models, run.finetuning_args)
+        _log(f"Fine-tuning method: Freeze (megatron parameters trainable on rank 0: {len(names)})")
+    elif ftype == "lora":
+        from llamafactory_mca.models import lora
+
+        lora_state = lora.apply_lora(run.bridge, run.models, run.finetuning_args, run.model_args, run.m)
+        _log(f"Fine-tuning method: LoRA (r={lora_state.r}, alpha={lora_state.alpha}, "
+             f"targets={','.join(lora_state.target_modules)})")
+    elif ftype != "full":
+        from llamafactory_mca.args import McaArgumentError
+
+        raise McaArgumentError(f"`finetuning_type`: '{ftype}' is not supported by the Megatron backend. "
+                               "Fix: use full, freeze or lora.")
+    trainable, total = count_parameters(run.models)
+    _log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
+         f"{100 * trainable / max(total, 1):.4f}")
+    return lora_state
+
+
+def train(run: Run, task: Any) -> None:
+    """The HF Trainer's loop over optimizer steps, on megatron's schedules; `task` computes each step's loss."""
+    from megatron.core import parallel_state as ps
+
+    m, training_args, finetuning_args, book = run.m, run.training_args, run.finetuning_args, run.book
+    ga, bs, dp_size, dp_rank = run.ga, run.bs, run.dp_size, run.dp_rank
 
     # ---- step accounting (HF Trainer.set_initial_training_values)
     shuffle = not finetuning_args.disable_shuffling
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     drop_last = training_args.dataloader_drop_last
-    num_examples = len(train_dataset) if train_dataset is not None else 0
+    num_examples = len(run.train_dataset) if run.train_dataset is not None else 0
 
     def epoch_batches(epoch: int) -> list[list[int]]:
         order = mdata.epoch_indices(num_examples, seed, epoch, shuffle)
@@ -324,167 +456,174 @@ def run_stage(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     if training_args.max_steps > 0:
         max_steps = training_args.max_steps
         num_train_epochs = max_steps // update_steps_per_epoch + int(max_steps % update_steps_per_epoch > 0)
-        num_train_samples = max_steps * gbs
+        num_train_samples = max_steps * run.gbs
     else:
         max_steps = math.ceil(training_args.num_train_epochs * update_steps_per_epoch)
         num_train_epochs = math.ceil(training_args.num_train_epochs)
         num_train_samples = int(num_examples * training_args.num_train_epochs)
-    scheduler = _build_scheduler(optimizer, training_args, max_steps)
-
-    is_world_zero = dist.get_rank() == 0
-    book = HFTrainerBookkeeping(training_args, callbacks, tokenizer, is_world_zero,
-                                int(os.environ.get("LOCAL_RANK", "0")) == 0, hf_config)
-    book.on_init_end()
+    run.max_steps = max_steps
+    run.scheduler = _build_scheduler(run.optimizer, training_args, max_steps)
+    steps = task.batch_builder(run, run.train_dataset, bs) if run.train_dataset is not None else None
 
     start_step = 0
     resume = getattr(training_args, "resume_from_checkpoint", None)
     if resume:
-        start_step = _load_checkpoint(resume, ddp_models, optimizer, scheduler, book)
+        # LoRA checkpoints hold the adapter only: the base weights come from the HF model
+        start_step = _load_checkpoint(resume, run.ddp_models, run.optimizer, run.scheduler, book,
+                                      strict=run.lora is None)
 
-    _log(f"***** Running training (Megatron: tp={tp} pp={pp} vpp={m.virtual_pipeline_model_parallel_size} "
+    _log(f"***** Running training (Megatron: tp={run.tp} pp={run.pp} vpp={m.virtual_pipeline_model_parallel_size} "
          f"ep={m.expert_model_parallel_size} dp={dp_size}) *****")
     _log(f"  Num examples = {num_examples:,}  Num epochs = {num_train_epochs:,}  Total optimization steps = "
-         f"{max_steps:,}  Global batch size = {gbs:,}")
+         f"{max_steps:,}  Global batch size = {run.gbs:,}")
 
-    if training_args.do_train:
-        book.state.global_step = start_step
-        book.globalstep_last_logged = start_step
-        book.on_train_begin(max_steps, num_train_epochs, bs * dp_size)
-        for model in ddp_models:
-            model.train()
+    book.state.global_step = start_step
+    book.globalstep_last_logged = start_step
+    book.on_train_begin(max_steps, num_train_epochs, bs * dp_size)
+    for model in run.ddp_models:
+        model.train()
 
-        def after_step() -> None:
-            """`Trainer._maybe_log_save_evaluate` after logging: evaluation, then checkpoint."""
-            if book.control.should_evaluate and eval_dataset is not None:
-                _evaluate_and_log(book, ddp_models, eval_dataset, collator, pad_id, multiple, pp, m,
-                                  training_args, dp_size, dp_rank, device)
-            if book.control.should_save:
-                _save_checkpoint(book, ddp_models, optimizer, scheduler, training_args, m, tokenizer, hf_config)
-                book.on_save()
+    def after_step() -> None:
+        """`Trainer._maybe_log_save_evaluate` after logging: evaluation, then checkpoint."""
+        if book.control.should_evaluate and run.eval_dataset is not None:
+            metrics = evaluate(run, task)
+            book.log(dict(metrics))
+            book.on_evaluate(metrics)
+        if book.control.should_save:
+            _save_checkpoint(book, run.ddp_models, run.optimizer, run.scheduler, training_args, m, run.tokenizer,
+                             run.hf_config)
+            if run.lora is not None:  # as the HF Trainer's checkpoints under LoRA: a PEFT adapter beside
+                from llamafactory_mca.models import lora
 
-        last_grad_norm, last_lr = None, optimizer.param_groups[0]["lr"]
-        epochs_trained = start_step // update_steps_per_epoch
-        steps_skipped = start_step % update_steps_per_epoch
-        for epoch in range(epochs_trained, num_train_epochs):
-            batches = epoch_batches(epoch)
-            book.on_epoch_begin()
-            first = steps_skipped if epoch == epochs_trained else 0
-            for update_step in range(first, update_steps_per_epoch):
-                step_batches = batches[update_step * ga : (update_step + 1) * ga]
-                if not step_batches:
-                    break
-                book.on_step_begin()
-                mbs = steps.build(step_batches)
-                lr = optimizer.param_groups[0]["lr"]  # HF logs the rate this step used
-                for model in ddp_models:
-                    model.zero_grad_buffer()
-                optimizer.zero_grad()
-                losses = _run_schedule(ddp_models, mbs, forward_only=False)
-                ok, grad_norm, _ = optimizer.step()
-                if ok:
-                    scheduler.step(increment=1)
-                report = _reduce_report(losses, device, len(mbs)).sum(0)
-                loss = float(report[0]) / max(float(report[1]), 1.0)
-                input_tokens = _sum_all(sum(mb.num_input_tokens for mb in mbs), device,
-                                        ps.get_data_parallel_group(with_context_parallel=True))
-                book.state.num_input_tokens_seen += int(input_tokens)
-                book.add_step_loss(loss)
-                book.on_optimizer_step()
-                book.state.global_step += 1
-                consumed = min((update_step + 1) * ga, batches_per_epoch)
-                book.state.epoch = epoch + consumed / batches_per_epoch
-                book.on_step_end()
-                extra = _moe_metrics(config, ga)
-                last_grad_norm = float(grad_norm) if grad_norm is not None else None
-                last_lr = lr
-                book.maybe_log(last_grad_norm, lr, extra)
-                after_step()
-                if book.control.should_epoch_stop or book.control.should_training_stop:
-                    break
-            book.on_epoch_end()
-            book.maybe_log(last_grad_norm, last_lr, {})
-            after_step()
-            if book.control.should_training_stop:
+                ckpt = os.path.join(training_args.output_dir, f"checkpoint-{book.state.global_step}")
+                lora.save_peft_adapter(run.models, run.lora, ckpt,
+                                       base_model_name_or_path=run.model_args.model_name_or_path)
+            book.on_save()
+
+    last_grad_norm, last_lr = None, run.optimizer.param_groups[0]["lr"]
+    epochs_trained = start_step // update_steps_per_epoch
+    steps_skipped = start_step % update_steps_per_epoch
+    for epoch in range(epochs_trained, num_train_epochs):
+        batches = epoch_batches(epoch)
+        book.on_epoch_begin()
+        first = steps_skipped if epoch == epochs_trained else 0
+        for update_step in range(first, update_steps_per_epoch):
+            step_batches = batches[update_step * ga : (update_step + 1) * ga]
+            if not step_batches:
                 break
+            book.on_step_begin()
+            mbs = steps.build(step_batches)
+            lr = run.optimizer.param_groups[0]["lr"]  # HF logs the rate this step used
+            for model in run.ddp_models:
+                model.zero_grad_buffer()
+            run.optimizer.zero_grad()
+            loss, metrics = task.train_step(run, mbs)
+            ok, grad_norm, _ = run.optimizer.step()
+            if ok:
+                run.scheduler.step(increment=1)
+            input_tokens = _sum_all(sum(mb.num_input_tokens for mb in mbs), run.device,
+                                    ps.get_data_parallel_group(with_context_parallel=True))
+            book.state.num_input_tokens_seen += int(input_tokens)
+            book.add_step_loss(loss)
+            book.add_step_metrics(metrics)
+            book.on_optimizer_step()
+            book.state.global_step += 1
+            consumed = min((update_step + 1) * ga, batches_per_epoch)
+            book.state.epoch = epoch + consumed / batches_per_epoch
+            book.on_step_end()
+            extra = _moe_metrics(run.config, ga)
+            last_grad_norm = float(grad_norm) if grad_norm is not None else None
+            last_lr = lr
+            book.maybe_log(last_grad_norm, lr, extra)
+            after_step()
+            if book.control.should_epoch_stop or book.control.should_training_stop:
+                break
+        book.on_epoch_end()
+        book.maybe_log(last_grad_norm, last_lr, {})
+        after_step()
+        if book.control.should_training_stop:
+            break
 
-        metrics = book.final_metrics(num_train_samples)
-        book.on_train_end()
-        book.save_metrics("train", metrics)
-        book.save_state()
-        if m.save_hf_model:
-            dtype = params_dtype
-            bridge.save_hf_pretrained(models, training_args.output_dir, tokenizer=tokenizer, dtype=dtype)
-        if is_world_zero and finetuning_args.plot_loss:
-            from llamafactory.extras.ploting import plot_loss
+    metrics = book.final_metrics(num_train_samples)
+    book.on_train_end()
+    book.save_metrics("train", metrics)
+    book.save_state()
+    if m.save_hf_model:
+        save_final_model(run)
+    if dist.get_rank() == 0 and finetuning_args.plot_loss:
+        from llamafactory.extras.ploting import plot_loss
 
-            keys = ["loss"]
-            if isinstance(eval_dataset, dict):
-                keys += [f"eval_{key}_loss" for key in eval_dataset.keys()]
-            else:
-                keys += ["eval_loss"]
-            plot_loss(training_args.output_dir, keys=keys)
+        keys = task.plot_keys()
+        if isinstance(run.eval_dataset, dict):
+            keys += [f"eval_{key}_loss" for key in run.eval_dataset.keys()]
+        else:
+            keys += ["eval_loss"]
+        plot_loss(training_args.output_dir, keys=keys)
 
-    if training_args.do_eval and eval_dataset is not None:
-        metrics = _evaluate(ddp_models, eval_dataset, collator, pad_id, multiple, pp, m, training_args,
-                            dp_size, dp_rank, device)
-        metrics = {k: v for k, v in metrics.items()}
-        if stage == "pt":
-            for key in list(metrics):
-                if key.endswith("_loss"):
-                    try:
-                        metrics[key.replace("_loss", "_perplexity")] = math.exp(metrics[key])
-                    except OverflowError:
-                        metrics[key.replace("_loss", "_perplexity")] = float("inf")
-        book.log(metrics)  # as HF's evaluate(): the metrics gain "epoch" and reach trainer_log.jsonl
-        book.on_evaluate(metrics)
-        book.save_metrics("eval", metrics)
-    if dist.is_initialized():
+
+def save_final_model(run: Run) -> None:
+    """What LLaMA-Factory's `trainer.save_model()` writes into output_dir: the PEFT adapter under LoRA, else the
+    full Hugging Face model (collective)."""
+    out = run.training_args.output_dir
+    if run.lora is not None:
+        from llamafactory_mca.models import lora
+
+        lora.save_peft_adapter(run.models, run.lora, out, base_model_name_or_path=run.model_args.model_name_or_path)
+        if dist.get_rank() == 0:
+            run.tokenizer.save_pretrained(out)
         dist.barrier()
+        return
+    run.bridge.save_hf_pretrained(run.models, out, tokenizer=run.tokenizer, dtype=run.params_dtype)
 
 
-# --------------------------------------------------------------------------------------------- eval
-
-
-def _evaluate(ddp_models: list, eval_dataset: Any, collator: Any, pad_id: int, multiple: int, pp: int, m: Any,
-              training_args: Any, dp_size: int, dp_rank: int, device: torch.device) -> dict[str, float]:
-    """eval_loss as the HF evaluation loop computes it: per eval step (one batch on each data-parallel rank),
-    token CE sum / label tokens of that step, averaged over steps weighted by their samples."""
-    datasets = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
+def evaluate(run: Run, task: Any) -> dict[str, float]:
+    """Every eval dataset through `task.evaluate`, with HF's speed metrics; models back in train mode after."""
+    datasets = run.eval_dataset if isinstance(run.eval_dataset, dict) else {"": run.eval_dataset}
     metrics: dict[str, float] = {}
-    for model in ddp_models:
+    for model in run.ddp_models:
         model.eval()
-    bs = training_args.per_device_eval_batch_size
     for name, ds in datasets.items():
         start = time.time()
-        builder = mdata.StepBatches(ds, collator, pad_id, multiple, uniform_shapes=pp > 1, micro_batch_size=bs)
-        batches = mdata.eval_batches(len(ds), bs, dp_size, dp_rank)
-        weighted, samples = 0.0, 0.0
-        chunk = max(training_args.gradient_accumulation_steps, 1)
-        for i in range(0, len(batches), chunk):
-            mbs = builder.build(batches[i : i + chunk])
-            with torch.no_grad():
-                losses = _run_schedule(ddp_models, mbs, forward_only=True)
-            for ce, tokens, n in _reduce_report(losses, device, len(mbs)).tolist():
-                if n > 0:
-                    weighted += n * ce / max(tokens, 1.0)
-                    samples += n
+        metrics.update(task.evaluate(run, name, ds))
         prefix = f"eval_{name}" if name else "eval"
-        metrics[f"{prefix}_loss"] = weighted / max(samples, 1.0)
-        steps = len(batches)
-        for key, value in speed_metrics("eval", start, num_samples=len(ds), num_steps=steps).items():
+        num_steps = math.ceil(len(ds) / max(run.training_args.per_device_eval_batch_size * run.dp_size, 1))
+        for key, value in speed_metrics("eval", start, num_samples=len(ds), num_steps=num_steps).items():
             metrics[key.replace("eval", prefix, 1)] = value
-    for model in ddp_models:
+    for model in run.ddp_models:
         model.train()
     return metrics
 
 
-def _evaluate_and_log(book: HFTrainerBookkeeping, ddp_models: list, eval_dataset: Any, collator: Any, pad_id: int,
-                      multiple: int, pp: int, m: Any, training_args: Any, dp_size: int, dp_rank: int,
-                      device: torch.device) -> None:
-    metrics = _evaluate(ddp_models, eval_dataset, collator, pad_id, multiple, pp, m, training_args, dp_size,
-                        dp_rank, device)
-    book.log(dict(metrics))
-    book.on_evaluate(metrics)
+def final_evaluate(run: Run, task: Any) -> None:
+    metrics = evaluate(run, task)
+    if run.stage == "pt":
+        for key in list(metrics):
+            if key.endswith("_loss"):
+                try:
+                    metrics[key.replace("_loss", "_perplexity")] = math.exp(metrics[key])
+                except OverflowError:
+                    metrics[key.replace("_loss", "_perplexity")] = float("inf")
+    run.book.log(metrics)  # as HF's evaluate(): the metrics gain "epoch" and reach trainer_log.jsonl
+    run.book.on_evaluate(metrics)
+    run.book.save_metrics("eval", metrics)
+
+
+def run_task(mca_args: dict, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+             callbacks: list, task: Any) -> None:
+    run = setup_run(mca_args, model_args, data_args, training_args, finetuning_args, callbacks, task)
+    task.prepare(run)  # before any checkpoint is loaded: e.g. DPO's reference pass sees the initial weights
+    if training_args.do_train:
+        train(run, task)
+    if training_args.do_eval and run.eval_dataset is not None:
+        final_evaluate(run, task)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_stage(mca_args: dict, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+              generating_args: Any, callbacks: list) -> None:
+    """Train (and evaluate) stage pt / sft on megatron-core (full, freeze or lora)."""
+    run_task(mca_args, model_args, data_args, training_args, finetuning_args, callbacks, SupervisedTask())
 
 
 # --------------------------------------------------------------------------------------------- MoE
@@ -542,13 +681,17 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
     )
 
 
-def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping) -> int:
+def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping,
+                     strict: bool = True) -> int:
     """Resume (collective): restores weights, optimizer, scheduler, RNG and the TrainerState; returns the step."""
     from llamafactory_mca import checkpoint
 
-    result = checkpoint.load_checkpoint(path, ddp_models, optimizer, scheduler)
+    result = checkpoint.load_checkpoint(path, ddp_models, optimizer, scheduler, strict=strict)
     state = result.get("trainer_state") or {}
     for key, value in state.items():
+        # the process roles are this process' own, not those of the rank that wrote the checkpoint
+        if key in ("is_local_process_zero", "is_world_process_zero"):
+            continue
         if hasattr(book.state, key):
             setattr(book.state, key, value)
     book.state.global_step = int(result.get("step", state.get("global_step", 0)))

@@ -1,0 +1,579 @@
+"""Megatron checkpoint -> Hugging Face safetensors (merge), and Hugging Face -> Megatron checkpoint (convert).
+
+Merge runs in one process, without GPUs, whatever tp/pp/vpp/ep/dp layout wrote the checkpoint, and streams:
+
+1. the model is built for tp=pp=ep=1 on the `meta` device (no memory), in the checkpoint's dtype;
+2. a pass over the bridge's table on the meta tensors gives every HF tensor's name, shape and dtype, so the
+   safetensors shards (and their headers) are planned before any weight is read;
+3. unit by unit (embedding, each decoder layer, final norm + output layer) the unit is materialised, filled
+   with megatron-core's own `dist_checkpointing.load` (it reads only that unit's tensors and re-assembles TP
+   shards, swiglu halves and expert-parallel experts), converted with the bridge's table, and each tensor is
+   written straight to its planned place in its shard file; then the unit goes back to `meta`.
+
+Peak host memory is about one unit (one decoder layer, or the embedding) plus its HF copy, not the model.
+The output is written into a hidden sibling directory and published by one rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from llamafactory_mca.checkpoint import (
+    MARKER_FILE,
+    SHARDED_STATE_DICT_METADATA,
+    CheckpointError,
+    checkpoint_info,
+    unwrap_model,
+)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ST_DTYPE = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_output_dir(path: str, overwrite: bool = False) -> None:
+    """Refuse to write into a non-empty directory (or over a file) unless `overwrite`."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"output path {path} is an existing file. Fix: choose a directory path that does not exist.")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise CheckpointError(
+            f"output path {path} exists and is not empty; writing there would overwrite or mix files. Fix: choose a "
+            f"new directory, delete {path}, or pass --overwrite_output_dir."
+        )
+
+
+def _get_bridge(hf_config: Any, where: str):
+    from llamafactory_mca.models import get_bridge
+
+    try:
+        return get_bridge(hf_config)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
+
+def _hf_config_of(path: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(
+            f"{path} has no config.json, so its model family is unknown. Fix: save checkpoints with llamafactory-mca "
+            f">= 0.1 (it stores the Hugging Face config), or copy the base model's config.json into {path}."
+        )
+    return AutoConfig.from_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------------- safetensors
+
+
+@dataclass
+class _Planned:
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    shard: int
+    begin: int
+    end: int
+
+
+class StreamingSafetensorsWriter:
+    """Safetensors shards whose headers are written first, then each tensor at its offset, in any order."""
+
+    def __init__(self, out_dir: str, specs: Sequence[tuple[str, tuple, torch.dtype]], max_shard_size: int):
+        self.out_dir = out_dir
+        shards: list[list[tuple[str, tuple, torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in specs:
+            nbytes = _numel(shape) * _itemsize(dtype)
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(shards)
+        self.files = ["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.plan: dict[str, _Planned] = {}
+        self.data_start: list[int] = []
+        self.total_size = 0
+        for i, shard in enumerate(shards):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, shape, dtype, nbytes in shard:
+                if name in self.plan:
+                    raise CheckpointError(f"the bridge maps two tensors to the same Hugging Face name {name!r}")
+                header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                self.plan[name] = _Planned(name, shape, dtype, i, offset, offset + nbytes)
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            raw += b" " * (-len(raw) % 8)
+            with open(os.path.join(out_dir, self.files[i]), "wb") as f:
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+                f.truncate(8 + len(raw) + offset)
+            self.data_start.append(8 + len(raw))
+            self.total_size += offset
+        self.written: set[str] = set()
+        self._handles: dict[int, Any] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        p = self.plan.get(name)
+        if p is None:
+            raise CheckpointError(f"tensor {name!r} was not planned (the bridge's mapping is not deterministic)")
+        if tuple(tensor.shape) != p.shape or tensor.dtype != p.dtype:
+            raise CheckpointError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {p.shape} {p.dtype}")
+        if name in self.written:
+            raise CheckpointError(f"tensor {name!r} written twice")
+        f = self._handles.get(p.shard)
+        if f is None:
+            for h in self._handles.values():
+                h.close()
+            self._handles = {p.shard: open(os.path.join(self.out_dir, self.files[p.shard]), "r+b")}
+            f = self._handles[p.shard]
+        f.seek(self.data_start[p.shard] + p.begin)
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        f.write(memoryview(data))
+        self.written.add(name)
+
+    def abort(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles = {}
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.flush()
+            os.fsync(h.fileno())
+            h.close()
+        self._handles = {}
+        missing = set(self.plan) - self.written
+        if missing:
+            raise CheckpointError(f"{len(missing)} planned tensors were never written, e.g. {sorted(missing)[:3]}")
+        if len(self.files) > 1:
+            weight_map = {name: self.files[p.shard] for name, p in sorted(self.plan.items())}
+            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": self.total_size}, "weight_map": weight_map}, f, indent=2)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _parse_size(size: Any) -> int:
+    from llamafactory_mca.models.bridge import _parse_size as parse
+
+    return parse(size)
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+@contextlib.contextmanager
+def _single_process_parallel():
+    """A one-process gloo group with tp=pp=ep=1 (reused if the caller already has one of world size 1)."""
+    import torch.distributed as dist
+
+    from llamafactory_mca import platform
+    from llamafactory_mca.args import MegatronArguments
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise CheckpointError("merge runs in a single process; launch it without torchrun.")
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    for k in saved:
+        os.environ.pop(k, None)
+    platform.init_parallel(MegatronArguments(), seed=0)
+    try:
+        yield
+    finally:
+        platform.destroy_parallel()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _build_meta_model(bridge: Any, hf_config: Any, dtype: torch.dtype, vocab_rows: Optional[int]):
+    """GPTModel for tp=pp=ep=1 with every parameter on `meta`; the vocab padded as in the checkpoint."""
+    from llamafactory_mca import platform
+    from llamafactory_mca.args import MegatronArguments
+
+    if vocab_rows is not None:  # the checkpoint's vocab padding (depends on the TP size it was saved with)
+        bridge.padded_vocab_size = lambda cfg, tp, rows=vocab_rows: rows
+    device_fn = platform.device
+    platform.device = lambda: torch.device("meta")  # build_model moves the model to platform.device()
+    try:
+        with torch.device("meta"):
+            models = bridge.build_model(hf_config, MegatronArguments(), dtype, wrap_with_ddp=False, init_weights=False)
+    finally:
+        platform.device = device_fn
+    if len(models) != 1:
+        raise CheckpointError("internal: expected one model chunk for tp=pp=1")
+    return models[0]
+
+
+def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules materialised one at a time: embedding, each layer, then the rest (final norm, output layer)."""
+    units: list[torch.nn.Module] = []
+    if getattr(model, "embedding", None) is not None:
+        units.append(model.embedding)
+    units.extend(model.decoder.layers)
+    rest = [
+        m for m in (getattr(model.decoder, "final_layernorm", None), getattr(model, "output_layer", None)) if m is not None
+    ]
+    if rest:
+        units.append(torch.nn.ModuleList(rest))
+    return units
+
+
+def _is_meta(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_meta
+
+
+def _materialized_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    sd = model.sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
+    return {
+        k: v
+        for k, v in sd.items()
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and not _is_meta(v.data)
+    }
+
+
+def _hf_tensors(bridge: Any, model: torch.nn.Module, hf_config: Any, meta: bool = False
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf name, tensor) for the materialised parameters of `model` (tp=1) via the bridge's table; with
+    `meta`, for the parameters still on `meta` instead (shapes only: the shard plan)."""
+    for entry in bridge._entries([model]):
+        if entry.key.endswith("#tied"):
+            continue
+        full = entry.get()
+        if _is_meta(full) != meta:
+            continue
+        yield from bridge._to_hf(entry.kind, tuple(entry.hf), full, hf_config, 1)
+
+
+def _plan(bridge: Any, model: torch.nn.Module, hf_config: Any, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+    return [
+        (name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
+        for name, t in _hf_tensors(bridge, model, hf_config, meta=True)
+    ]
+
+
+def _checkpoint_tensor_meta(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(path).read_metadata()
+    return {
+        k: (tuple(v.size), v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+
+
+# --------------------------------------------------------------------------------------------- merge
+
+
+def merge_checkpoint(
+    checkpoint_path: str,
+    output_path: str,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_size: Any = "5GB",
+    overwrite: bool = False,
+    save_tokenizer: bool = True,
+) -> str:
+    """Write the Hugging Face model of a llamafactory-mca checkpoint to `output_path`; returns the path.
+
+    `dtype`: the saved dtype (default: the HF config's dtype, else the checkpoint's). Single process, no GPU.
+    """
+    from megatron.core import dist_checkpointing
+
+    checkpoint_path = os.path.normpath(checkpoint_path)
+    output_path = os.path.normpath(output_path)
+    checkpoint_info(checkpoint_path)  # raises for anything but a complete checkpoint
+    check_output_dir(output_path, overwrite)
+    hf_config = _hf_config_of(checkpoint_path)
+    bridge = _get_bridge(hf_config, checkpoint_path)
+    tensor_meta = _checkpoint_tensor_meta(checkpoint_path)
+    emb = tensor_meta.get("embedding.word_embeddings.weight")
+    if emb is None:
+        raise CheckpointError(f"{checkpoint_path} holds no model weights (no embedding). Fix: pass a model checkpoint.")
+    ckpt_dtype = emb[1]
+    if dtype is None:
+        cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(cfg_dtype, str):
+            cfg_dtype = getattr(torch, cfg_dtype, None)
+        dtype = cfg_dtype if isinstance(cfg_dtype, torch.dtype) else ckpt_dtype
+
+    parent = os.path.dirname(output_path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(output_path)}.tmp")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+
+    with _single_process_parallel():
+        model = _build_meta_model(bridge, hf_config, ckpt_dtype, emb[0][0])
+        writer = StreamingSafetensorsWriter(tmp, _plan(bridge, model, hf_config, dtype), _parse_size(max_shard_size))
+        try:
+            for unit in _units(model):
+                unit.to_empty(device="cpu")
+                sharded = _materialized_sharded_state_dict(model)
+                missing = [sh.key for sh in sharded.values() if sh.key not in tensor_meta]
+                if missing:
+                    raise CheckpointError(
+                        f"{checkpoint_path} lacks {missing[:3]}: it was written for another model or with another "
+                        f"llamafactory-mca version. Fix: check that config.json in the checkpoint matches its weights."
+                    )
+                loaded = dist_checkpointing.load(sharded, checkpoint_path)
+                loaded = {k: loaded[k] for k in sharded}  # (the common state of the checkpoint comes back too)
+                result = model.load_state_dict(loaded, strict=False)
+                if result.unexpected_keys:
+                    raise CheckpointError(f"unexpected keys while merging: {result.unexpected_keys[:3]}")
+                with torch.no_grad():
+                    for name, tensor in _hf_tensors(bridge, model, hf_config):
+                        writer.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                del loaded, sharded
+                unit.to("meta")
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        writer.close()
+
+    cfg = hf_config
+    cfg.dtype = dtype
+    if hasattr(cfg, "torch_dtype"):
+        with contextlib.suppress(Exception):
+            cfg.torch_dtype = dtype
+    cfg.save_pretrained(tmp)
+    if save_tokenizer:
+        for name in _TOKENIZER_FILES:
+            src = os.path.join(checkpoint_path, name)
+            if os.path.isfile(src) and not (name == "generation_config.json" and os.path.exists(os.path.join(tmp, name))):
+                shutil.copy2(src, os.path.join(tmp, name))
+    if os.path.exists(output_path):  # empty, or overwrite was asked for
+        shutil.rmtree(output_path)
+    os.rename(tmp, output_path)
+    return output_path
+
+
+# --------------------------------------------------------------------------------------------- convert
+
+
+def convert_hf_to_megatron(
+    model_name_or_path: str,
+    output_path: str,
+    mca_args: Any = None,
+    dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
+) -> str:
+    """Write the HF model at `model_name_or_path` as a llamafactory-mca checkpoint (model only) at `output_path`.
+
+    The torch_dist format reshards on load, so the checkpoint loads into any layout; `mca_args` (the layout
+    asked for) is recorded. Launched with torchrun, the model is built in that layout across the ranks;
+    in one process it is built with tp=pp=ep=1.
+    """
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llamafactory_mca import platform
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.checkpoint import write_checkpoint
+
+    output_path = os.path.normpath(output_path)
+    check_output_dir(output_path, overwrite)
+    if not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
+        raise CheckpointError(
+            f"{model_name_or_path} is not a local Hugging Face model directory (no config.json). Fix: download it "
+            "first (e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR."
+        )
+    hf_config = AutoConfig.from_pretrained(model_name_or_path)
+    bridge = _get_bridge(hf_config, model_name_or_path)
+    requested = mca_args or MegatronArguments()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    build_args = requested if launched else MegatronArguments()
+    if dtype is None:
+        cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(cfg_dtype, str):
+            cfg_dtype = getattr(torch, cfg_dtype, None)
+        dtype = cfg_dtype if isinstance(cfg_dtype, torch.dtype) else torch.float32
+    tokenizer = None
+    with contextlib.suppress(Exception):
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    was_initialized = dist.is_available() and dist.is_initialized()
+    platform.init_parallel(build_args, seed=0)
+    try:
+        models = bridge.build_model(hf_config, build_args, dtype, wrap_with_ddp=False, init_weights=False)
+        bridge.load_hf_weights(models, model_name_or_path)
+        write_checkpoint(output_path, 0, models, mca_args=requested, hf_config=hf_config, tokenizer=tokenizer,
+                         trainer_state={"global_step": 0}, save_rng=False)
+    finally:
+        if not was_initialized:
+            platform.destroy_parallel()
+    return output_path
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _dtype_from_flags(ns: argparse.Namespace) -> Optional[torch.dtype]:
+    chosen = [name for name in ("bf16", "fp16", "fp32") if getattr(ns, name, False)]
+    if len(chosen) > 1:
+        raise CheckpointError(f"choose one of --bf16/--fp16/--fp32, got {', '.join('--' + c for c in chosen)}")
+    return _DTYPES[chosen[0]] if chosen else None
+
+
+def _add_dtype_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bf16", action="store_true", help="save bfloat16 weights")
+    p.add_argument("--fp16", action="store_true", help="save float16 weights")
+    p.add_argument("--fp32", action="store_true", help="save float32 weights")
+
+
+def merge_command(argv: list[str]) -> int:
+    """`llamafactory-mca merge --checkpoint_path CKPT --output_path DIR [--bf16|--fp16|--fp32]`."""
+    p = argparse.ArgumentParser(
+        prog="llamafactory-mca merge",
+        description="Merge a Megatron checkpoint (any tp/pp/vpp/ep layout) into Hugging Face safetensors, config "
+        "and tokenizer. One process, no GPU; memory about one decoder layer.",
+    )
+    p.add_argument("--checkpoint_path", required=True, help="a checkpoint-N directory written by llamafactory-mca")
+    p.add_argument("--output_path", required=True, help="a new (or empty) directory for the Hugging Face model")
+    _add_dtype_flags(p)
+    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB (default)")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="replace a non-empty output directory")
+    ns = p.parse_args(argv)
+    try:
+        out = merge_checkpoint(ns.checkpoint_path, ns.output_path, _dtype_from_flags(ns), ns.max_shard_size,
+                               ns.overwrite_output_dir)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"merged {ns.checkpoint_path} -> {out}")
+    return 0
+
+
+def convert_command(argv: list[str]) -> int:
+    """`llamafactory-mca convert --model_name_or_path HF_DIR --output_path DIR [--tensor_model_parallel_size N ...]`."""
+    from llamafactory_mca.args import MegatronArguments, McaArgumentError, validate_megatron_args
+
+    p = argparse.ArgumentParser(
+        prog="llamafactory-mca convert",
+        description="Convert a Hugging Face model into a llamafactory-mca Megatron checkpoint (model weights only; "
+        "usable as resume_from_checkpoint or with merge). The checkpoint loads into any parallel layout.",
+    )
+    p.add_argument("--model_name_or_path", required=True, help="a local Hugging Face model directory")
+    p.add_argument("--output_path", required=True, help="a new (or empty) directory for the checkpoint")
+    _add_dtype_flags(p)
+    p.add_argument("--overwrite_output_dir", action="store_true")
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                "expert_model_parallel_size", "expert_tensor_parallel_size", "context_parallel_size"):
+        p.add_argument(f"--{key}", type=int, default=None)
+    ns = p.parse_args(argv)
+    layout = {k: v for k, v in vars(ns).items() if k.endswith("_parallel_size") and v is not None}
+    m = MegatronArguments(**layout)
+    try:
+        validate_megatron_args(m, int(os.environ.get("WORLD_SIZE", "1")) if os.environ.get("WORLD_SIZE") else
+                               m.model_parallel_size * m.expert_model_parallel_size, ns.model_name_or_path)
+        out = convert_hf_to_megatron(ns.model_name_or_path, ns.output_path, m, _dtype_from_flags(ns),
+                                     ns.overwrite_output_dir)
+    except (CheckpointError, McaArgumentError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"converted {ns.model_name_or_path} -> {out}")
+    return 0
+
+
+def export_from_llamafactory_args(args: dict[str, Any]) -> None:
+    """`llamafactory-cli export` with model_name_or_path = a Megatron checkpoint: merge it into export_dir."""
+    path = args.get("model_name_or_path")
+    export_dir = args.get("export_dir")
+    if not export_dir:
+        raise CheckpointError("`export_dir`: required to export a Megatron checkpoint. Fix: set export_dir: DIR.")
+    if args.get("adapter_name_or_path"):
+        raise CheckpointError("`adapter_name_or_path`: Megatron checkpoints hold full weights. Fix: remove it.")
+    if args.get("export_quantization_bit"):
+        raise CheckpointError(
+            "`export_quantization_bit`: not supported for Megatron checkpoints. Fix: export first, then quantize "
+            "the exported model with llamafactory-cli export."
+        )
+    dtype = None
+    infer = str(args.get("infer_dtype", "auto") or "auto")
+    if infer in ("bfloat16", "float16", "float32"):
+        dtype = getattr(torch, infer)
+    size = args.get("export_size", 5)
+    max_shard = f"{size}GB" if isinstance(size, (int, float)) or str(size).isdigit() else str(size)
+    merge_checkpoint(path, export_dir, dtype, max_shard)
+    print(f"exported {path} -> {export_dir}")
+
+
+__all__ = [
+    "MARKER_FILE",
+    "StreamingSafetensorsWriter",
+    "check_output_dir",
+    "convert_command",
+    "convert_hf_to_megatron",
+    "export_from_llamafactory_args",
+    "merge_checkpoint",
+    "merge_command",
+    "unwrap_model",
+]
+
+
+def _main() -> int:  # python -m llamafactory_mca.export merge|convert ...
+    argv = sys.argv[1:]
+    if not argv or argv[0] not in ("merge", "convert"):
+        print("usage: python -m llamafactory_mca.export {merge,convert} ...", file=sys.stderr)
+        return 2
+    return (merge_command if argv[0] == "merge" else convert_command)(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

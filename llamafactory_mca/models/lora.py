@@ -1,0 +1,498 @@
+"""LoRA on megatron-core's tensor-parallel linear layers, with PEFT-exact adapters.
+
+Adapters are kept per Hugging Face module, mapped onto megatron's fused layout through the bridge's table:
+`linear_qkv` carries q_proj / k_proj / v_proj adapters (their outputs interleaved per query group as megatron
+fuses q, k, v), `linear_fc1` carries gate_proj / up_proj (concatenated per TP rank), `linear_proj` o_proj and
+`linear_fc2` down_proj. So the adapter exports to PEFT's names exactly and loads from a PEFT adapter.
+
+Tensor parallelism (y = scale * B A x per Hugging Face module):
+  column-parallel base (qkv, fc1): A [r, in] replicated, B [out/tp, r] split along its output; the input is
+      gathered (sequence parallel) or copied (backward all-reduce) as the base layer does, and A's gradient is
+      summed over TP ranks (each rank only sees its slice of the output).
+  row-parallel base (proj, fc2): A [r, in/tp] split along its input, B [out, r] replicated; the r-dim partial
+      products are all-reduced (or reduce-scattered along the sequence) before B, and under sequence parallelism
+      B's gradient is summed over TP ranks.
+Only the adapter parameters require gradients, so DDP buffers and the optimizer hold nothing else. Checkpoints
+hold only the adapter: each model chunk's `sharded_state_dict` is narrowed to the LoRA tensors (global layer
+keys, TP-sharded as above), so `checkpoint.save_checkpoint` / `load_checkpoint` need nothing special.
+MoE experts and routers get no adapters (transformers 5 keeps experts as fused tensors that PEFT's
+`target_modules` does not match either).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from llamafactory_mca.models.bridge import COLUMN, GLU, QKV, ROW
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraState:
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    target_modules: list[str]  # Hugging Face module names (q_proj ...), as PEFT's config lists them
+    modules: list = field(default_factory=list)  # the adapted megatron linears of this rank
+    enabled: bool = True
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _tp_info() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+# --------------------------------------------------------------------------------------------- the layer
+
+
+class _LoraMixin:
+    """Swapped in as the class of an adapted ColumnParallelLinear / RowParallelLinear instance."""
+
+    lora_kind: str  # QKV / GLU / COLUMN / ROW
+    lora_slots: list  # [(hf module path, short name, local out size)] in fused order
+    lora_state: LoraState
+    lora_groups: int = 1  # local query groups (QKV)
+
+    def forward(self, input_, *args, **kwargs):  # noqa: D102
+        out, bias = super().forward(input_, *args, **kwargs)
+        if self.lora_state.enabled and getattr(self, "lora_A", None) is not None:
+            out = out + self._lora_delta(input_).to(out.dtype)
+        return out, bias
+
+    # ---- math
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.lora_state.dropout
+        return F.dropout(x, p=p, training=True) if (p > 0 and self.training) else x
+
+    def _lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import mappings
+
+        sp = self.sequence_parallel
+        scale = self.lora_state.scaling
+        if self.lora_kind == ROW:
+            (path, short, _), = self.lora_slots
+            h = F.linear(self._dropout(x), self.lora_A[short].to(x.dtype))
+            h = mappings.reduce_scatter_to_sequence_parallel_region(h) if sp else \
+                mappings.reduce_from_tensor_model_parallel_region(h)
+            b = self.lora_B[short]
+            if sp:
+                b = mappings.copy_to_tensor_model_parallel_region(b)
+            return F.linear(h, b.to(h.dtype)) * scale
+        xg = mappings.gather_from_sequence_parallel_region(x) if sp else \
+            mappings.copy_to_tensor_model_parallel_region(x)
+        outs = []
+        for path, short, size in self.lora_slots:
+            if short not in self.lora_A:
+                outs.append(xg.new_zeros(xg.shape[:-1] + (size,)))
+                continue
+            a = mappings.copy_to_tensor_model_parallel_region(self.lora_A[short])
+            h = F.linear(self._dropout(xg), a.to(xg.dtype))
+            outs.append(F.linear(h, self.lora_B[short].to(h.dtype)) * scale)
+        return self._fuse(outs)
+
+    def _fuse(self, outs: list) -> torch.Tensor:
+        """Per-module outputs [..., out_i] -> the fused layer's local output layout [..., sum out_i]."""
+        if self.lora_kind == QKV:
+            g = self.lora_groups
+            lead = outs[0].shape[:-1]
+            q, k, v = (o.reshape(*lead, g, -1) for o in outs)
+            return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
+        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+
+    def lora_delta_weight(self) -> torch.Tensor:
+        """scale * B A in the local (TP-sharded, fused) layout of `self.weight`."""
+        scale = self.lora_state.scaling
+        if self.lora_kind == ROW:
+            (_, short, _), = self.lora_slots
+            return (self.lora_B[short] @ self.lora_A[short]) * scale
+        in_features = self.weight.shape[1]
+        outs = []
+        for _, short, size in self.lora_slots:
+            if short not in self.lora_A:
+                outs.append(self.weight.new_zeros(in_features, size))
+            else:
+                outs.append((self.lora_B[short] @ self.lora_A[short]).t() * scale)
+        return self._fuse(outs).t()
+
+    # ---- checkpoints
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):  # noqa: D102
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        column = self.lora_kind != ROW
+        axes = {"weight": 0 if column else 1}
+        if column:
+            axes["bias"] = 0
+        for key in state_dict:
+            if key.startswith("lora_B.") and column:
+                axes[key] = 0
+            elif key.startswith("lora_A.") and not column:
+                axes[key] = 1
+        kwargs = {}
+        if metadata is not None and "dp_cp_group" in metadata:
+            kwargs = dict(tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        return make_sharded_tensors_for_checkpoint(state_dict, prefix, axes, sharded_offsets, **kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _lora_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Lora{cls.__name__}", (_LoraMixin, cls), {})
+    return _CLASSES[cls]
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+def _module_short(hf_name: str) -> str:
+    return hf_name.rsplit(".", 2)[-2]
+
+
+def _module_path(hf_name: str) -> str:
+    return hf_name.rsplit(".", 1)[0]
+
+
+def _linear_targets(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[tuple[Any, str, tuple, str]]:
+    """(module, canonical megatron key, hf weight names, kind) of every TP linear inside the decoder layers."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from llamafactory_mca.training.finetune import canonical_keys, hf_names_of
+
+    for chunk in models:
+        model = _unwrap(chunk)
+        for name, module in model.named_modules():
+            if not name.startswith("decoder.layers.") or ".experts." in name:
+                continue
+            if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                continue
+            key = canonical_keys(model, name + ".weight")[0]
+            hf, kind = hf_names_of(bridge, models, key)
+            yield module, key, hf, kind
+
+
+def _resolve_targets(requested: Sequence[str], available: set[str], has_moe: bool) -> list[str]:
+    requested = [t.strip() for t in requested if t and t.strip()]
+    if len(requested) == 1 and requested[0] == "all":
+        if has_moe:
+            raise ValueError(
+                "`lora_target`: 'all' on an MoE model would include the router (as PEFT does on the HF path), which "
+                f"the Megatron backend does not adapt. Fix: list the modules, e.g. {','.join(sorted(available))}."
+            )
+        return sorted(available)
+    mega = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+            "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+    out: list[str] = []
+    for t in requested:
+        names = [n for n in mega.get(t, (t,)) if n in available]
+        if not names:
+            raise ValueError(
+                f"`lora_target`: module '{t}' is not a linear layer the Megatron backend can adapt. Fix: choose "
+                f"from all, {', '.join(sorted(available))}."
+            )
+        out.extend(n for n in names if n not in out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- apply
+
+
+def _read_peft_config(path: str) -> dict:
+    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: Any, model_args: Any = None,
+               mca_args: Any = None, seed: Optional[int] = None) -> LoraState:
+    """Freeze the base model and add adapters to the targeted linears of every chunk of this rank.
+
+    With `adapter_name_or_path` (LLaMA-Factory's key) the adapter is resumed from that PEFT directory (its
+    own r / alpha / dropout / target modules, as PEFT's `from_pretrained` uses them); otherwise A gets PEFT's
+    kaiming-uniform initialisation (the full matrix drawn from a per-module seed, so TP ranks agree) and B zeros.
+    """
+    adapters = list(getattr(model_args, "adapter_name_or_path", None) or []) if model_args is not None else []
+    resume = adapters[-1] if adapters else None
+    if resume:
+        cfg = _read_peft_config(resume)
+        targets = cfg.get("target_modules") or []
+        if isinstance(targets, str):
+            raise ValueError(f"adapter {resume}: regex target_modules are not supported by the Megatron backend")
+        state = LoraState(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
+                          dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=bool(cfg.get("use_rslora", False)),
+                          target_modules=[])
+        requested = list(targets)
+    else:
+        state = LoraState(r=finetuning_args.lora_rank,
+                          alpha=float(finetuning_args.lora_alpha or finetuning_args.lora_rank * 2),
+                          dropout=float(finetuning_args.lora_dropout), use_rslora=bool(finetuning_args.use_rslora),
+                          target_modules=[])
+        requested = list(finetuning_args.lora_target)
+
+    for chunk in models:
+        for p in _unwrap(chunk).parameters():
+            p.requires_grad_(False)
+
+    targets = list(_linear_targets(bridge, models))
+    available = {_module_short(h) for _, _, hf, _ in targets for h in hf}
+    has_moe = bool(getattr(_unwrap(models[0]).config, "num_moe_experts", None))
+    state.target_modules = _resolve_targets(requested, available, has_moe)
+
+    tp_rank, tp = _tp_info()
+    hf_config = _unwrap(models[0]).hf_config
+    for module, key, hf, kind in targets:
+        shorts = [_module_short(h) for h in hf]
+        if not any(s in state.target_modules for s in shorts):
+            continue
+        if kind not in (QKV, GLU, COLUMN, ROW):
+            raise ValueError(f"LoRA: {key} has bridge kind {kind!r}, which the Megatron backend cannot adapt")
+        weight = module.weight
+        out_local, in_local = weight.shape
+        if kind == QKV:
+            d = bridge.head_dim(hf_config)
+            nq = hf_config.num_attention_heads
+            ng = getattr(hf_config, "num_key_value_heads", None) or nq
+            groups = ng // tp
+            sizes = [groups * (nq // ng) * d, groups * d, groups * d]
+            module.lora_groups = groups
+        elif kind == GLU:
+            sizes = [out_local // 2, out_local // 2]
+        else:
+            sizes = [out_local]
+        module.lora_kind = kind
+        module.lora_slots = [(_module_path(h), s, n) for h, s, n in zip(hf, shorts, sizes)]
+        module.lora_state = state
+        module.lora_A = torch.nn.ParameterDict()
+        module.lora_B = torch.nn.ParameterDict()
+        in_full = in_local * (tp if kind == ROW else 1)
+        for (path, short, size) in module.lora_slots:
+            if short not in state.target_modules:
+                continue
+            a = torch.empty(state.r, in_full, dtype=torch.float32)
+            gen = torch.Generator().manual_seed(_name_seed(path, seed))
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+            if kind == ROW:
+                a = a.chunk(tp, dim=1)[tp_rank]
+                b = torch.zeros(out_local, state.r)
+            else:
+                b = torch.zeros(size, state.r)
+            pa = torch.nn.Parameter(a.to(device=weight.device, dtype=weight.dtype).contiguous())
+            pb = torch.nn.Parameter(b.to(device=weight.device, dtype=weight.dtype).contiguous())
+            _mark_tp(pa, kind == ROW, 1)
+            _mark_tp(pb, kind != ROW, 0)
+            module.lora_A[short] = pa
+            module.lora_B[short] = pb
+        module.__class__ = _lora_class(type(module))
+        state.modules.append(module)
+    if resume:
+        load_peft_adapter(state, resume)
+    for chunk in models:
+        _adapter_only_checkpoints(_unwrap(chunk))
+    return state
+
+
+def _name_seed(path: str, seed: Optional[int]) -> int:
+    digest = hashlib.sha256(f"{seed or 0}:{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _mark_tp(param: torch.nn.Parameter, split: bool, dim: int) -> None:
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    if split:
+        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+
+
+def _adapter_only_checkpoints(model: torch.nn.Module) -> None:
+    """Narrow this chunk's `sharded_state_dict` to the adapter tensors (the base comes from the HF model)."""
+    if getattr(model, "_lora_adapter_only", False):
+        return
+    full = model.sharded_state_dict
+
+    def sharded_state_dict(*args, **kwargs):
+        return {k: v for k, v in full(*args, **kwargs).items() if ".lora_A." in k or ".lora_B." in k}
+
+    model.sharded_state_dict = sharded_state_dict
+    model._lora_adapter_only = True
+
+
+# --------------------------------------------------------------------------------------------- switches
+
+
+@contextlib.contextmanager
+def disabled(state: Optional[LoraState]):
+    """The base model alone (DPO's reference model under LoRA)."""
+    if state is None:
+        yield
+        return
+    prev = state.enabled
+    state.enabled = False
+    try:
+        yield
+    finally:
+        state.enabled = prev
+
+
+@contextlib.contextmanager
+def detached(state: Optional[LoraState]):
+    """The adapter parameters taken off the modules (for code that walks the base parameters only)."""
+    if state is None:
+        yield
+        return
+    saved = []
+    for module in state.modules:
+        saved.append((module, module._modules.pop("lora_A"), module._modules.pop("lora_B")))
+    try:
+        yield
+    finally:
+        for module, a, b in saved:
+            module._modules["lora_A"] = a
+            module._modules["lora_B"] = b
+
+
+def merge(state: LoraState) -> None:
+    """W += scale * B A in place, on every rank's shards; the adapters then stay disabled."""
+    with torch.no_grad():
+        for module in state.modules:
+            module.weight.add_(module.lora_delta_weight().to(module.weight.dtype))
+    state.enabled = False
+
+
+def save_merged_hf(bridge: Any, models: Sequence[torch.nn.Module], state: LoraState, output_dir: str,
+                   tokenizer: Any = None, dtype: Optional[torch.dtype] = None) -> None:
+    """Collective: the base weights with the adapter merged in, written as a Hugging Face model (the model's
+    weights are merged in place)."""
+    merge(state)
+    with detached(state):
+        bridge.save_hf_pretrained(models, output_dir, tokenizer=tokenizer, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------- PEFT I/O
+
+
+def _peft_key(path: str, which: str) -> str:
+    return f"{PEFT_PREFIX}{path}.lora_{which}.weight"
+
+
+def adapter_state_dict(state: LoraState) -> dict[str, torch.Tensor]:
+    """PEFT-named full adapter tensors, on global rank 0 (collective; empty elsewhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp_rank, tp = _tp_info()
+    group = ps.get_tensor_model_parallel_group()
+    local: dict[str, torch.Tensor] = {}
+    for module in state.modules:
+        row = module.lora_kind == ROW
+        for path, short, _ in module.lora_slots:
+            if short not in module.lora_A:
+                continue
+            a, b = module.lora_A[short].detach(), module.lora_B[short].detach()
+            if tp > 1:
+                split, dim = (a, 1) if row else (b, 0)
+                parts = [torch.empty_like(split) for _ in range(tp)]
+                dist.all_gather(parts, split.contiguous(), group=group)
+                full = torch.cat(parts, dim=dim)
+                a, b = (full, b) if row else (a, full)
+            local[_peft_key(path, "A")] = a.to("cpu").clone()
+            local[_peft_key(path, "B")] = b.to("cpu").clone()
+    writer = tp_rank == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    if not dist.is_initialized():
+        return local
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local if writer else {})
+    out: dict[str, torch.Tensor] = {}
+    if dist.get_rank() == 0:
+        for part in gathered:
+            out.update(part)
+    return out
+
+
+def peft_config_dict(state: LoraState, base_model_name_or_path: Optional[str]) -> dict:
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=True, r=state.r, lora_alpha=state.alpha,
+                        lora_dropout=state.dropout, use_rslora=state.use_rslora,
+                        target_modules=list(state.target_modules), base_model_name_or_path=base_model_name_or_path)
+    return config
+
+
+def save_peft_adapter(models: Sequence[torch.nn.Module], state: LoraState, output_dir: str,
+                      base_model_name_or_path: Optional[str] = None) -> None:
+    """Collective. Rank 0 writes adapter_model.safetensors + adapter_config.json (what PeftModel.save_pretrained
+    writes), which `PeftModel.from_pretrained(hf_model, output_dir)` loads."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    tensors = adapter_state_dict(state)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, os.path.join(output_dir, ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        peft_config_dict(state, base_model_name_or_path).save_pretrained(output_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_peft_adapter(state: LoraState, path: str) -> None:
+    """Copy this rank's slices of a PEFT adapter (adapter_model.safetensors or .bin) into the adapters."""
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    if os.path.isfile(file):
+        from safetensors.torch import load_file
+
+        tensors = load_file(file)
+    else:
+        tensors = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
+    # PeftModel.save_pretrained strips the adapter name ("default"); accept files that kept it
+    tensors = {re.sub(r"\.lora_([AB])\.default\.weight$", r".lora_\1.weight", k): v for k, v in tensors.items()}
+    tp_rank, tp = _tp_info()
+    missing = []
+    with torch.no_grad():
+        for module in state.modules:
+            row = module.lora_kind == ROW
+            for path_, short, _ in module.lora_slots:
+                if short not in module.lora_A:
+                    continue
+                ka, kb = _peft_key(path_, "A"), _peft_key(path_, "B")
+                if ka not in tensors or kb not in tensors:
+                    missing.append(ka)
+                    continue
+                a, b = tensors[ka], tensors[kb]
+                if row:
+                    a = a.chunk(tp, dim=1)[tp_rank]
+                else:
+                    b = b.chunk(tp, dim=0)[tp_rank]
+                pa, pb = module.lora_A[short], module.lora_B[short]
+                if tuple(a.shape) != tuple(pa.shape) or tuple(b.shape) != tuple(pb.shape):
+                    raise ValueError(f"adapter {path}: {ka} has shape {tuple(a.shape)}/{tuple(b.shape)}, expected "
+                                     f"{tuple(pa.shape)}/{tuple(pb.shape)} for this layout")
+                pa.copy_(a.to(pa.dtype))
+                pb.copy_(b.to(pb.dtype))
+    if missing:
+        raise ValueError(f"adapter {path}: missing LoRA tensors, e.g. {missing[:3]}")

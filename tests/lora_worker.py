@@ -1,0 +1,118 @@
+"""LoRA on the megatron model against PEFT on the HF model, under `torchrun --nproc_per_node 2` (gloo).
+
+    torchrun --nproc_per_node 2 tests/lora_worker.py --model DIR --adapter DIR --out OUT.json --layouts tp2sp,pp2
+
+Per layout: build the megatron model, load the HF weights, resume the PEFT adapter, compare logits with
+`PeftModel.from_pretrained(hf, adapter)`; export the adapter (PEFT format) and check PEFT loads it with the same
+logits and bit-identical tensors; check that only adapter tensors require grad; merge into the base weights and
+export a HF model whose logits match as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dist_helpers import LAYOUTS, pipeline_forward  # noqa: E402
+
+LAYOUTS = {**LAYOUTS, "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True)}
+
+
+def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models import lora
+    from llamafactory_mca.models.registry import bridge_for
+
+    res: dict = {"layout": layout}
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    bridge = bridge_for(hf_config.model_type)
+    models = bridge.build_model(hf_config, MegatronArguments(**LAYOUTS[layout]), torch.float32, init_weights=False)
+    bridge.load_hf_weights(models, model_dir)
+    state = lora.apply_lora(bridge, models, SimpleNamespace(), SimpleNamespace(adapter_name_or_path=[adapter_dir]))
+    res["non_adapter_trainable"] = [n for m in models for n, p in m.named_parameters()
+                                    if p.requires_grad and ".lora_" not in n]
+    for m in models:
+        m.eval()
+    torch.manual_seed(123)
+    input_ids = torch.randint(0, hf_config.vocab_size, (2, 16))
+    with torch.no_grad():
+        ours = pipeline_forward(models, input_ids)
+    out = os.path.join(work, f"adapter-{layout}")
+    lora.save_peft_adapter(models, state, out, base_model_name_or_path=model_dir)
+    merged = os.path.join(work, f"merged-{layout}")
+    lora.save_merged_hf(bridge, models, state, merged)
+    with torch.no_grad():
+        ours_merged = pipeline_forward(models, input_ids)
+    if ours is not None:
+        vocab = hf_config.vocab_size
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=input_ids).logits
+            res["logits_vs_peft"] = float((ours[..., :vocab] - ref).abs().max())
+            res["merged_logits_vs_peft"] = float((ours_merged[..., :vocab] - ref).abs().max())
+    if dist.get_rank() == 0:
+        orig, saved = load_file(os.path.join(adapter_dir, "adapter_model.safetensors")), load_file(
+            os.path.join(out, "adapter_model.safetensors"))
+        res["export_keys_equal"] = sorted(orig) == sorted(saved)
+        res["export_not_equal"] = sorted(k for k in orig if k in saved and not torch.equal(orig[k], saved[k]))
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=input_ids).logits
+            again = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), out).eval()(input_ids=input_ids).logits
+            res["exported_adapter_logits_diff"] = float((again - ref).abs().max())
+            m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+            res["merged_hf_logits_diff"] = float((m(input_ids=input_ids).logits - ref).abs().max())
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layouts", required=True)
+    a = p.parse_args(argv)
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.platform import destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    results = []
+    for layout in a.layouts.split(","):
+        init_parallel(MegatronArguments(**LAYOUTS[layout]), seed=1)
+        obj = [tempfile.mkdtemp(prefix="lora-") if rank == 0 else None]
+        dist.broadcast_object_list(obj, src=0)
+        try:
+            r = check(a.model, a.adapter, layout, obj[0])
+        except Exception:
+            r = {"layout": layout, "error": traceback.format_exc()}
+        results.append(r)
+        ps.destroy_model_parallel()
+    with open(f"{a.out}.rank{rank}.json", "w") as f:
+        json.dump(results, f, indent=1)
+    destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Checkpoints: exact resume (distributed optimizer, CPU, 2 gloo ranks), resharding, the AdamW shared-step trap,
+atomic publishing and the errors for paths that are not (complete) checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, clean_env
+
+WORKER = os.path.join(REPO, "tests", "test_checkpoint_worker.py")
+
+
+def _env() -> dict[str, str]:
+    # The working tree first: these tests check this checkout, also where an older copy is installed.
+    return clean_env(PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+                     OMP_NUM_THREADS="1")
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER, *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+def losses(out: str, resumed: bool = False) -> dict[int, float]:
+    with open(os.path.join(out, "losses_resumed.json" if resumed else "losses.json")) as f:
+        return {int(k): v for k, v in json.load(f).items()}
+
+
+def resumed_info(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("RESUMED "))
+    return json.loads(line[len("RESUMED "):])
+
+
+def read_all_tensors(path: str) -> dict:
+    """Every tensor of a torch_dist checkpoint (model and optimizer), read in this one process."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(path)
+    md = reader.read_metadata()
+    sd = {
+        k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+    load(sd, storage_reader=reader, no_dist=True)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> str:
+    """6 steps, dp=2, distributed optimizer, dropout on (so RNG state matters), a checkpoint every 3 steps."""
+    out = str(tmp_path_factory.mktemp("full"))
+    torchrun("--out", out, "--steps", "6", "--save_steps", "3", "--distopt", "--dropout", "0.1")
+    return out
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_exact(uninterrupted, tmp_path):
+    out = str(tmp_path)
+    # the run dies right after its step-3 checkpoint (before step 4 could be saved)
+    torchrun("--out", out, "--steps", "6", "--save_steps", "3", "--stop_after", "3", "--distopt", "--dropout", "0.1")
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "losses.json"]
+    stdout = torchrun("--out", out, "--steps", "6", "--save_steps", "3", "--distopt", "--dropout", "0.1",
+                      "--resume", os.path.join(out, "checkpoint-3"))
+    info = resumed_info(stdout)
+    assert info["rng_restored"] and info["optimizer_loaded"] and info["step"] == 3
+    # every parameter has its own AdamW step tensor, at the right value
+    assert info["distinct_step_tensors"] == info["num_step_tensors"] > 1
+    assert info["step_values"] == [3.0]
+    full = losses(uninterrupted)
+    assert losses(out) == {k: full[k] for k in (1, 2, 3)}
+    assert losses(out, resumed=True) == {k: full[k] for k in (4, 5, 6)}  # bit for bit
+    # the checkpoint written after the resume equals the uninterrupted run's, tensor for tensor
+    a = read_all_tensors(os.path.join(out, "checkpoint-6"))
+    b = read_all_tensors(os.path.join(uninterrupted, "checkpoint-6"))
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.slow
+def test_resume_without_distributed_optimizer_is_bit_exact(tmp_path):
+    full, out = str(tmp_path / "full"), str(tmp_path / "resumed")
+    torchrun("--out", full, "--steps", "4", "--save_steps", "2")
+    stdout = torchrun("--out", out, "--steps", "4", "--resume", os.path.join(full, "checkpoint-2"))
+    info = resumed_info(stdout)
+    assert info["rng_restored"] and info["optimizer_loaded"]
+    assert info["distinct_step_tensors"] == info["num_step_tensors"] and info["step_values"] == [2.0]
+    a = losses(full)
+    assert losses(out, resumed=True) == {3: a[3], 4: a[4]}
+
+
+@pytest.mark.slow
+def test_adamw_shared_step_trap_is_fixed(uninterrupted, tmp_path):
+    """megatron-core 0.16.1 loads ONE step tensor into every param; AdamW increments it once per param."""
+    stdout = torchrun("--out", str(tmp_path), "--steps", "6", "--distopt", "--dropout", "0.1", "--no_untie",
+                      "--resume", os.path.join(uninterrupted, "checkpoint-3"))
+    info = resumed_info(stdout)
+    assert info["distinct_step_tensors"] == 1 < info["num_step_tensors"]  # the trap exists without our fix
+    full = losses(uninterrupted)
+    broken = losses(str(tmp_path), resumed=True)
+    assert broken[4] == full[4]  # the first step after the resume still uses the right step ...
+    assert broken[5] != full[5]  # ... then bias correction runs ahead: silent divergence
+
+
+def _resharded(tmp_path, src: str, *new_layout: str) -> tuple[str, dict]:
+    out, again = str(tmp_path / "resumed"), str(tmp_path / "resaved")
+    stdout = torchrun("--out", out, "--steps", "6", "--distopt", "--resume", os.path.join(src, "checkpoint-3"),
+                      "--resave", again, *new_layout)
+    return out, resumed_info(stdout)
+
+
+def _assert_same_checkpoint(a_dir: str, b_dir: str) -> None:
+    a, b = read_all_tensors(a_dir), read_all_tensors(b_dir)
+    assert a.keys() == b.keys()
+    assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in a)
+    bad = [k for k in a if not (a[k] == b[k]).all()]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "saved, resumed",
+    [(("--tp", "2"), ()), ((), ("--pp", "2"))],
+    ids=["tp2-to-tp1", "pp1-to-pp2"],
+)
+def test_resume_with_another_layout(tmp_path, saved, resumed):
+    src = str(tmp_path / "src")
+    torchrun("--out", src, "--steps", "6", "--save_steps", "3", "--distopt", *saved)
+    out, info = _resharded(tmp_path, src, *resumed)
+    assert info["optimizer_loaded"] and not info["rng_restored"]  # ranks do not map one to one: RNG not restored
+    assert info["distinct_step_tensors"] == info["num_step_tensors"] and info["step_values"] == [3.0]
+    # model weights and every optimizer state tensor survive the resharding exactly
+    _assert_same_checkpoint(os.path.join(src, "checkpoint-3"), os.path.join(str(tmp_path / "resaved"), "checkpoint-3"))
+    # and training continues where it was: the first step after the resume matches up to reduction order
+    full, after = losses(src), losses(out, resumed=True)
+    assert after[4] == pytest.approx(full[4], rel=1e-5)
+    assert after[6] == pytest.approx(full[6], rel=5e-3)
+
+
+# --------------------------------------------------------------------------------------------- no processes
+
+
+def _fake_checkpoint(path, marker: bool = True, model_type: str = "qwen3") -> str:
+    from llamafactory_mca.checkpoint import FORMAT, FORMAT_VERSION, MARKER_FILE
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metadata.json"), "w") as f:
+        f.write('{"sharded_backend": "torch_dist"}')
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": model_type}, f)
+    if marker:
+        with open(os.path.join(path, MARKER_FILE), "w") as f:
+            json.dump({"format": FORMAT, "version": FORMAT_VERSION, "step": 1}, f)
+    return str(path)
+
+
+def test_errors_name_the_path_and_the_fix(tmp_path):
+    from llamafactory_mca.checkpoint import CheckpointError, checkpoint_info, is_megatron_checkpoint
+
+    half = _fake_checkpoint(tmp_path / "checkpoint-5", marker=False)
+    tmp = _fake_checkpoint(tmp_path / ".checkpoint-6.tmp", marker=False)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    cases = {
+        half: "incomplete",
+        tmp: "still being written",
+        str(hf): "Hugging Face model",
+        str(tmp_path / "nowhere"): "does not exist",
+        str(tmp_path): "not a llamafactory-mca checkpoint",
+    }
+    for path, words in cases.items():
+        assert not is_megatron_checkpoint(path)
+        with pytest.raises(CheckpointError) as err:
+            checkpoint_info(path)
+        assert words in str(err.value) and path in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_last_checkpoint_and_rotation_skip_incomplete(tmp_path):
+    from transformers.trainer_utils import get_last_checkpoint as hf_get_last_checkpoint
+
+    from llamafactory_mca.checkpoint import get_last_checkpoint, list_checkpoints, rotate_checkpoints
+
+    for step in (1, 2, 3):
+        _fake_checkpoint(tmp_path / f"checkpoint-{step}")
+    _fake_checkpoint(tmp_path / "checkpoint-4", marker=False)  # half-written by an older version / copied
+    _fake_checkpoint(tmp_path / ".checkpoint-5.tmp", marker=False)  # being written
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-3")
+    # the temporary directory is invisible to LLaMA-Factory's auto-resume (transformers' get_last_checkpoint)
+    assert hf_get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert rotate_checkpoints(str(tmp_path), 2) == [str(tmp_path / "checkpoint-1")]
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]
+    # a limit of 1 keeps the newest, and `keep` protects the one just saved
+    assert rotate_checkpoints(str(tmp_path), 1, keep=[str(tmp_path / "checkpoint-2")]) == []
+    assert rotate_checkpoints(str(tmp_path), 1) == [str(tmp_path / "checkpoint-2")]
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [3]
+    assert not any(n.endswith(".deleting") for n in os.listdir(tmp_path))

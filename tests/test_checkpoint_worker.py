@@ -1,0 +1,246 @@
+"""Worker for the checkpoint tests (no tests here): a tiny GPT trained with megatron-core on CPU gloo ranks.
+
+    torchrun --nproc_per_node 2 tests/test_checkpoint_worker.py --out DIR --steps 6 --save_steps 3 [--tp 2]
+        [--pp 2] [--resume DIR/checkpoint-3] [--stop_after 3] [--distopt] [--dropout 0.1]
+
+Rank 0 writes DIR/losses.json ({step: loss}) with the loss of every optimizer step it ran. The data of step k
+depends only on k (its "data position"), as with a resumed dataloader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+VOCAB, SEQ, GLOBAL_BATCH = 96, 16, 4
+
+
+def build(args):
+    from megatron.core.distributed import DistributedDataParallel as DDP
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron.core import parallel_state as ps
+    from llamafactory_mca import platform
+
+    platform.setup_platform()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    cfg = TransformerConfig(
+        num_layers=4,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=64,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=args.dropout,
+        attention_dropout=args.dropout,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=vpp,
+        batch_p2p_comm=False,
+        bf16=False,
+    )
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    chunks = []
+    for v in range(vpp or 1):
+        chunks.append(
+            GPTModel(
+                cfg,
+                spec,
+                vocab_size=VOCAB,
+                max_sequence_length=SEQ,
+                position_embedding_type="rope",
+                share_embeddings_and_output_weights=False,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v),
+                vp_stage=v if vpp else None,
+            )
+        )
+    ddp_cfg = DistributedDataParallelConfig(
+        use_distributed_optimizer=args.distopt, grad_reduce_in_fp32=True, overlap_grad_reduce=False
+    )
+    models = [DDP(cfg, ddp_cfg, m) for m in chunks]
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        clip_grad=1.0,
+        use_distributed_optimizer=args.distopt,
+        bf16=False,
+        params_dtype=torch.float32,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, models)
+    lr_lambda = lambda s: 1.0 / (1 + s)  # noqa: E731 - decaying LR, so the scheduler state matters
+    (torch_opt,) = _torch_opts(optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch_opt, lr_lambda)
+    return cfg, models, optimizer, scheduler
+
+
+def _torch_opts(optimizer):
+    from llamafactory_mca.checkpoint import _torch_optimizers
+
+    return _torch_optimizers(optimizer)
+
+
+def batch_for_step(step: int, dp_rank: int, dp_size: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    per = GLOBAL_BATCH // dp_size
+    tokens = tokens[dp_rank * per : (dp_rank + 1) * per]
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def train_step(cfg, models, optimizer, step: int) -> float | None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    inputs, labels = batch_for_step(step, dp_rank, dp_size)
+    micro = 1  # one sample per microbatch: microbatches = GLOBAL_BATCH / dp
+    n_micro = inputs.shape[0] // micro
+    batches = iter([(inputs[i : i + micro], labels[i : i + micro]) for i in range(n_micro)])
+    pos = torch.arange(SEQ).unsqueeze(0)
+
+    def forward_step(data_iterator, model):
+        x, y = next(data_iterator)
+        out = model(x, pos, None, labels=y)
+
+        def loss_func(output_tensor):
+            loss = output_tensor.float().mean()
+            return loss / n_micro, {"loss": loss.detach().clone()}
+
+        return out, loss_func
+
+    for m in models:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    fb = get_forward_backward_func()
+    data_iter = [batches] + [iter([(inputs[i : i + micro], labels[i : i + micro]) for i in range(n_micro)]) for _ in models[1:]]
+    out = fb(
+        forward_step_func=forward_step,
+        data_iterator=data_iter if len(models) > 1 else batches,
+        model=models if len(models) > 1 else models[0],
+        num_microbatches=n_micro,
+        seq_length=SEQ,
+        micro_batch_size=micro,
+        forward_only=False,
+    )
+    optimizer.step()
+    loss = None
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss = torch.stack([o["loss"] for o in out]).mean()
+        torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+        loss = (loss / dp_size).item()
+    return loss
+
+
+def configure_schedule(models, optimizer, dtype=torch.float32) -> None:
+    """What the trainer sets on the shared TransformerConfig before running megatron's schedules."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from llamafactory_mca import platform
+
+    for model in models:
+        config = model.config
+        config.batch_p2p_comm = platform.batch_p2p_comm()
+        config.overlap_p2p_comm = False
+        config.pipeline_dtype = dtype
+        config.variable_seq_lengths = False
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        no_sync = [d.no_sync for d in models]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--save_steps", type=int, default=0)
+    p.add_argument("--stop_after", type=int, default=0, help="exit (as if killed) after this step")
+    p.add_argument("--resume", default=None)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--distopt", action="store_true")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--save_total_limit", type=int, default=None)
+    p.add_argument("--resave", default=None, help="after loading --resume, save it again into this output_dir")
+    p.add_argument("--no_untie", action="store_true", help="disable the shared-step fix (shows the trap)")
+    args = p.parse_args()
+
+    from llamafactory_mca import platform
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.checkpoint import load_checkpoint, save_checkpoint
+
+    m = MegatronArguments(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vpp,
+        use_distributed_optimizer=args.distopt,
+    )
+    platform.init_parallel(m, seed=1234)
+    from megatron.core import parallel_state as ps
+
+    cfg, models, optimizer, scheduler = build(args)
+    configure_schedule(models, optimizer)
+    if args.no_untie:
+        import llamafactory_mca.checkpoint as ckpt
+
+        ckpt.untie_optimizer_steps = lambda optimizer: 0
+    start = 0
+    if args.resume:
+        res = load_checkpoint(args.resume, models, optimizer, scheduler)
+        start = res["trainer_state"]["global_step"]
+        steps = [st["step"] for o in _torch_opts(optimizer) for st in o.state.values() if "step" in st]
+        res["distinct_step_tensors"] = len({id(t) for t in steps})
+        res["num_step_tensors"] = len(steps)
+        res["step_values"] = sorted({float(t) for t in steps})
+        if torch.distributed.get_rank() == 0:
+            keys = ("step", "rng_restored", "optimizer_loaded", "distinct_step_tensors", "num_step_tensors", "step_values")
+            print("RESUMED", json.dumps({k: res[k] for k in keys}), flush=True)
+        if args.resave:
+            save_checkpoint(args.resave, start, models, optimizer, scheduler,
+                            trainer_state=res["trainer_state"], mca_args=m)
+    losses = {}
+    for step in range(start, args.steps):
+        loss = train_step(cfg, models, optimizer, step)
+        scheduler.step()
+        if loss is not None:
+            losses[step + 1] = loss
+        done = step + 1
+        if args.save_steps and done % args.save_steps == 0:
+            save_checkpoint(
+                args.out, done, models, optimizer, scheduler,
+                trainer_state={"global_step": done, "data_position": {"step": done}},
+                mca_args=m, save_total_limit=args.save_total_limit,
+            )
+        if args.stop_after and done >= args.stop_after:
+            break
+    # the last pipeline stage of DP rank 0 / TP rank 0 reports
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"losses{'_resumed' if args.resume else ''}.json"), "w") as f:
+            json.dump(losses, f)
+    platform.destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Merge (Megatron checkpoint -> HF) from TP / PP+VPP / EP layouts, convert (HF -> Megatron), and the export
+entry points: `llamafactory-mca merge`, `scripts/megatron_merge.py`, `llamafactory-cli export`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, clean_env
+
+WORKER = os.path.join(REPO, "tests", "test_merge_worker.py")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return clean_env(PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+                     OMP_NUM_THREADS="1", **extra)
+
+
+def _run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def megatron_run(hf: str, out: str, *layout: str, steps: int = 2, lr: float = 1e-3) -> str:
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+          "--hf", hf, "--out", out, "--steps", str(steps), "--lr", str(lr), *layout])
+    return os.path.join(out, f"checkpoint-{steps}")
+
+
+def merge_cli(ckpt: str, out: str, *flags: str) -> None:
+    _run([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", ckpt, "--output_path", out,
+          *flags])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+
+    def make(kind: str) -> str:
+        path = str(root / kind)
+        if not os.path.isdir(path):
+            if kind in ("qwen3", "qwen3_moe"):  # with a tokenizer
+                _run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path]
+                     + (["--moe"] if kind == "qwen3_moe" else []))
+            else:
+                from tiny_models import make_tiny_model
+
+                make_tiny_model(kind, path)
+        return path
+
+    return make
+
+
+def hf_logits(path: str, tokens):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def safetensors_of(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, layout",
+    [
+        ("qwen3", ("--tp", "2")),
+        ("qwen3", ("--pp", "2", "--vpp", "2")),
+        ("qwen3_moe", ("--ep", "2")),
+        ("llama_tied", ("--tp", "2")),  # tied embeddings, odd vocab padded under TP
+    ],
+    ids=["tp2", "pp2-vpp2", "ep2-moe", "tp2-tied-padded-vocab"],
+)
+def test_merged_weights_give_the_megatron_logits(tiny, tmp_path, kind, layout):
+    import torch
+
+    hf = tiny(kind)
+    ckpt = megatron_run(hf, str(tmp_path / "run"), *layout)
+    merged = str(tmp_path / "hf")
+    merge_cli(ckpt, merged, "--fp32", "--max_shard_size", "100KB")  # several shards + index
+    ref = torch.load(os.path.join(str(tmp_path / "run"), "reference.pt"))
+    logits = hf_logits(merged, ref["tokens"])
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-5)
+    # training moved the weights; the merged model has exactly the original's tensor names and shapes
+    orig, new = safetensors_of(hf), safetensors_of(merged)
+    assert orig.keys() == new.keys()
+    assert all(orig[k].shape == new[k].shape for k in orig)
+    assert any(not torch.equal(orig[k], new[k]) for k in orig)
+    assert os.path.isfile(os.path.join(merged, "model.safetensors.index.json"))
+    if kind == "qwen3":
+        assert os.path.isfile(os.path.join(merged, "tokenizer_config.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, layout", [("qwen3_moe", ("--ep", "2")), ("llama_tied", ("--tp", "2"))],
+                         ids=["ep2-moe", "tp2-tied-padded-vocab"])
+def test_learning_rate_zero_round_trips_bit_for_bit(tiny, tmp_path, kind, layout):
+    import torch
+
+    hf = tiny(kind)
+    ckpt = megatron_run(hf, str(tmp_path / "run"), *layout, steps=1, lr=0.0)
+    merged = str(tmp_path / "hf")
+    _run([sys.executable, os.path.join(REPO, "scripts", "megatron_merge.py"), "--checkpoint_path", ckpt,
+          "--output_path", merged])  # default dtype: the config's (fp32 here)
+    orig, new = safetensors_of(hf), safetensors_of(merged)
+    assert orig.keys() == new.keys()
+    bad = [k for k in orig if orig[k].dtype != new[k].dtype or not torch.equal(orig[k], new[k])]
+    assert not bad, bad[:5]
+    # --bf16 casts
+    merge_cli(ckpt, str(tmp_path / "hf16"), "--bf16")
+    assert all(t.dtype == torch.bfloat16 for t in safetensors_of(str(tmp_path / "hf16")).values())
+
+
+@pytest.mark.slow
+def test_convert_then_merge_and_llamafactory_export(tiny, tmp_path):
+    import torch
+
+    hf = tiny("qwen3")
+    ckpt = str(tmp_path / "mcore")
+    _run([sys.executable, "-m", "llamafactory_mca.cli", "convert", "--model_name_or_path", hf, "--output_path", ckpt,
+          "--tensor_model_parallel_size", "2"])
+    from llamafactory_mca.checkpoint import checkpoint_info, read_mca_args
+
+    assert checkpoint_info(ckpt)["has_optimizer"] is False
+    assert read_mca_args(ckpt)["tensor_model_parallel_size"] == 2
+    export_dir = str(tmp_path / "exported")
+    cfg = tmp_path / "export.yaml"
+    cfg.write_text(f"model_name_or_path: {ckpt}\nexport_dir: {export_dir}\ntemplate: qwen\n")
+    _run(["llamafactory-cli", "export", str(cfg)], USE_MCA="1")
+    orig, new = safetensors_of(hf), safetensors_of(export_dir)
+    assert orig.keys() == new.keys() and all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+def test_merge_errors(tiny, tmp_path):
+    from llamafactory_mca.checkpoint import CheckpointError
+    from llamafactory_mca.export import merge_checkpoint, merge_command
+
+    hf = tiny("qwen3")
+    with pytest.raises(CheckpointError, match="Hugging Face model"):
+        merge_checkpoint(hf, str(tmp_path / "out"))
+    # unsupported model family: the marker is there, the bridge is not
+    from test_checkpoint_resume import _fake_checkpoint
+
+    fake = _fake_checkpoint(tmp_path / "checkpoint-1", model_type="gpt2")
+    with pytest.raises(CheckpointError) as err:
+        merge_checkpoint(fake, str(tmp_path / "out"))
+    assert "gpt2" in str(err.value) and fake in str(err.value)
+    # an output directory that holds something
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="not empty"):
+        merge_checkpoint(fake, str(busy))
+    assert merge_command(["--checkpoint_path", str(tmp_path / "nowhere"), "--output_path", str(tmp_path / "o")]) == 1
