@@ -139,17 +139,32 @@ def _require(ok: bool, key: str, problem: str, fix: str) -> None:
         raise McaArgumentError(f"`{key}`: {problem}. Fix: {fix}.")
 
 
-def _num_layers(model_path: Optional[str]) -> Optional[int]:
-    """Layer count from a local HF config.json, so layout errors show up before any model is built."""
+def _local_config(model_path: Optional[str]) -> Optional[dict]:
+    """A local HF config.json (None for hub ids), so layout errors show up before any model is built."""
     if not model_path:
         return None
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+        return json.load(f)
+
+
+def _num_layers(model_path: Optional[str]) -> Optional[int]:
+    """Layer count from a local HF config.json."""
+    config = _local_config(model_path)
+    if config is None:
+        return None
     config = config.get("text_config", config)
     return config.get("num_hidden_layers")
+
+
+def _model_type(model_path: Optional[str]) -> Optional[str]:
+    config = _local_config(model_path)
+    return config.get("model_type") if config else None
+
+
+MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def validate_megatron_args(m: MegatronArguments, world_size: int, model_path: Optional[str] = None) -> None:
@@ -187,6 +202,20 @@ def validate_megatron_args(m: MegatronArguments, world_size: int, model_path: Op
         "sequence_parallel",
         "needs tensor_model_parallel_size > 1",
         "set sequence_parallel: false, or tensor_model_parallel_size >= 2",
+    )
+    _require(
+        cp == 1 or m.attention_backend != "local",
+        "attention_backend",
+        "'local' (megatron's DotProductAttention) does not support context parallelism",
+        "set attention_backend: auto (or sdpa / te), or context_parallel_size: 1",
+    )
+    model_type = _model_type(model_path)
+    _require(
+        cp == 1 or model_type not in MULTIMODAL_MODEL_TYPES,
+        "context_parallel_size",
+        f"context parallelism is not supported for {model_type} models yet (image tokens are merged into the "
+        "sequence before it could be split)",
+        "set context_parallel_size: 1 (use tensor/pipeline parallelism for long multimodal sequences)",
     )
     vpp = m.virtual_pipeline_model_parallel_size
     if vpp is not None:
@@ -277,6 +306,16 @@ def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int
         _require(len(adapters) <= 1, "adapter_name_or_path",
                  "the Megatron backend resumes one LoRA adapter and merges none",
                  "merge the other adapters first (llamafactory-cli export) and pass one adapter")
+    data_args = _data_args
+    model_type = _model_type(getattr(_model_args, "model_name_or_path", None))
+    if model_type in MULTIMODAL_MODEL_TYPES:
+        _require(not (data_args.packing or data_args.neat_packing), "packing",
+                 f"packing is not supported for {model_type} by the Megatron backend yet",
+                 "set packing: false and neat_packing: false")
+        _require(ftype == "full", "finetuning_type",
+                 f"only full fine-tuning is supported for {model_type} by the Megatron backend yet",
+                 "set finetuning_type: full (freeze_vision_tower / freeze_multi_modal_projector / "
+                 "freeze_language_model select what trains)")
     if ftype == "freeze":
         _require(not finetuning_args.use_llama_pro, "use_llama_pro",
                  "is not supported by the Megatron backend", "remove use_llama_pro")

@@ -9,10 +9,14 @@ Layout of `output_dir/checkpoint-N/` (a directory is complete exactly when MARKE
     trainer_state.json                               the trainer's state (global step, data position, logs)
     mca_args.json                                    our MegatronArguments at save time
     config.json, tokenizer files                     the Hugging Face config and tokenizer (merge reads them)
-    mca_checkpoint.json                              MARKER_FILE: format, step, layout; written last
+    adapter_model.safetensors, adapter_config.json   LoRA only: the PEFT adapter (`extra_files`); the torch_dist
+                                                     tensors then hold the adapter (and its optimizer state) only
+    mca_checkpoint.json                              MARKER_FILE: format, step, layout (+ `extra_info`, e.g. the
+                                                     LoRA base model); written last
 
 Writing is atomic: every rank writes into the sibling `.checkpoint-N.tmp` (a name that transformers'
-`get_last_checkpoint` does not match), rank 0 writes the marker last and publishes with one rename.
+`get_last_checkpoint` does not match), `extra_files` go there too, rank 0 writes the marker last and publishes
+with one rename. A published checkpoint is never written to again.
 
 Sharded tensors use global names (`decoder.layers.{global_layer}.…`, one key per layer: metadata
 `non_homogeneous_layers=True`), so a checkpoint loads into any tp/pp/vpp/ep/dp layout and `export.py` can
@@ -30,7 +34,7 @@ import random
 import re
 import shutil
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -52,6 +56,10 @@ SHARDED_STATE_DICT_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",  # optimizer state in model space: any layout
     "chained_optim_avoid_prefix": True,  # optimizer keys independent of how optimizers are chained
 }
+
+
+# `extra_files` of save_checkpoint: a callable(tmp_dir) run on every rank, or {relative path: content} (rank 0)
+ExtraFiles = Union[Callable[[str], None], Mapping[str, Any], None]
 
 
 class CheckpointError(ValueError):
@@ -414,6 +422,8 @@ def save_checkpoint(
     tokenizer: Any = None,
     save_total_limit: Optional[int] = None,
     save_rng: bool = True,
+    extra_files: ExtraFiles = None,
+    extra_info: Optional[dict[str, Any]] = None,
 ) -> str:
     """Write `output_dir/checkpoint-{step}` (collective: every rank calls it) and return its path.
 
@@ -421,12 +431,17 @@ def save_checkpoint(
     megatron-core optimizer (distributed or not, chained or not). `scheduler`: anything with
     state_dict()/load_state_dict(). `trainer_state`: a JSON-able dict (global step, data position, log
     history, ...) given back by load_checkpoint. `mca_args`: our MegatronArguments. `hf_config`/`tokenizer`:
-    saved with save_pretrained (merge needs the config's model_type). After publishing, the oldest complete
-    checkpoints beyond `save_total_limit` are deleted (never the newest).
+    saved with save_pretrained (merge needs the config's model_type). `extra_files`: more files that belong to
+    the checkpoint, written into the temporary directory before the marker and the publishing rename, either
+    a callable `f(tmp_dir)` run on every rank (it may be collective, e.g. `lora.save_peft_adapter`) or a dict
+    {relative path: bytes | str | JSON-able dict/list | callable(path)} written by rank 0. `extra_info`:
+    JSON-able entries added to the marker. After publishing, the oldest complete checkpoints beyond
+    `save_total_limit` are deleted (never the newest).
     """
     final_dir = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
     write_checkpoint(final_dir, step, models, optimizer, scheduler, trainer_state=trainer_state, mca_args=mca_args,
-                     hf_config=hf_config, tokenizer=tokenizer, save_rng=save_rng)
+                     hf_config=hf_config, tokenizer=tokenizer, save_rng=save_rng, extra_files=extra_files,
+                     extra_info=extra_info)
     if _rank() == 0:
         rotate_checkpoints(output_dir, save_total_limit, keep=[final_dir])
     _barrier()
@@ -445,8 +460,11 @@ def write_checkpoint(
     hf_config: Any = None,
     tokenizer: Any = None,
     save_rng: bool = True,
+    extra_files: ExtraFiles = None,
+    extra_info: Optional[dict[str, Any]] = None,
 ) -> str:
-    """Write a checkpoint into exactly `final_dir` (collective), atomically: see the module docstring."""
+    """Write a checkpoint into exactly `final_dir` (collective), atomically: see the module docstring and
+    `save_checkpoint` for `extra_files` / `extra_info`."""
     from megatron.core import dist_checkpointing
 
     rank = _rank()
@@ -480,8 +498,13 @@ def write_checkpoint(
             tokenizer.save_pretrained(tmp_dir)
     _barrier()  # every rank's files are in tmp_dir
 
+    if extra_files is not None:
+        _write_extra_files(tmp_dir, extra_files, rank)
+        _barrier()
+
     if rank == 0:
         marker = {
+            **_to_jsonable(extra_info or {}),
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "step": step,
@@ -508,6 +531,28 @@ def write_checkpoint(
         logger.info("saved %s in %.1fs", final_dir, time.time() - t0)
     _barrier()
     return final_dir
+
+
+def _write_extra_files(tmp_dir: str, extra_files: ExtraFiles, rank: int) -> None:
+    if callable(extra_files):
+        extra_files(tmp_dir)
+        return
+    if rank != 0:
+        return
+    for rel, content in extra_files.items():
+        path = os.path.normpath(os.path.join(tmp_dir, rel))
+        if os.path.isabs(rel) or not path.startswith(tmp_dir + os.sep) or os.path.basename(path) == MARKER_FILE:
+            raise CheckpointError(f"extra_files: {rel!r} must be a relative path inside the checkpoint (not the marker)")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if callable(content):
+            content(path)
+        elif isinstance(content, (dict, list)):
+            _write_json(path, content)
+        else:
+            with open(path, "wb") as f:
+                f.write(content.encode("utf-8") if isinstance(content, str) else bytes(content))
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:
@@ -540,13 +585,18 @@ def load_checkpoint(
 
     Collective. Returns {"trainer_state": dict, "step": int, "info": marker dict, "rng_restored": bool,
     "optimizer_loaded": bool}. A checkpoint without optimizer state (e.g. from `llamafactory-mca convert`)
-    loads the weights only. `strict`: every model parameter must be in the checkpoint. The RNG state of each rank is restored only when the world size and layout
-    are unchanged (otherwise there is no one-to-one mapping of ranks; a warning is logged).
+    loads the weights only. `strict`: every model parameter must be in the checkpoint; for LoRA model chunks
+    (whose checkpoints hold the adapter only, the base weights coming from the Hugging Face model) every
+    adapter tensor must be. A checkpoint that lacks tensors or holds other shapes (another model, a full
+    checkpoint for a LoRA run or the reverse, another lora_rank) is refused with a CheckpointError before
+    anything is loaded. The RNG state of each rank is restored only when the world size and layout are
+    unchanged (otherwise there is no one-to-one mapping of ranks; a warning is logged).
     """
     from megatron.core import dist_checkpointing
 
     info = checkpoint_info(path)
     sharded_sd: dict[str, Any] = model_sharded_state_dict(models)
+    _check_model_tensors(path, info, sharded_sd, models)
     want_optimizer = optimizer is not None and load_optimizer and info.get("has_optimizer", False)
     if optimizer is not None and load_optimizer and not info.get("has_optimizer", False):
         logger.warning("%s has no optimizer state: the optimizer starts fresh", path)
@@ -558,7 +608,17 @@ def load_checkpoint(
     # when it is not loaded) are fine.
     loaded = dist_checkpointing.load(sharded_sd, path, strict="assume_ok_unexpected")
     for i, m in enumerate(models):
-        unwrap_model(m).load_state_dict(loaded[f"model{i}"], strict=strict)
+        model = unwrap_model(m)
+        if not _adapter_only(model):
+            model.load_state_dict(loaded[f"model{i}"], strict=strict)
+            continue
+        result = model.load_state_dict(loaded[f"model{i}"], strict=False)
+        not_loaded = [k for k in result.missing_keys if _is_adapter_key(k)]
+        if strict and (not_loaded or result.unexpected_keys):
+            raise CheckpointError(
+                f"{path}: LoRA adapter tensors not loaded {not_loaded[:3]}, unexpected {result.unexpected_keys[:3]}. "
+                "Fix: resume with the lora_rank / lora_target the checkpoint was trained with."
+            )
     if want_optimizer:
         with _tolerate_step_in_fully_reshardable_load(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
@@ -596,6 +656,84 @@ def load_checkpoint(
         "rng_restored": rng_restored,
         "optimizer_loaded": want_optimizer,
     }
+
+
+def checkpoint_tensor_meta(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
+    """{sharded key: (global shape, dtype)} of every tensor stored in a torch_dist checkpoint (metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(path).read_metadata()
+    return {
+        k: (tuple(v.size), v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+
+
+def _adapter_only(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "_lora_adapter_only", False))
+
+
+def _is_adapter_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _check_model_tensors(path: str, info: dict[str, Any], sharded_sd: dict[str, Any],
+                         models: Sequence[torch.nn.Module]) -> None:
+    """Refuse (CheckpointError with a fix) a checkpoint that lacks a tensor the models ask for or holds it with
+    another shape; megatron / torch DCP would otherwise fail deep inside the load."""
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
+
+    stored = checkpoint_tensor_meta(path)
+    lora_run = any(_adapter_only(unwrap_model(m)) for m in models)
+    lora_ckpt = bool(info.get("adapter_only")) or (
+        bool(stored) and all(_is_adapter_key(k) for k in stored if not k.startswith("optimizer")))
+    if lora_run and not lora_ckpt:
+        raise CheckpointError(
+            f"{path} holds full model weights, but this run trains LoRA adapters (finetuning_type: lora). Fix: resume "
+            "it with finetuning_type: full (or freeze), or start the LoRA run from its merged model "
+            "(`llamafactory-mca merge`, then model_name_or_path) without resume_from_checkpoint."
+        )
+    if lora_ckpt and not lora_run:
+        raise CheckpointError(
+            f"{path} is a LoRA checkpoint (it holds the adapter only), but this run trains the full model. Fix: resume "
+            "it with finetuning_type: lora and the same lora_rank / lora_target, or merge it first "
+            f"(`llamafactory-mca merge --checkpoint_path {path} --merge_lora ...`) and train from the merged model."
+        )
+    missing, mismatched = [], []
+    for chunk in sharded_sd.values():
+        for sh in chunk.values():
+            if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
+                continue
+            if sh.key not in stored:
+                missing.append(sh.key)
+            elif isinstance(sh, ShardedTensor) and tuple(sh.global_shape) != stored[sh.key][0]:
+                mismatched.append((sh.key, stored[sh.key][0], tuple(sh.global_shape)))
+    vocab = [m for m in mismatched if m[0] in _VOCAB_KEYS]
+    if vocab:
+        key, saved, wanted = vocab[0]
+        raise CheckpointError(
+            f"{path}: {key} was saved with {saved[0]} (padded) vocab rows, this model has {wanted[0]}: the checkpoint "
+            "was written by an older llamafactory-mca, whose vocab padding depended on the TP size, or for another "
+            f"model. Fix: merge it to Hugging Face (`llamafactory-mca merge --checkpoint_path {path} ...`) and train "
+            "from the merged model, or check model_name_or_path."
+        )
+    if missing or mismatched:
+        detail = "; ".join([f"missing {k}" for k in missing[:3]]
+                           + [f"{k}: saved {a}, expected {b}" for k, a, b in mismatched[:3]])
+        fix = ("resume with the lora_rank / lora_target the checkpoint was trained with" if lora_run else
+               "check that model_name_or_path is the model the checkpoint was trained from")
+        raise CheckpointError(
+            f"{path} does not fit this model ({len(missing)} tensors missing, {len(mismatched)} with other shapes: "
+            f"{detail}). Fix: {fix}."
+        )
 
 
 def read_mca_args(path: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from llamafactory_mca.checkpoint import (
     SHARDED_STATE_DICT_METADATA,
     CheckpointError,
     checkpoint_info,
+    checkpoint_tensor_meta,
     unwrap_model,
 )
 
@@ -202,9 +203,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _parse_size(size: Any) -> int:
-    from llamafactory_mca.models.bridge import _parse_size as parse
+    from llamafactory_mca.models.bridge import parse_size
 
-    return parse(size)
+    return parse_size(size)
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -240,18 +241,11 @@ def _single_process_parallel():
 
 def _build_meta_model(bridge: Any, hf_config: Any, dtype: torch.dtype, vocab_rows: Optional[int]):
     """GPTModel for tp=pp=ep=1 with every parameter on `meta`; the vocab padded as in the checkpoint."""
-    from llamafactory_mca import platform
     from llamafactory_mca.args import MegatronArguments
 
-    if vocab_rows is not None:  # the checkpoint's vocab padding (depends on the TP size it was saved with)
-        bridge.padded_vocab_size = lambda cfg, tp, rows=vocab_rows: rows
-    device_fn = platform.device
-    platform.device = lambda: torch.device("meta")  # build_model moves the model to platform.device()
-    try:
-        with torch.device("meta"):
-            models = bridge.build_model(hf_config, MegatronArguments(), dtype, wrap_with_ddp=False, init_weights=False)
-    finally:
-        platform.device = device_fn
+    # `vocab_rows`: the checkpoint's padded vocab (older checkpoints padded depending on their TP size)
+    models = bridge.build_model(hf_config, MegatronArguments(), dtype, wrap_with_ddp=False, init_weights=False,
+                                device="meta", padded_vocab_size=vocab_rows)
     if len(models) != 1:
         raise CheckpointError("internal: expected one model chunk for tp=pp=1")
     return models[0]
@@ -276,7 +270,10 @@ def _is_meta(t: Any) -> bool:
 
 
 def _materialized_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
 
     sd = model.sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
     return {
@@ -290,13 +287,13 @@ def _hf_tensors(bridge: Any, model: torch.nn.Module, hf_config: Any, meta: bool 
                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf name, tensor) for the materialised parameters of `model` (tp=1) via the bridge's table; with
     `meta`, for the parameters still on `meta` instead (shapes only: the shard plan)."""
-    for entry in bridge._entries([model]):
-        if entry.key.endswith("#tied"):
+    for param in bridge.iter_local_params([model]):
+        if param.tied:
             continue
-        full = entry.get()
+        full = param.get()
         if _is_meta(full) != meta:
             continue
-        yield from bridge._to_hf(entry.kind, tuple(entry.hf), full, hf_config, 1)
+        yield from bridge.megatron_to_hf(param.name, full, hf_config).items()
 
 
 def _plan(bridge: Any, model: torch.nn.Module, hf_config: Any, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
@@ -304,18 +301,6 @@ def _plan(bridge: Any, model: torch.nn.Module, hf_config: Any, dtype: torch.dtyp
         (name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
         for name, t in _hf_tensors(bridge, model, hf_config, meta=True)
     ]
-
-
-def _checkpoint_tensor_meta(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    md = FileSystemReader(path).read_metadata()
-    return {
-        k: (tuple(v.size), v.properties.dtype)
-        for k, v in md.state_dict_metadata.items()
-        if isinstance(v, TensorStorageMetadata)
-    }
 
 
 # --------------------------------------------------------------------------------------------- merge
@@ -328,20 +313,31 @@ def merge_checkpoint(
     max_shard_size: Any = "5GB",
     overwrite: bool = False,
     save_tokenizer: bool = True,
+    merge_lora: bool = False,
+    base_model: Optional[str] = None,
 ) -> str:
     """Write the Hugging Face model of a llamafactory-mca checkpoint to `output_path`; returns the path.
 
     `dtype`: the saved dtype (default: the HF config's dtype, else the checkpoint's). Single process, no GPU.
+    A LoRA checkpoint (adapter only) gives its PEFT adapter, or with `merge_lora` the base model with the
+    adapter merged in (the base model recorded in the checkpoint, or `base_model`): see `merge_lora_checkpoint`.
     """
     from megatron.core import dist_checkpointing
 
     checkpoint_path = os.path.normpath(checkpoint_path)
     output_path = os.path.normpath(output_path)
-    checkpoint_info(checkpoint_path)  # raises for anything but a complete checkpoint
+    info = checkpoint_info(checkpoint_path)  # raises for anything but a complete checkpoint
     check_output_dir(output_path, overwrite)
     hf_config = _hf_config_of(checkpoint_path)
     bridge = _get_bridge(hf_config, checkpoint_path)
-    tensor_meta = _checkpoint_tensor_meta(checkpoint_path)
+    tensor_meta = checkpoint_tensor_meta(checkpoint_path)
+    if is_lora_checkpoint(info, tensor_meta):
+        return merge_lora_checkpoint(checkpoint_path, output_path, merge_lora=merge_lora, base_model=base_model,
+                                     dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                                     save_tokenizer=save_tokenizer)
+    if base_model:
+        raise CheckpointError(f"--base_model: {checkpoint_path} holds full model weights, not a LoRA adapter. Fix: "
+                              "leave --base_model out.")
     emb = tensor_meta.get("embedding.word_embeddings.weight")
     if emb is None:
         raise CheckpointError(f"{checkpoint_path} holds no model weights (no embedding). Fix: pass a model checkpoint.")
@@ -352,12 +348,7 @@ def merge_checkpoint(
             cfg_dtype = getattr(torch, cfg_dtype, None)
         dtype = cfg_dtype if isinstance(cfg_dtype, torch.dtype) else ckpt_dtype
 
-    parent = os.path.dirname(output_path) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output_path)}.tmp")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = _fresh_tmp(output_path)
 
     with _single_process_parallel():
         model = _build_meta_model(bridge, hf_config, ckpt_dtype, emb[0][0])
@@ -395,14 +386,257 @@ def merge_checkpoint(
             cfg.torch_dtype = dtype
     cfg.save_pretrained(tmp)
     if save_tokenizer:
-        for name in _TOKENIZER_FILES:
-            src = os.path.join(checkpoint_path, name)
-            if os.path.isfile(src) and not (name == "generation_config.json" and os.path.exists(os.path.join(tmp, name))):
-                shutil.copy2(src, os.path.join(tmp, name))
+        _copy_tokenizer(checkpoint_path, tmp)
+    _publish(tmp, output_path)
+    return output_path
+
+
+def _fresh_tmp(output_path: str) -> str:
+    """The hidden sibling directory an output is written into before `_publish` renames it."""
+    parent = os.path.dirname(output_path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(output_path)}.tmp")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _copy_tokenizer(checkpoint_path: str, tmp: str) -> None:
+    for name in _TOKENIZER_FILES:
+        src = os.path.join(checkpoint_path, name)
+        if os.path.isfile(src) and not (name == "generation_config.json" and os.path.exists(os.path.join(tmp, name))):
+            shutil.copy2(src, os.path.join(tmp, name))
+
+
+def _publish(tmp: str, output_path: str) -> None:
     if os.path.exists(output_path):  # empty, or overwrite was asked for
         shutil.rmtree(output_path)
     os.rename(tmp, output_path)
+
+
+# --------------------------------------------------------------------------------------------- LoRA checkpoints
+
+
+def is_lora_checkpoint(info: dict, tensor_meta: Optional[dict] = None) -> bool:
+    """True for a checkpoint of a `finetuning_type: lora` run (its tensors are the adapter only)."""
+    if info.get("adapter_only") or info.get("finetuning_type") == "lora":
+        return True
+    if tensor_meta is None:
+        return False
+    model_keys = [k for k in tensor_meta if not k.startswith("optimizer")]
+    return bool(model_keys) and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
+
+
+def _lora_key_re():
+    import re
+
+    return re.compile(r"^(?P<base>.+)\.lora_(?P<which>[AB])\.(?P<short>[A-Za-z0-9_]+)$")
+
+
+def adapter_from_checkpoint(checkpoint_path: str, bridge: Any = None) -> dict[str, torch.Tensor]:
+    """The PEFT-named adapter tensors of a LoRA checkpoint, read from its torch_dist tensors (the checkpoint's
+    source of truth; full tensors, whatever TP layout wrote them). Single process."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    from llamafactory_mca.models.lora import PEFT_PREFIX
+
+    if bridge is None:
+        bridge = _get_bridge(_hf_config_of(checkpoint_path), checkpoint_path)
+    meta = checkpoint_tensor_meta(checkpoint_path)
+    pattern = _lora_key_re()
+    keys = {k: pattern.match(k) for k in meta if not k.startswith("optimizer")}
+    if not keys or not all(keys.values()):
+        raise CheckpointError(f"{checkpoint_path} is not a LoRA checkpoint (its tensors are not adapter tensors).")
+    sd = {k: torch.empty(meta[k][0], dtype=meta[k][1]) for k in keys}
+    load(sd, storage_reader=FileSystemReader(checkpoint_path), no_dist=True)
+    out: dict[str, torch.Tensor] = {}
+    for key, m in keys.items():
+        hf_names, _kind = bridge.hf_names_for(m.group("base") + ".weight")
+        module = [h.rsplit(".", 1)[0] for h in hf_names if h.rsplit(".", 2)[-2] == m.group("short")]
+        if len(module) != 1:
+            raise CheckpointError(f"{checkpoint_path}: adapter tensor {key} maps to no Hugging Face module")
+        out[f"{PEFT_PREFIX}{module[0]}.lora_{m.group('which')}.weight"] = sd[key]
+    return out
+
+
+def _adapter_config(checkpoint_path: str, info: dict) -> dict:
+    from llamafactory_mca.models.lora import ADAPTER_CONFIG
+
+    path = os.path.join(checkpoint_path, ADAPTER_CONFIG)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    lora = info.get("lora")
+    if not lora:
+        raise CheckpointError(f"{checkpoint_path} has no {ADAPTER_CONFIG} and its marker no LoRA settings. Fix: copy "
+                              f"the adapter_config.json of the run (output_dir) into {checkpoint_path}.")
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=True, r=lora["r"], lora_alpha=lora["alpha"],
+                      lora_dropout=lora.get("dropout", 0.0), use_rslora=lora.get("use_rslora", False),
+                      target_modules=list(lora["target_modules"]),
+                      base_model_name_or_path=info.get("base_model_name_or_path")).to_dict()
+
+
+def resolve_base_model(checkpoint_path: str, info: dict, adapter_config: dict, base_model: Optional[str]) -> str:
+    """The local directory of the Hugging Face base model of a LoRA checkpoint: `base_model`, else the path
+    recorded at training time, else (for a hub id) the local Hugging Face cache; never downloads."""
+    if base_model:
+        if not os.path.isdir(base_model):
+            raise CheckpointError(f"--base_model {base_model} is not a directory. Fix: pass the local Hugging Face "
+                                  "model the LoRA run was trained on.")
+        return base_model
+    candidates = [info.get("base_model_path"), info.get("base_model_name_or_path"),
+                  adapter_config.get("base_model_name_or_path")]
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "config.json")):
+            return c
+    name = next((c for c in candidates[1:] if c), None)
+    if name:
+        with contextlib.suppress(Exception):
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name, local_files_only=True)
+    raise CheckpointError(
+        f"{checkpoint_path}: the base model of this LoRA checkpoint ({name or 'not recorded'}) is not found on this "
+        "machine. Fix: pass --base_model DIR (the Hugging Face model the run was trained on)."
+    )
+
+
+def merge_lora_checkpoint(
+    checkpoint_path: str,
+    output_path: str,
+    merge_lora: bool = False,
+    base_model: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_size: Any = "5GB",
+    overwrite: bool = False,
+    save_tokenizer: bool = True,
+) -> str:
+    """A LoRA checkpoint to Hugging Face: the PEFT adapter (adapter_model.safetensors + adapter_config.json,
+    what LLaMA-Factory's LoRA training leaves in output_dir; `PeftModel.from_pretrained` / `adapter_name_or_path`
+    load it), or with `merge_lora` the base model with W += scaling * B @ A (PEFT's merge, computed in fp32)
+    as a full model. The base is streamed tensor by tensor. Single process, no GPU, no megatron model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llamafactory_mca.models.lora import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        PEFT_PREFIX,
+    )
+
+    checkpoint_path = os.path.normpath(checkpoint_path)
+    output_path = os.path.normpath(output_path)
+    info = checkpoint_info(checkpoint_path)
+    check_output_dir(output_path, overwrite)
+    hf_config = _hf_config_of(checkpoint_path)
+    adapter = adapter_from_checkpoint(checkpoint_path, _get_bridge(hf_config, checkpoint_path))
+    config = _adapter_config(checkpoint_path, info)
+    tmp = _fresh_tmp(output_path)
+    try:
+        if not merge_lora:
+            if dtype is not None:
+                adapter = {k: v.to(dtype) for k, v in adapter.items()}
+            save_file({k: v.contiguous() for k, v in sorted(adapter.items())}, os.path.join(tmp, ADAPTER_WEIGHTS),
+                      metadata={"format": "pt"})
+            with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+        else:
+            if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+                raise CheckpointError(f"{checkpoint_path}: DoRA / rank_pattern / alpha_pattern adapters cannot be "
+                                      "merged here. Fix: merge with peft's merge_and_unload.")
+            base = resolve_base_model(checkpoint_path, info, config, base_model)
+            r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+            scaling = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+            deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            for key in adapter:
+                if key.endswith(".lora_A.weight"):
+                    module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+                    deltas[module + ".weight"] = (adapter[key], adapter[key.replace(".lora_A.", ".lora_B.")])
+            reader = _base_reader(base)
+            if dtype is None:
+                cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+                if isinstance(cfg_dtype, str):
+                    cfg_dtype = getattr(torch, cfg_dtype, None)
+                dtype = cfg_dtype if isinstance(cfg_dtype, torch.dtype) else None
+            specs = []
+            for name, (shape, st_dtype) in reader.items():
+                out_dtype = dtype if (dtype is not None and st_dtype.is_floating_point) else st_dtype
+                specs.append((name, shape, out_dtype))
+            missing = sorted(set(deltas) - {n for n, _, _ in specs})
+            if missing:
+                raise CheckpointError(f"the base model {base} lacks {missing[:3]}, which the adapter modifies. Fix: "
+                                      "pass the base model the LoRA run was trained on (--base_model).")
+            writer = StreamingSafetensorsWriter(tmp, specs, _parse_size(max_shard_size))
+            try:
+                with torch.no_grad():
+                    for name, _shape, out_dtype in specs:
+                        with safe_open(os.path.join(base, reader.file_of(name)), "pt") as f:
+                            t = f.get_tensor(name)
+                        if name in deltas:
+                            a, b = deltas[name]
+                            t = (t.float() + (b.float() @ a.float()) * scaling)
+                        writer.write(name, t.to(out_dtype))
+                        del t
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            cfg = hf_config
+            if dtype is not None:
+                cfg.dtype = dtype
+                if hasattr(cfg, "torch_dtype"):
+                    with contextlib.suppress(Exception):
+                        cfg.torch_dtype = dtype
+            cfg.save_pretrained(tmp)
+            gen = os.path.join(base, "generation_config.json")
+            if os.path.isfile(gen):
+                shutil.copy2(gen, os.path.join(tmp, "generation_config.json"))
+        if save_tokenizer:
+            _copy_tokenizer(checkpoint_path, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, output_path)
     return output_path
+
+
+class _BaseIndex(dict):
+    """{name: (shape, dtype)} of a Hugging Face safetensors model, in file order, with each tensor's file."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        from safetensors import safe_open
+
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise CheckpointError(f"the base model {path} has no safetensors weights. Fix: pass a Hugging Face model "
+                                  "directory with model.safetensors (or an index).")
+        self._file: dict[str, str] = {}
+        for fname in files:
+            with safe_open(os.path.join(path, fname), "pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    self[name] = (tuple(sl.get_shape()), _ST_TO_TORCH[sl.get_dtype()])
+                    self._file[name] = fname
+
+    def file_of(self, name: str) -> str:
+        return self._file[name]
+
+
+def _base_reader(path: str) -> _BaseIndex:
+    return _BaseIndex(path)
+
+
+_ST_TO_TORCH = {v: k for k, v in _ST_DTYPE.items()}
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -478,21 +712,29 @@ def _add_dtype_flags(p: argparse.ArgumentParser) -> None:
 
 
 def merge_command(argv: list[str]) -> int:
-    """`llamafactory-mca merge --checkpoint_path CKPT --output_path DIR [--bf16|--fp16|--fp32]`."""
+    """`llamafactory-mca merge --checkpoint_path CKPT --output_path DIR [--bf16|--fp16|--fp32] [--merge_lora]
+    [--base_model DIR]`."""
     p = argparse.ArgumentParser(
         prog="llamafactory-mca merge",
         description="Merge a Megatron checkpoint (any tp/pp/vpp/ep layout) into Hugging Face safetensors, config "
-        "and tokenizer. One process, no GPU; memory about one decoder layer.",
+        "and tokenizer. One process, no GPU; memory about one decoder layer. A LoRA checkpoint gives its PEFT "
+        "adapter, or with --merge_lora the base model with the adapter merged in.",
     )
     p.add_argument("--checkpoint_path", required=True, help="a checkpoint-N directory written by llamafactory-mca")
     p.add_argument("--output_path", required=True, help="a new (or empty) directory for the Hugging Face model")
     _add_dtype_flags(p)
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB (default)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="LoRA checkpoints: write the base model with the adapter merged in (a full model) instead of "
+                   "the PEFT adapter")
+    p.add_argument("--base_model", default=None,
+                   help="LoRA checkpoints with --merge_lora: the base Hugging Face model directory (default: the "
+                   "one recorded at training time)")
     ns = p.parse_args(argv)
     try:
         out = merge_checkpoint(ns.checkpoint_path, ns.output_path, _dtype_from_flags(ns), ns.max_shard_size,
-                               ns.overwrite_output_dir)
+                               ns.overwrite_output_dir, merge_lora=ns.merge_lora, base_model=ns.base_model)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -502,7 +744,11 @@ def merge_command(argv: list[str]) -> int:
 
 def convert_command(argv: list[str]) -> int:
     """`llamafactory-mca convert --model_name_or_path HF_DIR --output_path DIR [--tensor_model_parallel_size N ...]`."""
-    from llamafactory_mca.args import MegatronArguments, McaArgumentError, validate_megatron_args
+    from llamafactory_mca.args import (
+        McaArgumentError,
+        MegatronArguments,
+        validate_megatron_args,
+    )
 
     p = argparse.ArgumentParser(
         prog="llamafactory-mca convert",
@@ -532,13 +778,21 @@ def convert_command(argv: list[str]) -> int:
 
 
 def export_from_llamafactory_args(args: dict[str, Any]) -> None:
-    """`llamafactory-cli export` with model_name_or_path = a Megatron checkpoint: merge it into export_dir."""
+    """`llamafactory-cli export` with model_name_or_path = a Megatron checkpoint: merge it into export_dir.
+
+    As LLaMA-Factory's export merges adapters, a LoRA checkpoint is exported as its base model (recorded in the
+    checkpoint) with the adapter merged in. (A LoRA checkpoint also holds a PEFT adapter: with the base model as
+    model_name_or_path and the checkpoint as adapter_name_or_path, LLaMA-Factory's own export merges it.)"""
     path = args.get("model_name_or_path")
     export_dir = args.get("export_dir")
     if not export_dir:
         raise CheckpointError("`export_dir`: required to export a Megatron checkpoint. Fix: set export_dir: DIR.")
     if args.get("adapter_name_or_path"):
-        raise CheckpointError("`adapter_name_or_path`: Megatron checkpoints hold full weights. Fix: remove it.")
+        raise CheckpointError(
+            "`adapter_name_or_path`: a Megatron checkpoint as model_name_or_path is exported with its own weights "
+            "(a LoRA checkpoint with its adapter merged in). Fix: remove adapter_name_or_path, or pass the base model "
+            "as model_name_or_path and the LoRA checkpoint as adapter_name_or_path."
+        )
     if args.get("export_quantization_bit"):
         raise CheckpointError(
             "`export_quantization_bit`: not supported for Megatron checkpoints. Fix: export first, then quantize "
@@ -550,19 +804,22 @@ def export_from_llamafactory_args(args: dict[str, Any]) -> None:
         dtype = getattr(torch, infer)
     size = args.get("export_size", 5)
     max_shard = f"{size}GB" if isinstance(size, (int, float)) or str(size).isdigit() else str(size)
-    merge_checkpoint(path, export_dir, dtype, max_shard)
+    merge_checkpoint(path, export_dir, dtype, max_shard, merge_lora=True)
     print(f"exported {path} -> {export_dir}")
 
 
 __all__ = [
     "MARKER_FILE",
     "StreamingSafetensorsWriter",
+    "adapter_from_checkpoint",
     "check_output_dir",
     "convert_command",
     "convert_hf_to_megatron",
     "export_from_llamafactory_args",
+    "is_lora_checkpoint",
     "merge_checkpoint",
     "merge_command",
+    "merge_lora_checkpoint",
     "unwrap_model",
 ]
 

@@ -60,8 +60,38 @@ def refuse_v1(*_args: Any, **_kwargs: Any) -> NoReturn:
     )
 
 
+def export_args_dict(args: Any) -> dict[str, Any]:
+    """`llamafactory-cli export`'s arguments as a dict: a recipe dict as it is, or a command-line list in any of
+    the forms `--key value`, `--key=value` and `key=value` (a `--flag` without a value is True)."""
+    if isinstance(args, dict):
+        return dict(args)
+    out: dict[str, Any] = {}
+    items = list(args or [])
+    i = 0
+    while i < len(items):
+        item = str(items[i])
+        i += 1
+        if item.startswith("--"):
+            key = item[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i < len(items) and not str(items[i]).startswith("--"):
+                value = items[i]
+                i += 1
+            else:
+                value = True
+            out[key.replace("-", "_")] = value
+        elif "=" in item:
+            key, value = item.split("=", 1)
+            out[key] = value
+    return out
+
+
 def wrap_export(original: Callable[..., None]) -> Callable[..., None]:
-    """`llamafactory-cli export` merges a Megatron checkpoint to HF; anything else goes to upstream."""
+    """`llamafactory-cli export` merges a Megatron checkpoint to HF; anything else goes to upstream unchanged.
+
+    The checkpoint is recognised in a recipe file (`export.yaml`, with `key=value` overrides), in a dict, and in
+    command-line lists (`--model_name_or_path CKPT --export_dir DIR`, `--key=value`, `key=value`)."""
 
     def export_model(args: Any = None) -> None:
         from llamafactory.hparams import read_args
@@ -69,11 +99,12 @@ def wrap_export(original: Callable[..., None]) -> Callable[..., None]:
         from llamafactory_mca.checkpoint import is_megatron_checkpoint
 
         read = read_args(args)
-        path = read.get("model_name_or_path") if isinstance(read, dict) else None
-        if path and is_megatron_checkpoint(path):
+        parsed = export_args_dict(read) if isinstance(read, (dict, list, tuple)) else {}
+        path = parsed.get("model_name_or_path")
+        if isinstance(path, str) and path and is_megatron_checkpoint(path):
             from llamafactory_mca.export import export_from_llamafactory_args
 
-            export_from_llamafactory_args(read)
+            export_from_llamafactory_args(parsed)
             return
         original(args)
 

@@ -11,14 +11,12 @@ re-initialised per layout).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
-import time
-import traceback
 
 import torch
+
+from tests.workers import run_cases
 
 LAYOUTS = {
     "dp2": dict(),
@@ -146,41 +144,10 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", required=True)
     p.add_argument("--kinds", required=True)
     a = p.parse_args(argv)
-
-    from megatron.core import parallel_state as ps
-
-    from llamafactory_mca.args import MegatronArguments
-    from llamafactory_mca.platform import destroy_parallel, init_parallel
-
-    torch.set_num_threads(1)
-    rank = int(os.environ.get("RANK", "0"))
-    results = []
-    work = tempfile.mkdtemp(prefix="bridge-save-") if rank == 0 else ""
-    import torch.distributed as dist
-
-    for layout in a.layouts.split(","):
-        init_parallel(MegatronArguments(**LAYOUTS[layout]), seed=1)
-        if rank == 0:
-            obj = [work]
-        else:
-            obj = [None]
-        dist.broadcast_object_list(obj, src=0)
-        work = obj[0]
-        for kind in a.kinds.split(","):
-            if layout == "ep2" and kind not in MOE_KINDS:
-                continue
-            t0 = time.time()
-            try:
-                r = check(kind, os.path.join(a.models, kind), layout, work)
-            except Exception:
-                r = {"kind": kind, "layout": layout, "error": traceback.format_exc()}
-            r["seconds"] = round(time.time() - t0, 2)
-            results.append(r)
-        ps.destroy_model_parallel()
-    with open(f"{a.out}.rank{rank}.json", "w") as f:
-        json.dump(results, f, indent=1)
-    destroy_parallel()
-    return 0
+    cases = [(layout, kind) for layout in a.layouts.split(",") for kind in a.kinds.split(",")
+             if layout != "ep2" or kind in MOE_KINDS]
+    return run_cases(a.out, cases, lambda kind, layout, work: check(kind, os.path.join(a.models, kind), layout, work),
+                     LAYOUTS, lambda kind, layout: {"kind": kind, "layout": layout})
 
 
 if __name__ == "__main__":

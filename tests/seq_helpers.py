@@ -15,13 +15,12 @@ Each rank writes OUT.rank<R>.json; parallel_state is re-initialised per layout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
-import traceback
 
 import torch
+
+from tests.workers import run_cases
 
 LAYOUTS = {
     "dp2": dict(),
@@ -239,33 +238,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--cases", required=True)
     a = p.parse_args(argv)
-
-    from megatron.core import parallel_state as ps
-
-    from llamafactory_mca.args import MegatronArguments
-    from llamafactory_mca.platform import destroy_parallel, init_parallel
-
-    torch.set_num_threads(1)
-    rank = int(os.environ.get("RANK", "0"))
-    cases = [tuple(c.split(":")) for c in a.cases.split(",")]
-    results = []
-    for layout in dict.fromkeys(c[0] for c in cases):
-        init_parallel(MegatronArguments(**LAYOUTS[layout]), seed=1)
-        for lay, kind, mode in cases:
-            if lay != layout:
-                continue
-            t0 = time.time()
-            try:
-                r = check(kind, os.path.join(a.models, kind), layout, mode)
-            except Exception:
-                r = {"kind": kind, "layout": layout, "mode": mode, "error": traceback.format_exc()}
-            r["seconds"] = round(time.time() - t0, 2)
-            results.append(r)
-        ps.destroy_model_parallel()
-    with open(f"{a.out}.rank{rank}.json", "w") as f:
-        json.dump(results, f, indent=1)
-    destroy_parallel()
-    return 0
+    cases = [(layout, (kind, mode)) for layout, kind, mode in (c.split(":") for c in a.cases.split(","))]
+    return run_cases(
+        a.out, cases,
+        lambda case, layout, _shared: check(case[0], os.path.join(a.models, case[0]), layout, case[1]),
+        LAYOUTS, lambda case, layout: {"kind": case[0], "layout": layout, "mode": case[1]},
+    )
 
 
 if __name__ == "__main__":
@@ -274,25 +252,11 @@ if __name__ == "__main__":
 
 def launch(cases: list, tmp_path_factory, kinds: tuple) -> list:
     """Run `cases` ((layout, kind, mode) triples) in one torchrun launch; per-rank {(layout, kind, mode): result}."""
-    import subprocess
-
     from tests.tiny_models import make_tiny_model
+    from tests.workers import launch_worker
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     models = tmp_path_factory.mktemp("tiny_models")
     for kind in kinds:
         make_tiny_model(kind, str(models / kind))
-    out = str(tmp_path_factory.mktemp("results") / "res")
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(root, "tests", "seq_helpers.py"), "--models", str(models), "--out", out,
-           "--cases", ",".join(":".join(c) for c in cases)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    per_rank = []
-    for rank in (0, 1):
-        with open(f"{out}.rank{rank}.json") as f:
-            per_rank.append({(r["layout"], r["kind"], r["mode"]): r for r in json.load(f)})
-    return per_rank
+    return launch_worker("seq_helpers.py", ["--models", str(models), "--cases", ",".join(":".join(c) for c in cases)],
+                         tmp_path_factory.mktemp("results"), key=("layout", "kind", "mode"))

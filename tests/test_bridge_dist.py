@@ -7,15 +7,13 @@ vpp2 (4 layers, pp=2, vpp=2), ep2 (MoE only).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.dist_helpers import LAYOUTS, MOE_KINDS
 from tests.tiny_models import KINDS, make_tiny_model
+from tests.workers import launch_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "vpp2", "ep2")
@@ -29,18 +27,9 @@ def results(tmp_path_factory):
     models = tmp_path_factory.mktemp("tiny_models")
     for kind in KINDS:
         make_tiny_model(kind, str(models / kind))
-    out = str(tmp_path_factory.mktemp("results") / "res")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "dist_helpers.py"), "--models", str(models), "--out", out,
-           "--layouts", ",".join(RUN_LAYOUTS), "--kinds", ",".join(KINDS)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    per_rank = []
-    for rank in (0, 1):
-        with open(f"{out}.rank{rank}.json") as f:
-            per_rank.append({(r["layout"], r["kind"]): r for r in json.load(f)})
-    return per_rank
+    return launch_worker("dist_helpers.py", ["--models", str(models), "--layouts", ",".join(RUN_LAYOUTS),
+                                             "--kinds", ",".join(KINDS)],
+                         tmp_path_factory.mktemp("results"), key=("layout", "kind"))
 
 
 CASES = [(layout, kind) for layout in RUN_LAYOUTS for kind in KINDS if layout != "ep2" or kind in MOE_KINDS]

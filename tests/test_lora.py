@@ -123,6 +123,10 @@ def test_lora_checkpoint_holds_only_the_adapter_and_resumes(models, init_adapter
     model_keys = [k for k in keys if not k.startswith("optimizer")]
     assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys), model_keys[:10]
     assert os.path.isfile(os.path.join(ckpt, "adapter_model.safetensors"))  # a PEFT adapter beside, as HF's
+    from llamafactory_mca.checkpoint import checkpoint_info
+
+    info = checkpoint_info(ckpt)  # the adapter was part of the checkpoint when it was published
+    assert info["adapter_only"] and info["base_model_name_or_path"] == models["dense"]
     resumed = _lora(make_recipe(models["dense"], str(tmp_path / "resumed"), pipeline_model_parallel_size=2,
                                 per_device_train_batch_size=1, gradient_accumulation_steps=4,
                                 resume_from_checkpoint=ckpt), init_adapter)

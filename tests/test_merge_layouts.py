@@ -126,6 +126,30 @@ def test_learning_rate_zero_round_trips_bit_for_bit(tiny, tmp_path, kind, layout
 
 
 @pytest.mark.slow
+def test_resume_odd_vocab_tp2_to_tp1(tiny, tmp_path):
+    """Vocab 1001 is padded to the same rows at every TP size (1024), so a TP=2 checkpoint (model and distributed
+    optimizer) loads at TP=1 exactly and the model computes the same logits."""
+    import torch
+
+    from test_checkpoint_resume import read_all_tensors
+
+    hf = tiny("llama")  # untied: embedding and output layer are both vocab-padded
+    ckpt = megatron_run(hf, str(tmp_path / "tp2"), "--tp", "2", steps=2)
+    assert read_all_tensors(ckpt)["embedding.word_embeddings.weight"].shape[0] == 1024
+    resaved = str(tmp_path / "resaved")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER, "--hf", hf,
+          "--out", str(tmp_path / "tp1"), "--steps", "2", "--resume", ckpt, "--resave", resaved])  # tp=1, dp=2
+    a, b = read_all_tensors(ckpt), read_all_tensors(os.path.join(resaved, "checkpoint-2"))
+    assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, bad[:5]
+    ref = torch.load(os.path.join(str(tmp_path / "tp2"), "reference.pt"))
+    got = torch.load(os.path.join(str(tmp_path / "tp1"), "reference.pt"))
+    assert torch.equal(ref["tokens"], got["tokens"])
+    torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_convert_then_merge_and_llamafactory_export(tiny, tmp_path):
     import torch
 
@@ -142,6 +166,12 @@ def test_convert_then_merge_and_llamafactory_export(tiny, tmp_path):
     cfg.write_text(f"model_name_or_path: {ckpt}\nexport_dir: {export_dir}\ntemplate: qwen\n")
     _run(["llamafactory-cli", "export", str(cfg)], USE_MCA="1")
     orig, new = safetensors_of(hf), safetensors_of(export_dir)
+    assert orig.keys() == new.keys() and all(torch.equal(orig[k], new[k]) for k in orig)
+    # the command-line list form (no recipe file)
+    listed = str(tmp_path / "exported_list")
+    _run(["llamafactory-cli", "export", "--model_name_or_path", ckpt, f"--export_dir={listed}", "--template", "qwen"],
+         USE_MCA="1")
+    new = safetensors_of(listed)
     assert orig.keys() == new.keys() and all(torch.equal(orig[k], new[k]) for k in orig)
 
 
@@ -166,3 +196,30 @@ def test_merge_errors(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         merge_checkpoint(fake, str(busy))
     assert merge_command(["--checkpoint_path", str(tmp_path / "nowhere"), "--output_path", str(tmp_path / "o")]) == 1
+
+
+def test_wrap_export_recognises_checkpoints_in_every_argument_form(tmp_path, monkeypatch):
+    """`llamafactory-cli export` arguments as a recipe dict, `--key value`, `--key=value` and `key=value` lists."""
+    import llamafactory_mca.export as export
+    from llamafactory_mca.launch import export_args_dict, wrap_export
+    from test_checkpoint_resume import _fake_checkpoint
+
+    ckpt = _fake_checkpoint(tmp_path / "checkpoint-1")
+    merged, upstream = [], []
+    monkeypatch.setattr(export, "export_from_llamafactory_args", lambda args: merged.append(args))
+    export_model = wrap_export(lambda args=None: upstream.append(args))
+    forms = [
+        {"model_name_or_path": ckpt, "export_dir": "out", "export_size": 2},
+        ["--model_name_or_path", ckpt, "--export_dir", "out", "--export_size", "2"],
+        [f"--model_name_or_path={ckpt}", "--export_dir=out", "--export_size=2"],
+        [f"model_name_or_path={ckpt}", "export_dir=out", "export_size=2"],
+    ]
+    for args in forms:
+        export_model(args)
+    assert upstream == []
+    assert [(a["model_name_or_path"], a["export_dir"], str(a["export_size"])) for a in merged] == [(ckpt, "out", "2")] * 4
+    # anything that is not a Megatron checkpoint goes to LLaMA-Factory's own export, untouched
+    plain = ["--model_name_or_path", str(tmp_path), "--export_dir", "out"]
+    export_model(plain)
+    assert upstream == [plain] and len(merged) == 4
+    assert export_args_dict(["--flag", "--k", "v"]) == {"flag": True, "k": "v"}

@@ -1,10 +1,12 @@
 """Worker for the merge tests (no tests here): HF model -> Megatron (any layout) -> train a little -> checkpoint.
 
     torchrun --standalone --nproc_per_node 2 tests/test_merge_worker.py --hf DIR --out DIR [--tp 2] [--pp 2]
-        [--vpp 2] [--ep 2] [--steps 2] [--lr 1e-3]
+        [--vpp 2] [--ep 2] [--steps 2] [--lr 1e-3] [--resume CKPT [--resave DIR]]
 
 Writes OUT/checkpoint-{steps} with save_checkpoint and, on rank 0, OUT/reference.pt: the input ids and the
-logits the Megatron model computes for them after training (gathered over TP, from the last PP stage).
+logits the Megatron model computes for them after training (gathered over TP, from the last PP stage). With
+--resume the checkpoint is loaded (model + optimizer, in this layout) instead of training, --resave saves it
+again, and OUT/reference.pt holds the logits of the loaded model.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ def main() -> int:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--resume", default=None, help="load this checkpoint (model + optimizer) instead of training")
+    p.add_argument("--resave", default=None, help="with --resume: save what was loaded into this output_dir")
     args = p.parse_args()
     if os.environ.get("MCA_TEST_DUMP_AFTER"):  # debugging hangs: print every thread's stack, then exit
         import faulthandler
@@ -149,13 +153,22 @@ def main() -> int:
         models,
     )
     configure_schedule(models, optimizer)
-    if args.steps:
-        train(models, optimizer, args.steps, hf_config.vocab_size)
-    save_checkpoint(args.out, args.steps, models, optimizer, None, trainer_state={"global_step": args.steps},
-                    mca_args=m, hf_config=hf_config, tokenizer=tokenizer)
+    if args.resume:
+        from llamafactory_mca.checkpoint import load_checkpoint
+
+        load_checkpoint(args.resume, models, optimizer)
+        if args.resave:
+            save_checkpoint(args.resave, args.steps, models, optimizer, None,
+                            trainer_state={"global_step": args.steps}, mca_args=m, hf_config=hf_config)
+    else:
+        if args.steps:
+            train(models, optimizer, args.steps, hf_config.vocab_size)
+        save_checkpoint(args.out, args.steps, models, optimizer, None, trainer_state={"global_step": args.steps},
+                        mca_args=m, hf_config=hf_config, tokenizer=tokenizer)
     tokens = torch.randint(0, hf_config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(99))
     logits = forward_logits(models, tokens)
     if logits is not None and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
+        os.makedirs(args.out, exist_ok=True)
         torch.save({"tokens": tokens, "logits": logits[..., : hf_config.vocab_size]},
                    os.path.join(args.out, "reference.pt"))
     platform.destroy_parallel()

@@ -8,12 +8,11 @@ bit-exact and save_hf_pretrained reloads to the same weights.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.workers import launch_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2")
@@ -26,18 +25,8 @@ def results(tmp_path_factory):
 
     model = str(tmp_path_factory.mktemp("tiny_vl") / "qwen2_vl")
     make_tiny_qwen2_vl(model)
-    out = str(tmp_path_factory.mktemp("results") / "vl")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "vl_helpers.py"), "--model", model, "--out", out,
-           "--layouts", ",".join(LAYOUTS)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    per_rank = []
-    for rank in (0, 1):
-        with open(f"{out}.rank{rank}.json") as f:
-            per_rank.append({r["layout"]: r for r in json.load(f)})
-    return per_rank
+    return launch_worker("vl_helpers.py", ["--model", model, "--layouts", ",".join(LAYOUTS)],
+                         tmp_path_factory.mktemp("results"), key=("layout",))
 
 
 @pytest.mark.slow

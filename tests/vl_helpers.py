@@ -1,23 +1,22 @@
-"""Multi-process CPU checks of the Qwen2-VL bridge, run under torchrun (2 gloo ranks).
+"""Multi-process CPU checks of the Qwen2-VL / Qwen2.5-VL bridges, run under torchrun (2 gloo ranks).
 
     torchrun --nproc_per_node 2 tests/vl_helpers.py --model DIR --out OUT --layouts dp2,tp2,tp2sp,pp2
 
 Per layout: build the megatron model (vision tower on the first stage), stream the HF weights in, compare
-logits with HF's Qwen2VLForConditionalGeneration on a batch with one image per row (different grids), fp32;
-export back to HF (bit-exact) and save_hf_pretrained (reloads with transformers to the same weights).
+logits with HF's Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration (picked by the model's
+`model_type`, FAMILIES) on a batch with one image per row (different grids), fp32; export back to HF (bit-exact)
+and save_hf_pretrained (reloads with transformers to the same weights).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
-import time
-import traceback
 
 import torch
+
+from tests.workers import run_cases
 
 LAYOUTS = {
     "dp2": dict(),
@@ -50,6 +49,41 @@ def make_tiny_qwen2_vl(path: str, seed: int = 0) -> str:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return path
+
+
+def make_tiny_qwen2_5_vl(path: str, seed: int = 0) -> str:
+    """Tiny Qwen2.5-VL: 2 vision blocks (block 0 windowed, 1 full attention; 16-pixel windows = 2x2 merged
+    tokens, so the [4, 6] grid really splits into windows), tied word embeddings (exercises the tied path)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=1001, rms_norm_eps=1e-6, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                          "rope_theta": 10000.0}),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           window_size=16, fullatt_block_indexes=[1], tokens_per_second=2),
+        image_token_id=1000, video_token_id=999, vision_start_token_id=998, vision_end_token_id=997,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_rope_index)
+    "qwen2_vl": (make_tiny_qwen2_vl, "Qwen2VLForConditionalGeneration", "llamafactory_mca.models.qwen2_vl"),
+    "qwen2_5_vl": (make_tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration",
+                   "llamafactory_mca.models.qwen2_5_vl"),
+}
 
 
 def make_inputs(hf_config, seed: int = 7) -> dict:
@@ -109,16 +143,21 @@ def forward(models, inputs, position_ids, keep_local: list | None = None) -> tor
 
 
 def check(model_dir: str, layout: str, work: str) -> dict:
+    import importlib
+
     import torch.distributed as dist
+    import transformers
     from safetensors import safe_open
-    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig
 
     from llamafactory_mca.args import MegatronArguments
-    from llamafactory_mca.models.qwen2_vl import get_rope_index
     from llamafactory_mca.models.registry import bridge_for
 
     res: dict = {"layout": layout}
     hf_config = AutoConfig.from_pretrained(model_dir)
+    _, hf_cls_name, rope_module = FAMILIES[hf_config.model_type]
+    HFModel = getattr(transformers, hf_cls_name)
+    get_rope_index = importlib.import_module(rope_module).get_rope_index
     bridge = bridge_for(hf_config.model_type)
     mca_args = MegatronArguments(**LAYOUTS[layout])
     models = bridge.build_model(hf_config, mca_args, torch.float32, init_weights=False)
@@ -145,7 +184,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
                 local[0].transpose(0, 1).contiguous(), labels.clamp(min=0).transpose(0, 1).contiguous())
             (per_token.transpose(0, 1) * (labels != -100)).sum().backward()
     if logits is not None:
-        hf = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+        hf = HFModel.from_pretrained(model_dir, dtype=torch.float32)
         hf.eval()
         mm = (inputs["input_ids"] == hf_config.image_token_id).int()
         with torch.set_grad_enabled(backward):
@@ -171,11 +210,11 @@ def check(model_dir: str, layout: str, work: str) -> dict:
         res["extra"] = sorted(set(exported) - set(orig))
         res["not_equal"] = sorted(k for k in orig if k in exported and not (
             exported[k].dtype == orig[k].dtype and torch.equal(exported[k], orig[k])))
-    out_dir = os.path.join(work, f"qwen2_vl-{layout}")
+    out_dir = os.path.join(work, f"{hf_config.model_type}-{layout}")
     bridge.save_hf_pretrained(models, out_dir, max_shard_size="100KB")
     if dist.get_rank() == 0:
-        sd = Qwen2VLForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32).state_dict()
-        ref_sd = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+        sd = HFModel.from_pretrained(out_dir, dtype=torch.float32).state_dict()
+        ref_sd = HFModel.from_pretrained(model_dir, dtype=torch.float32).state_dict()
         res["saved_shards"] = len([f for f in os.listdir(out_dir) if f.endswith(".safetensors")])
         res["reload_not_equal"] = sorted(k for k in ref_sd if k not in sd or not torch.equal(ref_sd[k], sd[k]))
     return res
@@ -196,33 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--layouts", required=True)
     a = p.parse_args(argv)
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from llamafactory_mca.args import MegatronArguments
-    from llamafactory_mca.platform import destroy_parallel, init_parallel
-
-    torch.set_num_threads(1)
-    rank = int(os.environ.get("RANK", "0"))
-    results = []
-    work = tempfile.mkdtemp(prefix="vl-save-") if rank == 0 else None
-    for layout in a.layouts.split(","):
-        init_parallel(MegatronArguments(**LAYOUTS[layout]), seed=1)
-        obj = [work]
-        dist.broadcast_object_list(obj, src=0)
-        t0 = time.time()
-        try:
-            r = check(a.model, layout, obj[0])
-        except Exception:
-            r = {"layout": layout, "error": traceback.format_exc()}
-        r["seconds"] = round(time.time() - t0, 2)
-        results.append(r)
-        ps.destroy_model_parallel()
-    with open(f"{a.out}.rank{rank}.json", "w") as f:
-        json.dump(results, f, indent=1)
-    destroy_parallel()
-    return 0
+    cases = [(layout, a.model) for layout in a.layouts.split(",")]
+    return run_cases(a.out, cases, check, LAYOUTS, lambda _model, layout: {"layout": layout})
 
 
 if __name__ == "__main__":

@@ -13,16 +13,25 @@ Kinds (how a tensor is sliced for tensor parallelism, and re-assembled):
   REPL     replicated (norms, router)
   COLUMN   split along dim 0
   ROW      split along dim 1
-  VOCAB    split along dim 0, vocab padded to a multiple of TP (padding rows are zero, stripped on export)
+  VOCAB    split along dim 0, vocab padded (see `ModelBridge.padded_vocab_size`: the same padded size for every
+           TP size that divides 128, so checkpoints resume across TP changes); padding rows are zero, their
+           logits are masked to -inf, and export strips them
   QKV      q, k, v fused; megatron interleaves per query group [q_g (heads/group * d), k_g (d), v_g (d)],
            TP splits by query groups
   GLU      gate, up fused as [gate_shard; up_shard] per TP rank
 Loading streams from the safetensors shards and reads only the slices this rank holds.
+
+Public API for other modules (export, LoRA, fine-tuning): `canonical_names`, `hf_names_for`,
+`iter_local_params` (-> `BridgeParam`), `megatron_to_hf`, `build_model(device=..., padded_vocab_size=...)`,
+`padded_vocab_size`, and the module-level `parse_size`. The underscored methods are overridable hooks of the
+families (`_compiled_table`, `_read_local`, `_to_hf`, `_mask_padded_logits` ...), not an API.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -39,16 +48,38 @@ Table = dict  # canonical megatron name template -> (hf name(s) template, kind)
 
 
 @dataclass
-class _Entry:
-    """One canonical megatron tensor held (in part) by this rank."""
+class BridgeParam:
+    """One canonical megatron tensor held (in part) by this rank (`ModelBridge.iter_local_params`).
 
-    key: str  # canonical megatron name
+    `name`: canonical megatron name (global layer `L` and expert `E` indices); `kind`: how TP splits it (module
+    docstring); `hf`: the Hugging Face tensor names it maps to; `expert`: split by expert-tensor parallelism;
+    `tied`: the output layer that shares the input embedding (no tensor of its own on the HF side);
+    `get()` / `set(t)`: this rank's TP shard in the canonical layout (e.g. one expert of a grouped weight).
+    """
+
+    key: str  # canonical megatron name, "#tied" appended for a tied output layer
     kind: str
     hf: tuple  # hf names (templates filled)
     expert: bool
     get: Callable[[], torch.Tensor]  # canonical local tensor (this rank's TP shard)
     set: Callable[[torch.Tensor], None]
     dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return self.key.split("#")[0]
+
+    @property
+    def tied(self) -> bool:
+        return self.key.endswith("#tied")
+
+
+_Entry = BridgeParam  # the former private name
+
+
+def skip_adapter_params(name: str) -> bool:
+    """The default `skip` of `iter_local_params`: LoRA adapter parameters (`...lora_A.q_proj`) have no HF tensor."""
+    return ".lora_" in name
 
 
 def _set_tensor_parallel_attributes(model: torch.nn.Module) -> None:
@@ -84,7 +115,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _parse_size(size: Union[int, str]) -> int:
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes of a size given as an int or a string such as '5GB', '100KB', '2.5 GiB' (powers of 10, as
+    transformers' max_shard_size)."""
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", size.upper())
@@ -92,6 +125,9 @@ def _parse_size(size: Union[int, str]) -> int:
         raise ValueError(f"max_shard_size: cannot parse {size!r}; use e.g. '5GB'")
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[m.group(2)]
     return int(float(m.group(1)) * mult)
+
+
+_parse_size = parse_size  # the former private name
 
 
 class _SafetensorsReader:
@@ -163,7 +199,10 @@ class ModelBridge:
 
     model_types: tuple = ()
     table: Table = {}
-    make_vocab_size_divisible_by: int = 1  # times TP; keep 1 so few padded logits exist
+    # The vocab is padded to a multiple of lcm(this, TP): the same padded size for every TP size that divides it
+    # (1, 2, 4 ... 128), so a checkpoint saved at one TP size resumes at another. Real vocabularies are mostly
+    # multiples of 128 already (no padding at all); 1 restores megatron's TP-dependent "multiple of TP".
+    make_vocab_size_divisible_by: int = 128
 
     # ------------------------------------------------------------------------------------ config
 
@@ -212,8 +251,12 @@ class ModelBridge:
         return {}
 
     def padded_vocab_size(self, hf_config, tp: int) -> int:
-        multiple = self.make_vocab_size_divisible_by * tp
-        return -(-hf_config.vocab_size // multiple) * multiple
+        """Rows of the (vocab-parallel) embedding and output layer for `tp` ranks: the vocab rounded up to a
+        multiple of lcm(`make_vocab_size_divisible_by`, tp), so the same for every TP size dividing
+        `make_vocab_size_divisible_by` (a checkpoint resumes at another TP size; merge reads the rows from the
+        checkpoint, whatever they are)."""
+        multiple = math.lcm(max(int(self.make_vocab_size_divisible_by), 1), tp)
+        return -(-self._vocab_size(hf_config) // multiple) * multiple
 
     def transformer_config(self, hf_config, mca_args, params_dtype: torch.dtype = torch.float32):
         """The megatron TransformerConfig for `hf_config` under the layout and options of `mca_args`."""
@@ -323,41 +366,45 @@ class ModelBridge:
         wrap_with_ddp: bool = False,
         init_weights: bool = True,
         ddp_config: Any = None,
+        device: Union[str, torch.device, None] = None,
+        padded_vocab_size: Optional[int] = None,
     ) -> list:
         """One GPTModel per virtual pipeline chunk of this rank (parallel_state must be initialised).
 
         `init_weights=False` skips random initialisation (use it when `load_hf_weights` follows: much faster
-        for large models). Each module carries `hf_config` and `mca_bridge` attributes for export.
+        for large models). `device`: where the parameters live (default: the platform's device); `"meta"`
+        builds without allocating anything (shapes only; materialise parts with `to_empty`). `padded_vocab_size`:
+        the embedding / output rows to use instead of `self.padded_vocab_size(hf_config, tp)`, e.g. those of a
+        checkpoint (a multiple of TP, at least the vocab size). Each module carries `hf_config`, `mca_bridge`
+        and `mca_padded_vocab_size` attributes.
         """
         from megatron.core import parallel_state as ps
 
         from llamafactory_mca.kernels.cross_entropy import patch_language_model_loss
         from llamafactory_mca.models.spec import block_spec
-        from llamafactory_mca.platform import device, setup_platform
+        from llamafactory_mca.platform import device as platform_device
+        from llamafactory_mca.platform import setup_platform
 
         setup_platform()
+        target = torch.device(device) if device is not None else platform_device()
+        tp = ps.get_tensor_model_parallel_world_size()
+        rows = self.padded_vocab_size(hf_config, tp) if padded_vocab_size is None else int(padded_vocab_size)
+        vocab = self._vocab_size(hf_config)
+        if rows % tp or rows < vocab:
+            raise ValueError(f"padded_vocab_size {rows}: must be a multiple of the TP size {tp} and at least the "
+                             f"vocab size {vocab}")
         config = self.transformer_config(hf_config, mca_args, params_dtype)
         config.perform_initialization = init_weights
+        if target.type == "meta":
+            config.use_cpu_initialization = True  # megatron passes device=cuda explicitly otherwise: no meta
         vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
         rope = self._rope_parameters(hf_config)
         models = []
         for vp in range(vpp):
             vp_stage = vp if vpp > 1 else None
-            model = self.new_model(
-                hf_config,
-                config,
-                mca_args,
-                transformer_layer_spec=block_spec(config, mca_args, config.qk_layernorm, vp_stage),
-                vocab_size=self.padded_vocab_size(hf_config, ps.get_tensor_model_parallel_world_size()),
-                max_sequence_length=getattr(hf_config, "max_position_embeddings", 4096),
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                parallel_output=True,
-                share_embeddings_and_output_weights=self.tied_embeddings(hf_config),
-                position_embedding_type="rope",
-                rotary_base=self.rope_theta(hf_config),
-                vp_stage=vp_stage,
-            )
+            with torch.device("meta") if target.type == "meta" else contextlib.nullcontext():
+                model = self._new_chunk(hf_config, config, mca_args, block_spec, rows, vp_stage)
+            model.mca_padded_vocab_size = rows
             self._set_hf_rope(model, hf_config, rope)
             self._mask_padded_logits(model, hf_config)
             if model.post_process:
@@ -368,7 +415,7 @@ class ModelBridge:
                 _set_tensor_parallel_attributes(model)
             model.hf_config = hf_config
             model.mca_bridge = self
-            model.to(device())
+            model.to(target)
             models.append(model)
         if wrap_with_ddp:
             from megatron.core.distributed import DistributedDataParallel as DDP
@@ -391,6 +438,32 @@ class ModelBridge:
             models = wrapped
         return models
 
+    def _new_chunk(self, hf_config, config, mca_args, block_spec, rows: int, vp_stage):
+        from megatron.core import parallel_state as ps
+
+        return self.new_model(
+            hf_config,
+            config,
+            mca_args,
+            transformer_layer_spec=block_spec(config, mca_args, config.qk_layernorm, vp_stage),
+            vocab_size=rows,
+            max_sequence_length=getattr(hf_config, "max_position_embeddings", 4096),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=self.tied_embeddings(hf_config),
+            position_embedding_type="rope",
+            rotary_base=self.rope_theta(hf_config),
+            vp_stage=vp_stage,
+        )
+
+    def _vocab_size(self, hf_config) -> int:
+        """The real (unpadded) vocab size (also of multimodal configs that nest it in `text_config`)."""
+        vocab = getattr(hf_config, "vocab_size", None)
+        if vocab is None:
+            vocab = getattr(getattr(hf_config, "text_config", None), "vocab_size", None)
+        return int(vocab)
+
     def new_model(self, hf_config, config, mca_args, **kwargs):
         """One model chunk: megatron's GPTModel with `kwargs`; multimodal families wrap or extend it."""
         from megatron.core.models.gpt import GPTModel
@@ -409,7 +482,8 @@ class ModelBridge:
         if output_layer is None:
             return
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        per_rank = self.padded_vocab_size(hf_config, tp) // tp
+        rows = getattr(model, "mca_padded_vocab_size", None) or self.padded_vocab_size(hf_config, tp)
+        per_rank = rows // tp
         first_pad = hf_config.vocab_size - rank * per_rank  # local index of the first padding column
         if first_pad >= per_rank:
             return
@@ -454,18 +528,73 @@ class ModelBridge:
                 return tuple(h.format(**fields) for h in hf), kind
         return None
 
-    def _entries(self, models: Sequence[torch.nn.Module]) -> list[_Entry]:
-        """Canonical entries for all parameters of this rank's model chunks."""
+    def _compiled(self) -> list:
+        compiled = self.__dict__.get("_compiled_cache")
+        if compiled is None:
+            compiled = self._compiled_table(None)
+            self.__dict__["_compiled_cache"] = compiled
+        return compiled
+
+    # ---- public API (export, LoRA, fine-tuning)
+
+    def canonical_names(self, model: torch.nn.Module, name: str) -> list[str]:
+        """Canonical megatron names (global layer `L`, global expert `E`) of parameter `name` of one model chunk
+        of this rank (a grouped-GEMM expert weight gives one name per local expert)."""
         from megatron.core import parallel_state as ps
 
-        compiled = self._compiled_table(None)
-        entries: list[_Entry] = []
+        model = _unwrap(model)
+        canon = name
+        layer_match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
+        if layer_match:
+            layer = model.decoder.layers[int(layer_match.group(1))]
+            canon = f"decoder.layers.{layer.layer_number - 1}.{layer_match.group(2)}"
+        grouped = re.match(r"(decoder\.layers\.\d+\.mlp\.experts)\.weight([12])$", canon)
+        if grouped:
+            experts = model.get_submodule(name.rsplit(".", 1)[0])
+            n = experts.num_local_experts
+            ep_rank = ps.get_expert_model_parallel_rank()
+            which = "linear_fc1.weight" if grouped.group(2) == "1" else "linear_fc2.weight"
+            return [f"{grouped.group(1)}.{ep_rank * n + j}.{which}" for j in range(n)]
+        seq = re.match(r"(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(.*)$", canon)
+        if seq:
+            experts = model.get_submodule(name.split(".local_experts.")[0])
+            g = ps.get_expert_model_parallel_rank() * experts.num_local_experts + int(seq.group(2))
+            return [f"{seq.group(1)}.{g}.{seq.group(3)}"]
+        return [canon]
+
+    def hf_names_for(self, megatron_name: str) -> tuple[tuple[str, ...], str]:
+        """(Hugging Face tensor names, kind) of a canonical megatron parameter name; KeyError if unmapped."""
+        found = self._lookup(self._compiled(), megatron_name.split("#")[0])
+        if found is None:
+            raise KeyError(f"{type(self).__name__}: no table entry for megatron parameter {megatron_name!r}")
+        return found
+
+    def megatron_to_hf(self, megatron_name: str, full: torch.Tensor, hf_config,
+                       tp_size: int = 1) -> dict[str, torch.Tensor]:
+        """The Hugging Face tensors of one canonical megatron tensor. `full`: the TP shards of this parameter
+        concatenated in rank order along its split dimension (`tp_size` of them; a tp=1 model's own tensor with
+        the default 1). Vocab padding is stripped, fused qkv / gate-up tensors are split."""
+        hf, kind = self.hf_names_for(megatron_name)
+        return dict(self._to_hf(kind, tuple(hf), full, hf_config, tp_size))
+
+    def iter_local_params(self, models: Sequence[torch.nn.Module],
+                          skip: Optional[Callable[[str], bool]] = skip_adapter_params) -> Iterator[BridgeParam]:
+        """A `BridgeParam` for every (canonical) parameter of this rank's model chunks, in module order.
+
+        `skip(local megatron name) -> bool` leaves parameters out; the default skips LoRA adapter parameters
+        (which have no Hugging Face tensor of the base model). `skip=None` visits everything (and raises
+        KeyError for a parameter the table does not map)."""
+        from megatron.core import parallel_state as ps
+
+        compiled = self._compiled()
         ep_rank = ps.get_expert_model_parallel_rank()
         for model in models:
             model = _unwrap(model)
             hf_config = model.hf_config
             tied = self.tied_embeddings(hf_config)
             for name, param in model.named_parameters():
+                if skip is not None and skip(name):
+                    continue
                 canon = name
                 layer_match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
                 if layer_match:
@@ -496,32 +625,35 @@ class ModelBridge:
 
                             def set_(t, p=param, j=j, n=n_local, h=h):
                                 p.data.view(n, -1, h)[j].copy_(t.t())
-                        entries.append(self._make_entry(compiled, key, get, set_, param.dtype, expert=True))
+                        yield self._make_entry(compiled, key, get, set_, param.dtype, expert=True)
                     continue
                 if seq:
                     experts = model.get_submodule(name.split(".local_experts.")[0])
                     g = ep_rank * experts.num_local_experts + int(seq.group(2))
                     key = f"{seq.group(1)}.{g}.{seq.group(3)}"
-                    entries.append(self._make_entry(
+                    yield self._make_entry(
                         compiled, key, (lambda p=param: p.detach()), (lambda t, p=param: p.data.copy_(t)),
-                        param.dtype, expert=True))
+                        param.dtype, expert=True)
                     continue
                 if canon == "output_layer.weight" and tied:
                     key = "output_layer.weight#tied"
                 else:
                     key = canon
-                entries.append(self._make_entry(
+                yield self._make_entry(
                     compiled, key, (lambda p=param: p.detach()), (lambda t, p=param: p.data.copy_(t)),
-                    param.dtype, expert=False))
-        return entries
+                    param.dtype, expert=False)
 
-    def _make_entry(self, compiled, key, get, set_, dtype, expert) -> _Entry:
+    def _entries(self, models: Sequence[torch.nn.Module]) -> list[BridgeParam]:
+        """Canonical entries for all (non-adapter) parameters of this rank's model chunks."""
+        return list(self.iter_local_params(models))
+
+    def _make_entry(self, compiled, key, get, set_, dtype, expert) -> BridgeParam:
         lookup_key = key.split("#")[0]
         found = self._lookup(compiled, lookup_key)
         if found is None:
             raise KeyError(f"{type(self).__name__}: no table entry for megatron parameter {lookup_key!r}")
         hf, kind = found
-        return _Entry(key=key, kind=kind, hf=hf, expert=expert, get=get, set=set_, dtype=dtype)
+        return BridgeParam(key=key, kind=kind, hf=hf, expert=expert, get=get, set=set_, dtype=dtype)
 
     @staticmethod
     def _tp(expert: bool) -> tuple[int, int, Any]:
@@ -535,7 +667,7 @@ class ModelBridge:
 
     # ------------------------------------------------------------------------------------ load
 
-    def _read_local(self, reader: _SafetensorsReader, entry: _Entry, hf_names: tuple, hf_config,
+    def _read_local(self, reader: _SafetensorsReader, entry: BridgeParam, hf_names: tuple, hf_config,
                     tp_rank: int, tp_size: int) -> torch.Tensor:
         kind = entry.kind
         if kind == REPL:
@@ -547,8 +679,7 @@ class ModelBridge:
             return reader.read(hf_names[0], dim, tp_rank * per, (tp_rank + 1) * per)
         if kind == VOCAB:
             shape = reader.shape(hf_names[0])
-            padded = self.padded_vocab_size(hf_config, tp_size)
-            per = padded // tp_size
+            per = entry.get().shape[0]  # this rank's rows of the padded vocab (as the model was built)
             start, stop = tp_rank * per, (tp_rank + 1) * per
             part = reader.read(hf_names[0], 0, min(start, shape[0]), min(stop, shape[0]))
             if part.shape[0] < per:
@@ -685,7 +816,7 @@ class ModelBridge:
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         hf_config = _unwrap(models[0]).hf_config
-        limit = _parse_size(max_shard_size)
+        limit = parse_size(max_shard_size)
         shards: list[list[str]] = []
         weight_map: dict[str, str] = {}
         current: dict[str, torch.Tensor] = {}

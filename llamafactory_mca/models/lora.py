@@ -14,7 +14,10 @@ Tensor parallelism (y = scale * B A x per Hugging Face module):
       B's gradient is summed over TP ranks.
 Only the adapter parameters require gradients, so DDP buffers and the optimizer hold nothing else. Checkpoints
 hold only the adapter: each model chunk's `sharded_state_dict` is narrowed to the LoRA tensors (global layer
-keys, TP-sharded as above), so `checkpoint.save_checkpoint` / `load_checkpoint` need nothing special.
+keys, TP-sharded as above; `state_of(models)` finds the LoraState again), the trainer adds the PEFT adapter
+files with `save_checkpoint(extra_files=...)` before publishing, and `load_checkpoint` requires every adapter
+tensor (the base weights come from the Hugging Face model). The bridge's `iter_local_params` skips the adapter
+parameters, so export and merge see the base model only.
 MoE experts and routers get no adapters (transformers 5 keeps experts as fused tensors that PEFT's
 `target_modules` does not match either).
 """
@@ -49,6 +52,7 @@ class LoraState:
     target_modules: list[str]  # Hugging Face module names (q_proj ...), as PEFT's config lists them
     modules: list = field(default_factory=list)  # the adapted megatron linears of this rank
     enabled: bool = True
+    base_model_name_or_path: Optional[str] = None  # the Hugging Face model the adapter belongs to
 
     @property
     def scaling(self) -> float:
@@ -183,8 +187,6 @@ def _linear_targets(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[
     """(module, canonical megatron key, hf weight names, kind) of every TP linear inside the decoder layers."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    from llamafactory_mca.training.finetune import canonical_keys, hf_names_of
-
     for chunk in models:
         model = _unwrap(chunk)
         for name, module in model.named_modules():
@@ -192,8 +194,8 @@ def _linear_targets(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[
                 continue
             if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 continue
-            key = canonical_keys(model, name + ".weight")[0]
-            hf, kind = hf_names_of(bridge, models, key)
+            key = bridge.canonical_names(model, name + ".weight")[0]
+            hf, kind = bridge.hf_names_for(key)
             yield module, key, hf, kind
 
 
@@ -254,6 +256,7 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
                           target_modules=[])
         requested = list(finetuning_args.lora_target)
 
+    state.base_model_name_or_path = getattr(model_args, "model_name_or_path", None) if model_args is not None else None
     for chunk in models:
         for p in _unwrap(chunk).parameters():
             p.requires_grad_(False)
@@ -312,8 +315,38 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
     if resume:
         load_peft_adapter(state, resume)
     for chunk in models:
-        _adapter_only_checkpoints(_unwrap(chunk))
+        _adapter_only_checkpoints(_unwrap(chunk), state)
     return state
+
+
+def state_of(models: Sequence[torch.nn.Module]) -> Optional[LoraState]:
+    """The LoraState `apply_lora` attached to these model chunks (DDP-wrapped or not), or None without LoRA."""
+    for chunk in models:
+        state = getattr(_unwrap(chunk), "mca_lora_state", None)
+        if state is not None:
+            return state
+    return None
+
+
+def is_adapter_only(model: torch.nn.Module) -> bool:
+    """True when this model chunk's `sharded_state_dict` holds the LoRA adapter only (checkpoints)."""
+    return bool(getattr(_unwrap(model), "_lora_adapter_only", False))
+
+
+def is_adapter_key(key: str) -> bool:
+    """A (sharded) state-dict key of a LoRA adapter tensor."""
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def checkpoint_marker(state: LoraState) -> dict:
+    """What a checkpoint's marker records about its adapter (merge needs the base model)."""
+    base = state.base_model_name_or_path
+    out = {"finetuning_type": "lora", "adapter_only": True, "base_model_name_or_path": base,
+           "lora": {"r": state.r, "alpha": state.alpha, "dropout": state.dropout, "use_rslora": state.use_rslora,
+                    "target_modules": list(state.target_modules)}}
+    if base and os.path.isdir(base):
+        out["base_model_path"] = os.path.abspath(base)
+    return out
 
 
 def _name_seed(path: str, seed: Optional[int]) -> int:
@@ -328,14 +361,15 @@ def _mark_tp(param: torch.nn.Parameter, split: bool, dim: int) -> None:
         set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
 
 
-def _adapter_only_checkpoints(model: torch.nn.Module) -> None:
+def _adapter_only_checkpoints(model: torch.nn.Module, state: LoraState) -> None:
     """Narrow this chunk's `sharded_state_dict` to the adapter tensors (the base comes from the HF model)."""
+    model.mca_lora_state = state
     if getattr(model, "_lora_adapter_only", False):
         return
     full = model.sharded_state_dict
 
     def sharded_state_dict(*args, **kwargs):
-        return {k: v for k, v in full(*args, **kwargs).items() if ".lora_A." in k or ".lora_B." in k}
+        return {k: v for k, v in full(*args, **kwargs).items() if is_adapter_key(k)}
 
     model.sharded_state_dict = sharded_state_dict
     model._lora_adapter_only = True
@@ -358,23 +392,6 @@ def disabled(state: Optional[LoraState]):
         state.enabled = prev
 
 
-@contextlib.contextmanager
-def detached(state: Optional[LoraState]):
-    """The adapter parameters taken off the modules (for code that walks the base parameters only)."""
-    if state is None:
-        yield
-        return
-    saved = []
-    for module in state.modules:
-        saved.append((module, module._modules.pop("lora_A"), module._modules.pop("lora_B")))
-    try:
-        yield
-    finally:
-        for module, a, b in saved:
-            module._modules["lora_A"] = a
-            module._modules["lora_B"] = b
-
-
 def merge(state: LoraState) -> None:
     """W += scale * B A in place, on every rank's shards; the adapters then stay disabled."""
     with torch.no_grad():
@@ -388,8 +405,7 @@ def save_merged_hf(bridge: Any, models: Sequence[torch.nn.Module], state: LoraSt
     """Collective: the base weights with the adapter merged in, written as a Hugging Face model (the model's
     weights are merged in place)."""
     merge(state)
-    with detached(state):
-        bridge.save_hf_pretrained(models, output_dir, tokenizer=tokenizer, dtype=dtype)
+    bridge.save_hf_pretrained(models, output_dir, tokenizer=tokenizer, dtype=dtype)  # adapters are skipped
 
 
 # --------------------------------------------------------------------------------------------- PEFT I/O
@@ -445,13 +461,20 @@ def peft_config_dict(state: LoraState, base_model_name_or_path: Optional[str]) -
 def save_peft_adapter(models: Sequence[torch.nn.Module], state: LoraState, output_dir: str,
                       base_model_name_or_path: Optional[str] = None) -> None:
     """Collective. Rank 0 writes adapter_model.safetensors + adapter_config.json (what PeftModel.save_pretrained
-    writes), which `PeftModel.from_pretrained(hf_model, output_dir)` loads."""
+    writes), which `PeftModel.from_pretrained(hf_model, output_dir)` loads. Into a published checkpoint that
+    already holds its adapter nothing is written (checkpoints are immutable once published)."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from llamafactory_mca.checkpoint import is_megatron_checkpoint
+
     tensors = adapter_state_dict(state)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    # A published checkpoint is immutable: its adapter was written before the checkpoint was published
+    # (`checkpoint.save_checkpoint(extra_files=...)`); rewriting it now would break that atomicity.
+    published = rank == 0 and is_megatron_checkpoint(output_dir) and all(
+        os.path.isfile(os.path.join(output_dir, f)) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+    if rank == 0 and not published:
         os.makedirs(output_dir, exist_ok=True)
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, os.path.join(output_dir, ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})

@@ -59,16 +59,17 @@ def _gpt_with_vision():
     class Qwen2VLGPTModel(GPTModel):
         """GPTModel whose first stage embeds images / videos with Hugging Face's Qwen2-VL vision tower."""
 
-        def __init__(self, *args, hf_config=None, **kwargs):
+        def __init__(self, *args, hf_config=None, vision_cls=None, **kwargs):
             super().__init__(*args, **kwargs)
             self.vision_model = None
             self.image_token_id = hf_config.image_token_id
             self.video_token_id = hf_config.video_token_id
             if self.pre_process:
-                from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+                if vision_cls is None:  # Qwen2-VL's; Qwen2.5-VL passes its own (models/qwen2_5_vl.py)
+                    from transformers.models.qwen2_vl.modeling_qwen2_vl import \
+                        Qwen2VisionTransformerPretrainedModel as vision_cls
 
-                self.vision_model = Qwen2VisionTransformerPretrainedModel._from_config(
-                    hf_config.vision_config, dtype=self.config.params_dtype)
+                self.vision_model = vision_cls._from_config(hf_config.vision_config, dtype=self.config.params_dtype)
 
         def _vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
             dtype = next(self.vision_model.parameters()).dtype
@@ -130,9 +131,10 @@ class Qwen2VLBridge(ModelBridge):
         text = self._text(hf_config)
         super().check_config(text)
         if getattr(text, "use_sliding_window", False):
-            raise ValueError("qwen2_vl with use_sliding_window=True is not supported by the Megatron bridge yet")
+            raise ValueError(f"{hf_config.model_type} with use_sliding_window=True is not supported by the Megatron "
+                             "bridge yet")
         if not self.mrope_section(hf_config):
-            raise ValueError("qwen2_vl config without rope mrope_section")
+            raise ValueError(f"{hf_config.model_type} config without rope mrope_section")
 
     def mrope_section(self, hf_config) -> list:
         rope = self._rope_parameters(hf_config)
@@ -173,7 +175,13 @@ class Qwen2VLBridge(ModelBridge):
     def new_model(self, hf_config, config, mca_args, **kwargs):
         kwargs["position_embedding_type"] = "mrope"
         kwargs["max_sequence_length"] = getattr(self._text(hf_config), "max_position_embeddings", 4096)
-        return _gpt_with_vision()(config=config, hf_config=hf_config, **kwargs)
+        return _gpt_with_vision()(config=config, hf_config=hf_config, vision_cls=self.vision_cls(), **kwargs)
+
+    def vision_cls(self):
+        """Hugging Face's vision tower class (built on the first stage, weights under `visual.`)."""
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        return Qwen2VisionTransformerPretrainedModel
 
     def _mask_padded_logits(self, model, hf_config) -> None:
         super()._mask_padded_logits(model, self._text(hf_config))
@@ -181,7 +189,8 @@ class Qwen2VLBridge(ModelBridge):
     def _set_hf_rope(self, model, hf_config, rope: dict) -> None:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
-            raise ValueError(f"qwen2_vl rope_type {rope_type!r} is not supported by the Megatron bridge yet")
+            raise ValueError(f"{hf_config.model_type} rope_type {rope_type!r} is not supported by the Megatron "
+                             "bridge yet")
 
     # ------------------------------------------------------------------ weights
     def _compiled_table(self, hf_config) -> list:

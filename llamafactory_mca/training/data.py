@@ -7,8 +7,15 @@ What this module adds around them:
   seed (accelerate's seedable RandomSampler, then `BatchSamplerShard` over data-parallel ranks);
 * label shift: HF labels are aligned with the inputs and shifted inside the loss; megatron's GPTModel takes
   labels aligned with its outputs;
-* padding: sequence lengths padded to a multiple fitting tp/sp/cp, and, with pipeline parallelism, every
-  microbatch of a step padded to one shape (pipeline p2p buffers have fixed shapes).
+* padding: sequence lengths padded to a multiple fitting tp/sp/cp (`models.packing.seq_multiple`), and, with
+  pipeline parallelism, every microbatch of a step padded to one shape (pipeline p2p buffers have fixed shapes);
+* neat_packing: LLaMA-Factory's packed rows (attention mask = per-sample indices 1, 2, 3 ..., 0 = padding) become
+  one THD row with `PackedSeqParams` (`models.packing.pack_thd`), so that each sample attends only to itself;
+* context parallelism: after the label shift (and packing), each microbatch keeps this CP rank's tokens
+  (`models.packing.cp_split`, causal load balancing); token and sample counts stay on CP rank 0 only, so that
+  sums over the data-parallel group with CP count them once;
+* multimodal models (Qwen2-VL): pixel values / grid sizes pass to the model, mRoPE position ids [3, b, s] are
+  computed as Hugging Face computes them (LLaMA-Factory's collator only does so when it holds the HF model).
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from llamafactory_mca.models import packing
+
 IGNORE_INDEX = -100
+MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 # --------------------------------------------------------------------------------------------- order
@@ -99,12 +109,13 @@ def build_collator(stage: str, template: Any, model_args: Any, data_args: Any, t
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask
 
     tokenizer = tokenizer_module["tokenizer"]
+    # neat_packing: keep the 2-D mask of per-sample indices (no 4-D block mask): it becomes THD cu_seqlens here
     return SFTDataCollatorWith4DAttentionMask(
         template=template,
         model=None,
         pad_to_multiple_of=math.lcm(8, pad_multiple),
         label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-        block_diag_attn=model_args.block_diag_attn,
+        block_diag_attn=False,
         neat_packing=data_args.neat_packing,
         attn_implementation=None,
         compute_dtype=model_args.compute_dtype,
@@ -125,22 +136,36 @@ class MicroBatch:
     num_input_tokens: int  # non-padding input tokens (throughput)
     num_samples: int = 0  # real samples (eval loss weighting)
     extra: dict = field(default_factory=dict)  # stage-specific data (e.g. DPO: pairs, sample ids, reference logps)
+    segment_ids: Optional[torch.Tensor] = None  # [b, s] neat_packing: sample index per token, 0 = padding
+    packed_seq_params: Any = None  # THD (neat_packing): megatron PackedSeqParams, global cu_seqlens
+    model_inputs: dict = field(default_factory=dict)  # extra model kwargs (Qwen2-VL: pixel_values, image_grid_thw)
+    full_seq_length: int = 0  # the sequence length before the CP split (0: not split)
 
     @property
     def seq_length(self) -> int:
         return self.tokens.shape[1]
 
     @property
+    def schedule_seq_length(self) -> int:
+        """What megatron's schedules take as seq_length (they divide it by cp and, under SP, by tp)."""
+        return self.full_seq_length or self.tokens.shape[1]
+
+    @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
 
-def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int) -> MicroBatch:
+def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int, segments: bool = False,
+                  rope_fn: Optional[Any] = None) -> MicroBatch:
     """One collated HF batch -> megatron inputs (right padding, causal attention).
 
     `num_label_tokens` is what the HF Trainer divides the summed loss by (`num_items_in_batch`): labels
     != -100 counted *before* the shift. For sft the first label is always a prompt token (-100), so this
     equals the number of predicted tokens; for pt it counts each sequence's first token too, exactly as HF.
+
+    segments: the attention mask holds neat_packing's per-sample indices (kept as `segment_ids`).
+    rope_fn: (input_ids, image_grid_thw, video_grid_thw, attention_mask) -> [3, b, s] mRoPE positions, for
+    multimodal models when the collator gave none.
     """
     input_ids = features["input_ids"]
     labels = features.get("labels")
@@ -149,8 +174,8 @@ def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int) -> Micro
     attention_mask = features.get("attention_mask")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(
-            "`neat_packing` / `block_diag_attn` (4D attention masks) are not supported by the Megatron backend "
-            "yet. Fix: set neat_packing: false and block_diag_attn: false."
+            "4D attention masks are not supported by the Megatron backend: neat_packing is turned into packed "
+            "sequences (THD) from the 2-D mask of sample indices. Fix: build the collator with block_diag_attn=False."
         )
     if attention_mask is not None and attention_mask.numel() and bool((attention_mask[:, 0] == 0).any()) \
             and bool((attention_mask.sum(-1) > 0).all()):
@@ -159,14 +184,26 @@ def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int) -> Micro
     shifted[:, :-1] = labels[:, 1:]
     loss_mask = (shifted != IGNORE_INDEX).float()
     b, s = input_ids.shape
+    # Text positions run 0..s-1 (megatron's RoPE ignores position ids; plain `packing` therefore keeps running
+    # positions, as before); multimodal RoPE takes [3, b, s] positions.
+    position_ids = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous()
+    model_inputs = {k: features[k] for k in MODEL_INPUT_KEYS if torch.is_tensor(features.get(k))}
+    given = features.get("position_ids")
+    if torch.is_tensor(given) and given.dim() == 3:
+        position_ids = (given[1:] if given.shape[0] == 4 else given).long()
+    elif rope_fn is not None:
+        position_ids = rope_fn(input_ids, model_inputs.get("image_grid_thw"), model_inputs.get("video_grid_thw"),
+                               (attention_mask >= 1).long() if attention_mask is not None else None).long()
     return MicroBatch(
         tokens=input_ids.long(),
-        position_ids=torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous(),
+        position_ids=position_ids,
         labels=shifted.masked_fill(shifted == IGNORE_INDEX, 0).long(),
         loss_mask=loss_mask,
         num_label_tokens=torch.tensor(int((labels != IGNORE_INDEX).sum()), dtype=torch.int),
-        num_input_tokens=int(attention_mask.sum()) if attention_mask is not None else b * s,
+        num_input_tokens=int((attention_mask > 0).sum()) if attention_mask is not None else b * s,
         num_samples=b,
+        segment_ids=attention_mask.long() if segments and attention_mask is not None else None,
+        model_inputs=model_inputs,
     )
 
 
@@ -182,7 +219,9 @@ def pad_microbatch(mb: MicroBatch, seq_length: int, batch_size: int, pad_token_i
         out[:b, :s] = t
         return out
 
-    position_ids = torch.arange(seq_length, dtype=torch.long).unsqueeze(0).expand(batch_size, -1).contiguous()
+    lead = tuple(mb.position_ids.shape[:-2])  # () or (3,) for mRoPE
+    position_ids = torch.arange(seq_length, dtype=torch.long).expand(*lead, batch_size, seq_length).clone()
+    position_ids[..., :b, :s] = mb.position_ids
     return MicroBatch(
         tokens=pad(mb.tokens, pad_token_id),
         position_ids=position_ids,
@@ -192,17 +231,119 @@ def pad_microbatch(mb: MicroBatch, seq_length: int, batch_size: int, pad_token_i
         num_input_tokens=mb.num_input_tokens,
         num_samples=mb.num_samples,
         extra=mb.extra,
+        segment_ids=pad(mb.segment_ids, 0) if mb.segment_ids is not None else None,
+        model_inputs=mb.model_inputs,
     )
 
 
-def seq_multiple(tp: int, sequence_parallel: bool, cp: int) -> int:
-    """Sequence lengths must divide by tp under sequence parallelism and by 2*cp under context parallelism."""
-    multiple = 1
-    if sequence_parallel and tp > 1:
-        multiple = math.lcm(multiple, tp)
-    if cp > 1:
-        multiple = math.lcm(multiple, 2 * cp)
-    return multiple
+# --------------------------------------------------------------------------------------------- layout
+
+
+@dataclass
+class SeqLayout:
+    """How this rank lays a microbatch out along the sequence: tp / sp / cp alignment, THD packing, CP split."""
+
+    tp: int = 1
+    cp: int = 1
+    cp_rank: int = 0
+    sequence_parallel: bool = False
+    thd: bool = False  # neat_packing: packed samples as THD + PackedSeqParams
+
+    @property
+    def multiple(self) -> int:
+        return packing.seq_multiple(self.tp, self.cp, self.sequence_parallel)
+
+
+def to_thd(mb: MicroBatch, layout: SeqLayout, pad_token_id: int) -> MicroBatch:
+    """neat_packing rows [b, s] -> one THD row [1, T] + PackedSeqParams (each sample attends to itself only).
+
+    Row padding (segment 0) is dropped; each sample is padded to 2*cp under CP and T to the multiple SP needs.
+    The labels were shifted on the rows: a sample's last token keeps the target the Hugging Face path gives it
+    (the next sample's first label, -100 for sft prompts), so the loss equals LLaMA-Factory's neat_packing loss.
+    """
+    seg_mult, total_mult = packing.thd_multiples(layout.tp, layout.cp, layout.sequence_parallel)
+    batch = {"tokens": mb.tokens, "labels": mb.labels, "loss_mask": mb.loss_mask, "position_ids": mb.position_ids}
+    packed, params, _ = packing.pack_thd(batch, mb.segment_ids, seg_mult, total_mult,
+                                         pad_values={"tokens": pad_token_id, "labels": 0, "loss_mask": 0.0})
+    return MicroBatch(
+        tokens=packed["tokens"], position_ids=packed["position_ids"], labels=packed["labels"],
+        loss_mask=packed["loss_mask"], num_label_tokens=mb.num_label_tokens, num_input_tokens=mb.num_input_tokens,
+        num_samples=mb.num_samples, extra=mb.extra, segment_ids=None, packed_seq_params=params,
+        model_inputs=mb.model_inputs,
+    )
+
+
+def extend_thd(mb: MicroBatch, total: int, pad_token_id: int) -> MicroBatch:
+    """Append one padding sequence so that the THD row holds `total` tokens (uniform pipeline shapes)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    t = mb.tokens.shape[-1]
+    extra = total - t
+    if extra <= 0:
+        return mb
+    p = mb.packed_seq_params
+
+    def cat(x: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.cat([x, torch.full((*x.shape[:-1], extra), value, dtype=x.dtype)], dim=-1)
+
+    def cu(c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([c, c[-1:] + extra])
+
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu(p.cu_seqlens_q), cu_seqlens_kv=cu(p.cu_seqlens_kv),
+                             cu_seqlens_q_padded=cu(p.cu_seqlens_q_padded),
+                             cu_seqlens_kv_padded=cu(p.cu_seqlens_kv_padded),
+                             max_seqlen_q=max(p.max_seqlen_q, extra), max_seqlen_kv=max(p.max_seqlen_kv, extra))
+    positions = torch.cat([mb.position_ids, torch.arange(extra).expand(*mb.position_ids.shape[:-1], extra)], -1)
+    return MicroBatch(
+        tokens=cat(mb.tokens, pad_token_id), position_ids=positions, labels=cat(mb.labels, 0),
+        loss_mask=cat(mb.loss_mask, 0.0), num_label_tokens=mb.num_label_tokens,
+        num_input_tokens=mb.num_input_tokens, num_samples=mb.num_samples, extra=mb.extra,
+        packed_seq_params=params, model_inputs=mb.model_inputs,
+    )
+
+
+def split_for_cp(mb: MicroBatch, layout: SeqLayout) -> MicroBatch:
+    """This CP rank's tokens of `mb` (after the label shift); counts stay on CP rank 0 only."""
+    if layout.cp == 1:
+        return mb
+    batch = {"tokens": mb.tokens, "labels": mb.labels, "loss_mask": mb.loss_mask, "position_ids": mb.position_ids}
+    local = packing.cp_split(batch, layout.cp, layout.cp_rank, mb.packed_seq_params)
+    first = layout.cp_rank == 0
+    extra = dict(mb.extra)
+    if torch.is_tensor(extra.get("attention_mask")):  # DPO: per-token mask of the rows, split the same way
+        m = extra["attention_mask"]
+        m = torch.nn.functional.pad(m, (0, mb.tokens.shape[-1] - m.shape[-1]))
+        extra["attention_mask"] = packing.cp_split({"tokens": mb.tokens, "m": m}, layout.cp, layout.cp_rank,
+                                                   mb.packed_seq_params)["m"]
+    return MicroBatch(
+        tokens=local["tokens"], position_ids=local["position_ids"], labels=local["labels"],
+        loss_mask=local["loss_mask"],
+        num_label_tokens=mb.num_label_tokens if first else torch.zeros_like(mb.num_label_tokens),
+        num_input_tokens=mb.num_input_tokens if first else 0, num_samples=mb.num_samples if first else 0,
+        extra=extra, packed_seq_params=mb.packed_seq_params, model_inputs=mb.model_inputs,
+        full_seq_length=mb.tokens.shape[-1],
+    )
+
+
+def lay_out(mbs: list[MicroBatch], layout: SeqLayout, pad_token_id: int, uniform_shapes: bool,
+            rows: int) -> list[MicroBatch]:
+    """Pad (or pack), make shapes uniform for the pipeline (at least `rows` rows), then split for CP."""
+    if layout.thd:
+        mbs = [to_thd(mb, layout, pad_token_id) for mb in mbs]
+        if uniform_shapes and mbs:
+            total = max(mb.tokens.shape[-1] for mb in mbs)
+            mbs = [extend_thd(mb, total, pad_token_id) for mb in mbs]
+    else:
+        out = []
+        for mb in mbs:
+            target = round_up(mb.seq_length, layout.multiple)
+            out.append(pad_microbatch(mb, target, mb.batch_size, pad_token_id) if target != mb.seq_length else mb)
+        mbs = out
+        if uniform_shapes and mbs:
+            seq = max(mb.seq_length for mb in mbs)
+            bsz = max([rows] + [mb.batch_size for mb in mbs])
+            mbs = [pad_microbatch(mb, seq, bsz, pad_token_id) for mb in mbs]
+    return [split_for_cp(mb, layout) for mb in mbs]
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -212,35 +353,34 @@ def round_up(n: int, multiple: int) -> int:
 class StepBatches:
     """Builds the microbatches of one optimizer step for this data-parallel rank."""
 
-    def __init__(self, dataset: Any, collator: Any, pad_token_id: int, multiple: int, uniform_shapes: bool,
-                 micro_batch_size: int) -> None:
+    def __init__(self, dataset: Any, collator: Any, pad_token_id: int, layout: SeqLayout, uniform_shapes: bool,
+                 micro_batch_size: int, rope_fn: Optional[Any] = None) -> None:
         self.dataset = dataset
         self.collator = collator
         self.pad_token_id = pad_token_id
-        self.multiple = multiple
+        self.layout = layout
         self.uniform_shapes = uniform_shapes
         self.micro_batch_size = micro_batch_size
+        self.rope_fn = rope_fn
+
+    @property
+    def multiple(self) -> int:
+        return self.layout.multiple
 
     def build(self, batches: list[Optional[list[int]]]) -> list[MicroBatch]:
-        """Collate, adapt and pad; a None entry becomes a batch without loss (sample 0, fully masked)."""
+        """Collate, adapt, pad / pack and split; a None entry becomes a batch without loss (sample 0, fully
+        masked)."""
         mbs = []
         for idx in batches:
             features = self.collator([self.dataset[i] for i in (idx if idx is not None else [0])])
-            mb = to_microbatch(features, self.pad_token_id)
+            mb = to_microbatch(features, self.pad_token_id, segments=self.layout.thd, rope_fn=self.rope_fn)
             if idx is None:
                 mb.loss_mask.zero_()
                 mb.num_label_tokens = torch.tensor(0, dtype=torch.int)
                 mb.num_input_tokens = 0
                 mb.num_samples = 0
-            target = round_up(mb.seq_length, self.multiple)
-            if target != mb.seq_length:
-                mb = pad_microbatch(mb, target, mb.batch_size, self.pad_token_id)
             mbs.append(mb)
-        if self.uniform_shapes and mbs:
-            seq = max(mb.seq_length for mb in mbs)
-            bsz = max([self.micro_batch_size] + [mb.batch_size for mb in mbs])
-            mbs = [pad_microbatch(mb, seq, bsz, self.pad_token_id) for mb in mbs]
-        return mbs
+        return lay_out(mbs, self.layout, self.pad_token_id, self.uniform_shapes, self.micro_batch_size)
 
 
 def microbatch_iterator(mbs: list[MicroBatch]) -> Iterator[MicroBatch]:

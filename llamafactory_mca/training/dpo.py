@@ -41,12 +41,12 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
 class PairBatches:
     """Microbatches of pairs: [chosen_1..n, rejected_1..n] rows (+ padding rows/columns that carry nothing)."""
 
-    def __init__(self, dataset: Any, collator: Any, pad_token_id: int, multiple: int, uniform_shapes: bool,
-                 micro_batch_size: int) -> None:
+    def __init__(self, dataset: Any, collator: Any, pad_token_id: int, layout: mdata.SeqLayout,
+                 uniform_shapes: bool, micro_batch_size: int) -> None:
         self.dataset = dataset
         self.collator = collator
         self.pad_token_id = pad_token_id
-        self.multiple = multiple
+        self.layout = layout
         self.uniform_shapes = uniform_shapes
         self.micro_batch_size = micro_batch_size
 
@@ -63,19 +63,13 @@ class PairBatches:
                 mb.num_label_tokens = torch.tensor(0, dtype=torch.int)
                 mb.num_input_tokens = 0
                 mb.num_samples = 0
-            target = mdata.round_up(mb.seq_length, self.multiple)
-            if target != mb.seq_length:
-                mb = mdata.pad_microbatch(mb, target, mb.batch_size, self.pad_token_id)
             mbs.append(mb)
-        if self.uniform_shapes and mbs:
-            seq = max(mb.seq_length for mb in mbs)
-            rows = max([2 * self.micro_batch_size] + [mb.batch_size for mb in mbs])
-            mbs = [mdata.pad_microbatch(mb, seq, rows, self.pad_token_id) for mb in mbs]
-        return mbs
+        return mdata.lay_out(mbs, self.layout, self.pad_token_id, self.uniform_shapes, 2 * self.micro_batch_size)
 
 
 def _sequence_logps(logits: torch.Tensor, mb: mdata.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of label log-probs, label count) per row, from vocab-parallel logits [b, s, V/tp]."""
+    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     labels = mb.labels.to(logits.device)
@@ -83,7 +77,28 @@ def _sequence_logps(logits: torch.Tensor, mb: mdata.MicroBatch) -> tuple[torch.T
     # megatron's kernel works in place on its input: give it a copy
     ce = vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous().clone(), labels.t().contiguous())
     logps = -(ce.t() * mask).sum(-1)
-    return logps, mask.sum(-1)
+    lengths = mask.sum(-1)
+    if ps.get_context_parallel_world_size() > 1:  # each CP rank holds part of every row
+        logps = _CPSum.apply(logps)
+        lengths = _CPSum.apply(lengths)
+    return logps, lengths
+
+
+class _CPSum(torch.autograd.Function):
+    """Sum over the context-parallel group; backward: identity (every CP rank computes the same loss from the
+    sum, and DDP sums the gradients of the ranks' own token paths over dp x cp)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        out = x.detach().clone()
+        dist.all_reduce(out, group=ps.get_context_parallel_group())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 def _logits_mean(logits: torch.Tensor, rows: slice, mask: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -103,7 +118,12 @@ def _logits_mean(logits: torch.Tensor, rows: slice, mask: torch.Tensor, vocab: i
     total = (local[..., :real].sum(-1) * m).sum().reshape(1).double()
     if ps.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
-    count = float(m.sum()) * vocab
+    tokens = m.sum().reshape(1).double()
+    if ps.get_context_parallel_world_size() > 1:
+        both = torch.cat([total, tokens])
+        dist.all_reduce(both, group=ps.get_context_parallel_group())
+        total, tokens = both[:1], both[1:]
+    count = float(tokens) * vocab
     return (total / max(count, 1.0)).float()
 
 
@@ -128,7 +148,7 @@ class DPOTask(SupervisedTask):
         )
 
     def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int) -> Any:
-        return PairBatches(dataset, run.collator, run.pad_id, run.multiple, uniform_shapes=run.pp > 1,
+        return PairBatches(dataset, run.collator, run.pad_id, run.layout, uniform_shapes=run.pp > 1,
                            micro_batch_size=micro_batch_size)
 
     def plot_keys(self) -> list[str]:
@@ -192,7 +212,7 @@ class DPOTask(SupervisedTask):
             model.train()
         table = torch.zeros(n, 2, dtype=torch.float64, device=run.device)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
-            if ps.get_tensor_model_parallel_rank() == 0:
+            if ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
                 for idx, (c, r) in self._ref_out.items():
                     table[idx, 0], table[idx, 1] = c, r
             dist.all_reduce(table, group=ps.get_data_parallel_group(with_context_parallel=True))
@@ -309,6 +329,11 @@ class DPOTask(SupervisedTask):
             if key in values:
                 report[i] = values[key].double()
         report[-1] = 1.0  # this microbatch counts once
+        from megatron.core import parallel_state as ps
+
+        if ps.get_context_parallel_rank() != 0:  # the CP group computed one loss: count it once
+            report.zero_()
+            return loss, torch.tensor(0, dtype=torch.int, device=logits.device), {"dpo": report}
         return loss, torch.tensor(1, dtype=torch.int, device=logits.device), {"dpo": report}
 
     def _reduce(self, run: Run, losses: list) -> torch.Tensor:

@@ -177,6 +177,20 @@ def _configure(models: list, ddp_models: list, optimizer: Any, m: Any, params_dt
 # --------------------------------------------------------------------------------------------- steps
 
 
+def model_kwargs(mb: mdata.MicroBatch, device: torch.device) -> dict:
+    """Keyword inputs of the model besides tokens / positions: THD packing params, multimodal inputs."""
+    kwargs = {key: value.to(device) for key, value in mb.model_inputs.items()}
+    p = mb.packed_seq_params
+    if p is not None:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        kwargs["packed_seq_params"] = PackedSeqParams(
+            qkv_format=p.qkv_format, cu_seqlens_q=p.cu_seqlens_q.to(device), cu_seqlens_kv=p.cu_seqlens_kv.to(device),
+            cu_seqlens_q_padded=p.cu_seqlens_q_padded.to(device), cu_seqlens_kv_padded=p.cu_seqlens_kv_padded.to(device),
+            max_seqlen_q=p.max_seqlen_q, max_seqlen_kv=p.max_seqlen_kv)
+    return kwargs
+
+
 def _forward_step(data_iterator: Any, model: Any):
     mb: mdata.MicroBatch = next(data_iterator)
     device = next(model.parameters()).device
@@ -185,6 +199,7 @@ def _forward_step(data_iterator: Any, model: Any):
         mb.position_ids.to(device),
         None,
         labels=mb.labels.to(device),
+        **model_kwargs(mb, device),
     )
     return output, partial(_loss_func, mb.loss_mask.to(device), mb.num_label_tokens.to(device), mb.num_samples)
 
@@ -233,7 +248,7 @@ def _run_schedule(ddp_models: list, mbs: list, forward_only: bool, forward_step:
         data_iterator=iters if len(iters) > 1 else iters[0],
         model=ddp_models if len(ddp_models) > 1 else ddp_models[0],
         num_microbatches=len(mbs),
-        seq_length=mbs[0].seq_length,
+        seq_length=mbs[0].schedule_seq_length,  # megatron divides it by cp (and by tp under SP)
         micro_batch_size=mbs[0].batch_size,
         forward_only=forward_only,
     )
@@ -276,6 +291,8 @@ class Run:
     collator: Any = None
     pad_id: int = 0
     multiple: int = 1
+    layout: mdata.SeqLayout = field(default_factory=mdata.SeqLayout)
+    rope_fn: Optional[Callable] = None  # multimodal RoPE positions (Qwen2-VL), see training/multimodal.py
     hf_config: Any = None
     params_dtype: torch.dtype = torch.float32
     bridge: Any = None
@@ -299,8 +316,8 @@ class SupervisedTask:
                                     run.tokenizer_module, run.multiple)
 
     def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int) -> Any:
-        return mdata.StepBatches(dataset, run.collator, run.pad_id, run.multiple, uniform_shapes=run.pp > 1,
-                                 micro_batch_size=micro_batch_size)
+        return mdata.StepBatches(dataset, run.collator, run.pad_id, run.layout, uniform_shapes=run.pp > 1,
+                                 micro_batch_size=micro_batch_size, rope_fn=run.rope_fn)
 
     def prepare(self, run: Run) -> None:
         """After the model, optimizer and bookkeeping exist, before the first step."""
@@ -347,11 +364,6 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     from llamafactory_mca.args import MegatronArguments, global_batch_size
 
     m: MegatronArguments = mca_args[MegatronArguments]
-    if m.context_parallel_size > 1:
-        raise NotImplementedError(
-            "`context_parallel_size`: context parallelism is not implemented in the Megatron trainer yet. "
-            "Fix: set context_parallel_size: 1."
-        )
 
     platform.setup_platform()
     platform.init_parallel(m, training_args.seed)
@@ -382,7 +394,10 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
         raise ValueError("no training data: set `dataset` (LLaMA-Factory's key)")
     if run.train_dataset is not None and not hasattr(run.train_dataset, "__len__"):
         raise NotImplementedError("`streaming: true` is not supported by the Megatron trainer yet. Fix: streaming: false.")
-    run.multiple = mdata.seq_multiple(run.tp, m.sequence_parallel, m.context_parallel_size)
+    run.layout = mdata.SeqLayout(tp=run.tp, cp=ps.get_context_parallel_world_size(),
+                                 cp_rank=ps.get_context_parallel_rank(), sequence_parallel=m.sequence_parallel,
+                                 thd=bool(data_args.neat_packing) and run.stage == "sft")
+    run.multiple = run.layout.multiple
     run.collator = task.build_collator(run)
     run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
 
@@ -391,6 +406,9 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
         m.moe_aux_loss_coeff = model_args.moe_aux_loss_coef  # LLaMA-Factory's own key, as its HF path uses it
     run.hf_config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                                trust_remote_code=model_args.trust_remote_code)
+    from llamafactory_mca.training import multimodal
+
+    run.rope_fn = multimodal.rope_fn(run.hf_config)
     run.params_dtype = _params_dtype(training_args)
     run.bridge = _get_bridge(run.hf_config)
     # No random init: every weight is overwritten by the HF checkpoint (the bridge marks TP-split weights).
@@ -428,6 +446,12 @@ def apply_finetuning_type(run: Run) -> Any:
 
         raise McaArgumentError(f"`finetuning_type`: '{ftype}' is not supported by the Megatron backend. "
                                "Fix: use full, freeze or lora.")
+    from llamafactory_mca.training import multimodal
+
+    if ftype == "full":
+        frozen = multimodal.apply_full_tuning_freeze(run.bridge, run.models, run.finetuning_args)
+        if frozen:
+            _log(f"Fine-tuning method: Full (frozen on rank 0: {', '.join(frozen)})")
     trainable, total = count_parameters(run.models)
     _log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
          f"{100 * trainable / max(total, 1):.4f}")
@@ -473,7 +497,8 @@ def train(run: Run, task: Any) -> None:
                                       strict=run.lora is None)
 
     _log(f"***** Running training (Megatron: tp={run.tp} pp={run.pp} vpp={m.virtual_pipeline_model_parallel_size} "
-         f"ep={m.expert_model_parallel_size} dp={dp_size}) *****")
+         f"cp={run.layout.cp} ep={m.expert_model_parallel_size} dp={dp_size}"
+         f"{' packed=thd' if run.layout.thd else ''}) *****")
     _log(f"  Num examples = {num_examples:,}  Num epochs = {num_train_epochs:,}  Total optimization steps = "
          f"{max_steps:,}  Global batch size = {run.gbs:,}")
 
@@ -662,11 +687,22 @@ def _moe_metrics(config: Any, num_microbatches: int) -> dict[str, float]:
 
 def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: Any, scheduler: Any,
                      training_args: Any, m: Any, tokenizer: Any, hf_config: Any) -> None:
-    """The one call site of checkpoint saving: output_dir/checkpoint-{global_step} (collective)."""
+    """The one call site of checkpoint saving: output_dir/checkpoint-{global_step} (collective).
+
+    Under LoRA the PEFT adapter (what the HF Trainer's LoRA checkpoints hold) is written into the checkpoint
+    before it is published, and the marker records the base model (merge needs it)."""
     import dataclasses
 
     from llamafactory_mca import checkpoint
+    from llamafactory_mca.models import lora
 
+    state = lora.state_of(ddp_models)
+    extra_files = extra_info = None
+    if state is not None:
+        def extra_files(tmp_dir: str) -> None:
+            lora.save_peft_adapter(ddp_models, state, tmp_dir, base_model_name_or_path=state.base_model_name_or_path)
+
+        extra_info = lora.checkpoint_marker(state)
     checkpoint.save_checkpoint(
         training_args.output_dir,
         book.state.global_step,
@@ -678,15 +714,28 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
         hf_config=hf_config,
         tokenizer=tokenizer,
         save_total_limit=training_args.save_total_limit,
+        extra_files=extra_files,
+        extra_info=extra_info,
     )
 
 
 def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping,
                      strict: bool = True) -> int:
-    """Resume (collective): restores weights, optimizer, scheduler, RNG and the TrainerState; returns the step."""
-    from llamafactory_mca import checkpoint
+    """Resume (collective): restores weights, optimizer, scheduler, RNG and the TrainerState; returns the step.
 
-    result = checkpoint.load_checkpoint(path, ddp_models, optimizer, scheduler, strict=strict)
+    The load is always strict: under LoRA, every adapter tensor must be in the checkpoint (the base weights
+    come from the Hugging Face model). `strict` is accepted for callers of the earlier signature only."""
+    from llamafactory_mca import checkpoint
+    from llamafactory_mca.models import lora
+
+    del strict
+    result = checkpoint.load_checkpoint(path, ddp_models, optimizer, scheduler, strict=True)
+    lora_state = lora.state_of(ddp_models)
+    saved_base = result["info"].get("base_model_name_or_path")
+    if lora_state is not None and saved_base and lora_state.base_model_name_or_path and dist.get_rank() == 0:
+        if os.path.abspath(saved_base) != os.path.abspath(lora_state.base_model_name_or_path):
+            _log(f"warning: {path} was trained on base model {saved_base}, this run uses "
+                 f"{lora_state.base_model_name_or_path}: the adapter is applied to another base")
     state = result.get("trainer_state") or {}
     for key, value in state.items():
         # the process roles are this process' own, not those of the rank that wrote the checkpoint
