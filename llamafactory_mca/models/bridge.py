@@ -471,7 +471,7 @@ class ModelBridge:
         return GPTModel(config=config, **kwargs)
 
     def _mask_padded_logits(self, model, hf_config) -> None:
-        """Give the TP vocab-padding columns a logit of -inf, so softmax and loss equal the HF model's.
+        """Give the TP vocab-padding columns the lowest finite logit, so softmax and loss equal the HF model's.
 
         The padding rows of the output weight are zero: left alone they would add exp(0) terms to every
         softmax denominator. Only the TP ranks holding padding columns get the hook.
@@ -491,7 +491,9 @@ class ModelBridge:
         def hook(_module, _inputs, output):
             logits, bias = output
             logits = logits.clone()
-            logits[..., max(first_pad, 0):] = float("-inf")
+            # the dtype's lowest finite value, not -inf: a TP rank holding only padding must not turn the
+            # vocab-parallel max / log-sum-exp into NaN
+            logits[..., max(first_pad, 0):] = torch.finfo(logits.dtype).min
             return logits, bias
 
         output_layer.register_forward_hook(hook)

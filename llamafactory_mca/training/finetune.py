@@ -22,39 +22,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def canonical_keys(model: torch.nn.Module, name: str) -> list[str]:
-    """Canonical megatron keys (global layer `L`, global expert `E`) of parameter `name` of one model chunk."""
-    from megatron.core import parallel_state as ps
-
-    canon = name
-    layer_match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
-    if layer_match:
-        layer = model.decoder.layers[int(layer_match.group(1))]
-        canon = f"decoder.layers.{layer.layer_number - 1}.{layer_match.group(2)}"
-    ep_rank = ps.get_expert_model_parallel_rank()
-    grouped = re.match(r"(decoder\.layers\.\d+\.mlp\.experts)\.weight([12])$", canon)
-    if grouped:
-        experts = model.get_submodule(name.rsplit(".", 1)[0])
-        n = experts.num_local_experts
-        which = "linear_fc1.weight" if grouped.group(2) == "1" else "linear_fc2.weight"
-        return [f"{grouped.group(1)}.{ep_rank * n + j}.{which}" for j in range(n)]
-    seq = re.match(r"(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(.*)$", canon)
-    if seq:
-        experts = model.get_submodule(name.split(".local_experts.")[0])
-        g = ep_rank * experts.num_local_experts + int(seq.group(2))
-        return [f"{seq.group(1)}.{g}.{seq.group(3)}"]
-    return [canon]
-
-
-def hf_names_of(bridge: Any, models: Sequence[torch.nn.Module], key: str) -> tuple[tuple[str, ...], str]:
-    """(Hugging Face tensor names, bridge kind) of one canonical megatron key."""
-    compiled = bridge._compiled_table(_unwrap(models[0]).hf_config)
-    found = bridge._lookup(compiled, key)
-    if found is None:
-        raise KeyError(f"{type(bridge).__name__}: no table entry for megatron parameter {key!r}")
-    return found
-
-
 def param_hf_names(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter, tuple]]:
     """(megatron name, parameter, Hugging Face names) for every parameter of this rank's model chunks.
 
@@ -62,7 +29,6 @@ def param_hf_names(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[t
     indices are dropped from the names, as transformers 5 holds all experts of a layer in one tensor.
     """
     hf_config = _unwrap(models[0]).hf_config
-    compiled = bridge._compiled_table(hf_config)
     tied = bridge.tied_embeddings(hf_config)
     for chunk in models:
         model = _unwrap(chunk)
@@ -70,13 +36,11 @@ def param_hf_names(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[t
             if ".lora_" in name:
                 continue
             names: list[str] = []
-            for key in canonical_keys(model, name):
+            for key in bridge.canonical_names(model, name):
                 if key == "output_layer.weight" and tied:
                     key = "embedding.word_embeddings.weight"
-                found = bridge._lookup(compiled, key)
-                if found is None:
-                    raise KeyError(f"{type(bridge).__name__}: no table entry for megatron parameter {key!r}")
-                names.extend(_EXPERT_INDEX.sub(".experts.", h) for h in found[0])
+                hf_names, _kind = bridge.hf_names_for(key)
+                names.extend(_EXPERT_INDEX.sub(".experts.", h) for h in hf_names)
             yield name, param, tuple(dict.fromkeys(names))
 
 

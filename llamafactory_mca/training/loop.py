@@ -515,14 +515,9 @@ def train(run: Run, task: Any) -> None:
             book.log(dict(metrics))
             book.on_evaluate(metrics)
         if book.control.should_save:
+            # (under LoRA the PEFT adapter is written into the checkpoint before it is published)
             _save_checkpoint(book, run.ddp_models, run.optimizer, run.scheduler, training_args, m, run.tokenizer,
                              run.hf_config)
-            if run.lora is not None:  # as the HF Trainer's checkpoints under LoRA: a PEFT adapter beside
-                from llamafactory_mca.models import lora
-
-                ckpt = os.path.join(training_args.output_dir, f"checkpoint-{book.state.global_step}")
-                lora.save_peft_adapter(run.models, run.lora, ckpt,
-                                       base_model_name_or_path=run.model_args.model_name_or_path)
             book.on_save()
 
     last_grad_norm, last_lr = None, run.optimizer.param_groups[0]["lr"]
