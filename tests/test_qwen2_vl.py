@@ -1,30 +1,31 @@
-"""Qwen2-VL bridge on 2 gloo processes: a tiny locally built Qwen2-VL with images (one per row, different grids).
+"""Qwen2-VL and Qwen2.5-VL bridges on 2 gloo processes: tiny locally built models with images (one per row,
+different grids; the Qwen2.5-VL one has windowed and full-attention vision blocks, gated vision MLP, RMSNorm and
+tied word embeddings).
 
-One `torchrun --nproc_per_node 2` launch (tests/vl_helpers.py) over dp2 (TP=1), tp2, tp2sp and pp2 (vision tower
-on the first stage only): logits equal Hugging Face's Qwen2VLForConditionalGeneration (fp32, mRoPE positions
-from HF's get_rope_index), parameter gradients (vision tower included) equal HF's (dp2, tp2), export is
-bit-exact and save_hf_pretrained reloads to the same weights.
+One `torchrun --nproc_per_node 2` launch per family (tests/vl_helpers.py, which picks the HF class and
+get_rope_index from the model's `model_type`) over dp2 (TP=1), tp2, tp2sp and pp2 (vision tower on the first
+stage only): logits equal Hugging Face's (fp32, mRoPE positions from HF's get_rope_index), parameter gradients
+(vision tower included) equal HF's (dp2, tp2), export is bit-exact and save_hf_pretrained reloads to the same
+weights.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
 from tests.workers import launch_worker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2")
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    from tests.vl_helpers import make_tiny_qwen2_vl
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def results(request, tmp_path_factory):
+    from tests import vl_helpers
 
-    model = str(tmp_path_factory.mktemp("tiny_vl") / "qwen2_vl")
-    make_tiny_qwen2_vl(model)
+    family = request.param
+    model = str(tmp_path_factory.mktemp(family) / family)
+    {"qwen2_vl": vl_helpers.make_tiny_qwen2_vl, "qwen2_5_vl": vl_helpers.make_tiny_qwen2_5_vl}[family](model)
     return launch_worker("vl_helpers.py", ["--model", model, "--layouts", ",".join(LAYOUTS)],
                          tmp_path_factory.mktemp("results"), key=("layout",))
 
@@ -66,8 +67,25 @@ def test_vl_round_trip_bit_exact(results, layout):
     assert r["reload_not_equal"] == [], r
 
 
-def test_qwen2_vl_registered():
+@pytest.mark.parametrize("model_type,bridge", [("qwen2_vl", "Qwen2VLBridge"), ("qwen2_5_vl", "Qwen2_5_VLBridge")])
+def test_vl_bridges_registered(model_type, bridge):
     from llamafactory_mca.models.registry import bridge_for, mca_supported_model_types
 
-    assert "qwen2_vl" in mca_supported_model_types()
-    assert type(bridge_for("qwen2_vl")).__name__ == "Qwen2VLBridge"
+    assert model_type in mca_supported_model_types()
+    assert type(bridge_for(model_type)).__name__ == bridge
+
+
+def test_qwen2_5_vl_rope_index_uses_video_seconds():
+    """Videos: temporal positions step by tokens_per_second * second_per_grid_ts (HF's Qwen2.5-VL rule)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig
+
+    from llamafactory_mca.models.qwen2_5_vl import get_rope_index
+
+    cfg = Qwen2_5_VLConfig(vision_config=dict(spatial_merge_size=2, tokens_per_second=2),
+                           image_token_id=1000, video_token_id=999)
+    ids = torch.tensor([[5, 999, 999, 6]])  # 2 frames of a 2x2 patch grid -> 1 merged token each
+    grid = torch.tensor([[2, 2, 2]])
+    one = get_rope_index(cfg, ids, video_grid_thw=grid)
+    three = get_rope_index(cfg, ids, video_grid_thw=grid, second_per_grid_ts=torch.tensor([3.0]))
+    assert one[0, 0].tolist() == [0, 1, 3, 2] and three[0, 0].tolist() == [0, 1, 7, 2], (one, three)
