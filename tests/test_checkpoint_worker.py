@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from llamafactory_mca.training.loop import configure_schedule
+
 VOCAB, SEQ, GLOBAL_BATCH = 96, 16, 4
 
 
@@ -149,24 +151,6 @@ def train_step(cfg, models, optimizer, step: int) -> float | None:
     return loss
 
 
-def configure_schedule(models, optimizer, dtype=torch.float32) -> None:
-    """What the trainer sets on the shared TransformerConfig before running megatron's schedules."""
-    from megatron.core.distributed import finalize_model_grads
-
-    from llamafactory_mca import platform
-
-    for model in models:
-        config = model.config
-        config.batch_p2p_comm = platform.batch_p2p_comm()
-        config.overlap_p2p_comm = False
-        config.pipeline_dtype = dtype
-        config.variable_seq_lengths = False
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = optimizer.scale_loss
-        no_sync = [d.no_sync for d in models]
-        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -199,7 +183,7 @@ def main() -> int:
     from megatron.core import parallel_state as ps
 
     cfg, models, optimizer, scheduler = build(args)
-    configure_schedule(models, optimizer)
+    configure_schedule(models, models, optimizer, m, torch.float32)  # the trainer's own wiring
     if args.no_untie:
         import llamafactory_mca.checkpoint as ckpt
 

@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from llamafactory_mca.training.loop import configure_schedule
+
 SEQ = 16
 
 
@@ -87,24 +89,6 @@ def train(models, optimizer, steps: int, vocab: int):
         optimizer.step()
 
 
-def configure_schedule(models, optimizer, dtype=torch.float32) -> None:
-    """What the trainer sets on the shared TransformerConfig before running megatron's schedules."""
-    from megatron.core.distributed import finalize_model_grads
-
-    from llamafactory_mca import platform
-
-    for model in models:
-        config = model.config
-        config.batch_p2p_comm = platform.batch_p2p_comm()
-        config.overlap_p2p_comm = False
-        config.pipeline_dtype = dtype
-        config.variable_seq_lengths = False
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = optimizer.scale_loss
-        no_sync = [d.no_sync for d in models]
-        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--hf", required=True)
@@ -152,7 +136,7 @@ def main() -> int:
                         bf16=False, params_dtype=torch.float32, clip_grad=1.0),
         models,
     )
-    configure_schedule(models, optimizer)
+    configure_schedule(models, models, optimizer, m, torch.float32)  # the trainer's own wiring
     if args.resume:
         from llamafactory_mca.checkpoint import load_checkpoint
 

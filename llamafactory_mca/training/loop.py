@@ -149,8 +149,9 @@ def _wrap_ddp(m: Any, models: list) -> list:
     ]
 
 
-def _configure(models: list, ddp_models: list, optimizer: Any, m: Any, params_dtype: torch.dtype) -> Any:
-    """Schedule-related TransformerConfig fields, set on the config object every chunk shares."""
+def configure_schedule(models: list, ddp_models: list, optimizer: Any, m: Any, params_dtype: torch.dtype) -> Any:
+    """Schedule-related TransformerConfig fields, set on the config object every chunk shares (also used by
+    the checkpoint and merge test workers, which drive megatron's schedules without the trainer)."""
     from llamafactory_mca import platform
     from megatron.core.distributed import finalize_model_grads
 
@@ -418,7 +419,7 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     run.lora = apply_finetuning_type(run)
     run.ddp_models = _wrap_ddp(m, run.models)
     run.optimizer = _build_optimizer(m, training_args, run.ddp_models, run.params_dtype)
-    run.config = _configure(run.models, run.ddp_models, run.optimizer, m, run.params_dtype)
+    run.config = configure_schedule(run.models, run.ddp_models, run.optimizer, m, run.params_dtype)
     run.book = HFTrainerBookkeeping(training_args, callbacks, run.tokenizer, dist.get_rank() == 0,
                                     int(os.environ.get("LOCAL_RANK", "0")) == 0, run.hf_config)
     run.book.on_init_end()
