@@ -98,3 +98,17 @@ def assert_parity(hf_dir: str, ours_dir: str, key: str = "loss", expected: int =
     assert max(rel) <= REL_TOL, list(zip(hf, ours, rel))
 
 
+def make_dpo_data(root) -> str:
+    """A pairwise data set built from tests/data/tiny_sft.json (rejected = another sample's answer) in `root`."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(REPO, "tests", "data", "tiny_sft.json")) as f:
+        rows = json.load(f)
+    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
+              "rejected": rows[(i + 7) % len(rows)]["output"]} for i, r in enumerate(rows[:32])]
+    with open(os.path.join(root, "tiny_dpo.json"), "w") as f:
+        json.dump(pairs, f)
+    with open(os.path.join(root, "dataset_info.json"), "w") as f:
+        json.dump({"tiny_dpo": {
+            "file_name": "tiny_dpo.json", "ranking": True,
+            "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}}}, f)
+    return str(root)

@@ -17,9 +17,7 @@ import os
 
 import pytest
 import torch
-from lf_runs import make_models, make_recipe, train
-
-from conftest import REPO
+from lf_runs import make_dpo_data, make_models, make_recipe, train
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +35,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dpo_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo_data")
-    with open(os.path.join(REPO, "tests", "data", "tiny_sft.json")) as f:
-        rows = json.load(f)
-    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
-              "rejected": rows[(i + 7) % len(rows)]["output"]} for i, r in enumerate(rows[:32])]
-    (root / "tiny_dpo.json").write_text(json.dumps(pairs))
-    (root / "dataset_info.json").write_text(json.dumps({"tiny_dpo": {
-        "file_name": "tiny_dpo.json", "ranking": True,
-        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}}}))
-    return str(root)
+    return make_dpo_data(str(tmp_path_factory.mktemp("dpo_data")))
 
 
 def _dpo(models, data, out, **overrides) -> dict:

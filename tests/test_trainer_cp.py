@@ -12,9 +12,13 @@ import json
 
 import pytest
 import torch
-from lf_runs import assert_parity, make_models, make_recipe, train
+from lf_runs import assert_parity, make_dpo_data, make_models, make_recipe, train
 
-from llamafactory_mca.args import McaArgumentError, MegatronArguments, validate_megatron_args
+from llamafactory_mca.args import (
+    McaArgumentError,
+    MegatronArguments,
+    validate_megatron_args,
+)
 from llamafactory_mca.training import data as mdata
 
 
@@ -39,29 +43,11 @@ def test_cp2_dpo_parity(models, tmp_path):
     """DPO: sequence log-probs summed over the CP group (autograd-aware), each pair's loss counted once."""
     from test_dpo import SIGMOID, _dpo, assert_dpo_parity
 
-    data = _dpo_data(tmp_path)
+    data = make_dpo_data(str(tmp_path / "dpo_data"))
     hf = train(tmp_path, "hf_dpo", _dpo(models, data, str(tmp_path / "hf"), **SIGMOID), mca=False)
     ours = train(tmp_path, "mca_dpo_cp2", _dpo(models, data, str(tmp_path / "out"), context_parallel_size=2,
                                                save_hf_model=False, **SIGMOID), nproc=2)
     assert_dpo_parity(hf, ours)
-
-
-def _dpo_data(tmp_path) -> str:
-    import os
-
-    from conftest import REPO
-
-    root = tmp_path / "dpo_data"
-    root.mkdir()
-    with open(os.path.join(REPO, "tests", "data", "tiny_sft.json")) as f:
-        rows = json.load(f)
-    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
-              "rejected": rows[(i + 7) % len(rows)]["output"]} for i, r in enumerate(rows[:32])]
-    (root / "tiny_dpo.json").write_text(json.dumps(pairs))
-    (root / "dataset_info.json").write_text(json.dumps({"tiny_dpo": {
-        "file_name": "tiny_dpo.json", "ranking": True,
-        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}}}))
-    return str(root)
 
 
 # ------------------------------------------------------------------------------------------- unit

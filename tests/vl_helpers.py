@@ -43,6 +43,11 @@ def make_tiny_qwen2_vl(path: str, seed: int = 0) -> str:
         tie_word_embeddings=False,
     )
     model = Qwen2VLForConditionalGeneration(config)
+    return _perturb_and_save(model, path)
+
+
+def _perturb_and_save(model, path: str) -> str:
+    """Move norms and biases off their init values (ones / zeros would hide mapping mistakes), then save."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -71,12 +76,7 @@ def make_tiny_qwen2_5_vl(path: str, seed: int = 0) -> str:
         tie_word_embeddings=True,
     )
     model = Qwen2_5_VLForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return path
+    return _perturb_and_save(model, path)
 
 
 FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_rope_index)
