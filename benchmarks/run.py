@@ -60,8 +60,12 @@ SCENARIOS = {
     ),
     "s2": dict(
         title="dense Llama-3-8B, 4 GPUs", gpus=4, global_batch=16, seq=4096,
-        ours=dict(tensor_model_parallel_size=2, sequence_parallel=True, use_distributed_optimizer=True,
-                  overlap_grad_reduce=True, overlap_param_gather=True),
+        # an 8B model needs no tensor parallelism on a 141 GiB card: data parallel over 4 with the distributed
+        # optimizer (ZeRO-1) and both overlaps; without TE, TP's collectives cannot overlap compute
+        ours=dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True),
+        # an 80 GiB card does not hold 8B bf16 weights + fp32 grads + activations unsharded: TP=2 + SP there
+        ours_below_gib=(100, dict(tensor_model_parallel_size=2, sequence_parallel=True, use_distributed_optimizer=True,
+                                  overlap_grad_reduce=True, overlap_param_gather=True)),
         hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=["LlamaDecoderLayer"])),
         target=dict(ratio=1.2, mfu=0.45),
     ),
@@ -78,6 +82,26 @@ SCENARIOS = {
         hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=["Qwen3MoeDecoderLayer"])),
         target=dict(ratio=3.0, mem="<hf"),
     ),
+    # issue 9: the published recipes, scaled from 8 GPUs to 4 (benchmarks/recipes.py); no speed target there
+    "r_moe": dict(
+        title="recipe qwen3_moe_full.yaml on 4 GPUs (24 of 48 layers, PP=2 x EP=2)", gpus=4, global_batch=16,
+        seq=4096, recipe="examples/megatron/qwen3_moe_full.yaml",
+        scale=dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2),
+        # the final HF export of 31 GB repeats what the merge of the last checkpoint measures: skipped for time
+        ours_extra=dict(save_hf_model=False),
+        hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=["Qwen3MoeDecoderLayer"])),
+        target=dict(ratio=None, merged=True),
+    ),
+    "r_vl": dict(
+        title="recipe qwen2_vl_full.yaml on 4 GPUs (Qwen2-VL-7B, TP=2 x PP=2, SP)", gpus=4, global_batch=8, seq=2048,
+        recipe="examples/megatron/qwen2_vl_full.yaml", vl=True, scale=dict(tensor_model_parallel_size=2),
+        hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(
+            # one FSDP unit per dtype: LLaMA-Factory upcasts trainable params to fp32, the frozen vision tower
+            # (blocks, patch embedding, merger) stays bf16, and FSDP1 flattens each unit into one tensor
+            transformer_layer_cls_to_wrap=["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "PatchEmbed", "PatchMerger"],
+            use_orig_params=True)),
+        target=dict(ratio=None, merged=True),
+    ),
 }
 
 
@@ -88,18 +112,18 @@ def log(*a):
 # ---------------------------------------------------------------------------------------------- building
 
 
-def build_tokenizer(out_dir: str, n_words: int):
+def build_tokenizer(out_dir: str, n_words: int, extra_specials: tuple = ()):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<|endoftext|>": 1, "<|im_start|>": 2, "<|im_end|>": 3}
+    vocab = {t: i for i, t in enumerate(["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_specials])}
     for i in range(n_words):
         vocab[f"w{i}"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=131072,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", *extra_specials], model_max_length=131072,
     )
     fast.save_pretrained(out_dir)
     return fast
@@ -202,7 +226,9 @@ def _env(extra: dict, trace: str) -> dict:
     return env
 
 
-def run_side(name: str, recipe: dict, sc: dict, work: str, timeout: int, tiny: bool) -> dict:
+def run_side(name: str, recipe: dict, sc: dict, work: str, timeout: int, tiny: bool, probe: dict | None = None) -> dict:
+    """Run one side through `llamafactory-cli train`; `probe`: MCA_BENCH_* switches of the step probe
+    (_hook/sitecustomize.py), e.g. the step to profile and the step after which to leave."""
     path = os.path.join(work, f"recipe_{name}.yaml")
     with open(path, "w") as f:
         f.write(_yaml(recipe))
@@ -210,17 +236,24 @@ def run_side(name: str, recipe: dict, sc: dict, work: str, timeout: int, tiny: b
     for fn in os.listdir(work):
         if fn.startswith(f"trace_{name}."):
             os.remove(os.path.join(work, fn))
-    extra = {"NPROC_PER_NODE": str(sc["gpus"])}
+    extra = {"NPROC_PER_NODE": str(sc["gpus"]), **{k: str(v) for k, v in (probe or {}).items()}}
+    if os.path.exists(trace + ".profile.json"):
+        os.remove(trace + ".profile.json")
     if name == "ours":
         extra["USE_MCA"] = "1"
     elif sc["gpus"] > 1:
         extra["FORCE_TORCHRUN"] = "1"
+    if tiny and name == "hf":
+        # CPU smoke runs only: LLaMA-Factory 0.9.5 refuses Conv3D (Qwen2-VL) under torch 2.9 for a GPU speed
+        # regression; the tests' start-up shim lifts that guard (it is chained after the probe)
+        extra["PYTHONPATH"] = os.pathsep.join([os.path.join(HERE, "_hook"), os.path.join(ROOT, "tests", "hf_conv3d_shim"),
+                                               os.environ.get("PYTHONPATH", "")])
     if not tiny:
         extra.setdefault("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(
             str(i) for i in range(sc["gpus"]))))
     cli = shutil.which("llamafactory-cli") or "llamafactory-cli"
     cmd = [cli, "train", path]
-    shown = " ".join(f"{k}={v}" for k, v in extra.items() if k != "CUDA_VISIBLE_DEVICES") + " " + " ".join(
+    shown = " ".join(f"{k}={v}" for k, v in extra.items() if not k.startswith(("CUDA_", "MCA_BENCH"))) + " " + " ".join(
         shlex.quote(c) for c in ["llamafactory-cli", "train", os.path.basename(path)])
     log(f"{name}: {shown}")
     logf = os.path.join(work, f"log_{name}.txt")
@@ -250,11 +283,16 @@ def run_side(name: str, recipe: dict, sc: dict, work: str, timeout: int, tiny: b
         res["error_lines"] = errs
         log(f"{name}: FAILED rc={rc}; error lines:\n" + "\n".join(errs))
     res["_recs"] = recs
+    if os.path.exists(trace + ".profile.json"):
+        with open(trace + ".profile.json") as f:
+            res["profile"] = json.load(f)
     return res
 
 
-def summarize(res: dict, warmup: int, tokens_per_step: int, fpt: float, n_gpus: int, peak: float) -> None:
-    recs = res.pop("_recs", {})
+def summarize(res: dict, warmup: int, measured: int, tokens_per_step: int, fpt: float, n_gpus: int,
+              peak: float) -> None:
+    """Throughput over steps warmup..warmup+measured-1 (later steps, e.g. the profiled one, are left out)."""
+    recs = {k: v[: warmup + measured] for k, v in res.pop("_recs", {}).items()}
     if not recs:
         return
     r0 = recs.get("trace_ours.rank0.jsonl") or recs.get("trace_hf.rank0.jsonl") or next(iter(recs.values()))
@@ -291,7 +329,7 @@ def device_info(tiny: bool) -> dict:
     if not tiny and torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         return dict(device="cuda", card=name, gpus_visible=torch.cuda.device_count(), torch=torch.__version__,
-                    cuda=torch.version.cuda)
+                    cuda=torch.version.cuda, card_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
     return dict(device="cpu", card="cpu", gpus_visible=0, torch=torch.__version__)
 
 
@@ -309,25 +347,36 @@ def versions() -> dict:
 def run_scenario(name: str, args) -> dict:
     sc = dict(SCENARIOS[name])
     tiny = args.tiny
+    dinfo = device_info(tiny)
+    below = sc.pop("ours_below_gib", None)
+    if below and dinfo["device"] == "cuda" and dinfo["card_gib"] < below[0]:
+        sc["ours"] = below[1]
     if tiny:
-        sc.update(gpus=1, global_batch=2, seq=64, ours={k: v for k, v in sc["ours"].items()
+        sc.update(gpus=1, global_batch=2, seq=64, ours={k: v for k, v in sc.get("ours", {}).items()
                                                          if k in ("moe_grouped_gemm", "moe_token_dispatcher_type")},
                   hf={})
     work = os.path.join(args.workdir, name + ("_tiny" if tiny else ""))
     os.makedirs(work, exist_ok=True)
-    dinfo = device_info(tiny)
     t0 = time.time()
-    model_info, cfg = build_model(name, os.path.join(work, "model"), tiny, sc["seq"],
-                                  "cuda" if dinfo["device"] == "cuda" else "cpu")
-    steps = args.warmup + args.steps
-    n_tokens = int(steps * sc["global_batch"] * sc["seq"] * 1.3) + 4 * sc["seq"]
-    data_info = build_data(os.path.join(work, "data"), n_tokens, 400 if tiny else 32000)
-    log(f"{name}: built model ({model_info['params']/1e9:.2f}B params) and data ({data_info['tokens']} tokens, "
-        f"{data_info['documents']} documents) in {time.time()-t0:.0f}s")
-    common, ours, hf = recipes(sc, os.path.join(work, "model"), os.path.join(work, "data"), work, steps, tiny)
+    # steps: warm-up + measured + one profiled step (not measured); then every side leaves at once
+    steps = args.warmup + args.steps + 1
+    profiled = args.warmup + args.steps
+    if sc.get("recipe"):
+        import recipes as rc
+
+        model_info, cfg, data_info = rc.build(name, sc, work, tiny, steps, dinfo)
+        common, ours, hf = rc.recipe_pair(sc, work, steps, tiny)
+        tokens_per_step = sc["global_batch"] * sc["seq"]  # every generated sample is cut to cutoff_len
+    else:
+        model_info, cfg = build_model(name, os.path.join(work, "model"), tiny, sc["seq"],
+                                      "cuda" if dinfo["device"] == "cuda" else "cpu")
+        n_tokens = int(steps * sc["global_batch"] * sc["seq"] * 1.3) + 4 * sc["seq"]
+        data_info = build_data(os.path.join(work, "data"), n_tokens, 400 if tiny else 32000)
+        common, ours, hf = recipes(sc, os.path.join(work, "model"), os.path.join(work, "data"), work, steps, tiny)
+        tokens_per_step = sc["global_batch"] * sc["seq"]  # pre-training blocks are always full
+    log(f"{name}: built model ({model_info['params']/1e9:.2f}B params) and data ({data_info}) in {time.time()-t0:.0f}s")
     fpt = flops_per_token(cfg, sc["seq"])
     pk = peak_tflops(dinfo["card"]) if dinfo["device"] == "cuda" else 0.0
-    tokens_per_step = sc["global_batch"] * sc["seq"]
     result = dict(
         scenario=name, title=sc["title"], date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=os.environ.get("MCA_BENCH_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
@@ -335,34 +384,45 @@ def run_scenario(name: str, args) -> dict:
         command=" ".join(["python", "benchmarks/run.py"] + sys.argv[1:]),
         **dinfo, gpus=sc["gpus"], versions=versions(), model=model_info, data=data_info, seq=sc["seq"],
         global_batch=sc["global_batch"], flops_per_token=fpt, peak_bf16_tflops=pk, recipe_common=common,
-        target=sc["target"], tiny=tiny,
+        target=sc["target"], tiny=tiny, profiled_step=profiled,
     )
-    sides = args.sides.split(",")
-    for side in sides:
+    for side in args.sides.split(","):
         rec = ours if side == "ours" else hf
-        r = run_side(side, rec, sc, work, args.timeout, tiny)
-        summarize(r, args.warmup, tokens_per_step, fpt, sc["gpus"], pk)
+        probe = {"MCA_BENCH_PROFILE_STEP": profiled}
+        if not (side == "ours" and sc.get("recipe")):  # the recipe's checkpoint is written after the last step
+            probe["MCA_BENCH_EXIT_AFTER"] = profiled
+        r = run_side(side, rec, sc, work, args.timeout, tiny, probe)
+        summarize(r, args.warmup, args.steps, tokens_per_step, fpt, sc["gpus"], pk)
         result[side] = r
         if "tokens_per_s" in r:
             log(f"{side}: {r['tokens_per_s']:.0f} tok/s, step {r['step_time_s']['median']:.3f}s, "
                 f"peak {r['peak_mem_gib']:.2f} GiB" + (f", MFU {r['mfu']*100:.1f}%" if r.get("mfu") else ""))
+        if r.get("profile"):
+            log(f"{side} profile (step {profiled}): " + json.dumps({k: v for k, v in r["profile"].items()
+                                                                    if k != "top_kernels"}))
+        if side == "ours" and sc.get("recipe") and r.get("returncode") == 0:
+            result["merge"] = rc.merge_and_load(sc, work, ours, tiny)
+            log(f"merge: {json.dumps(result['merge'])}")
     o, h = result.get("ours", {}), result.get("hf", {})
     if "tokens_per_s" in o and "tokens_per_s" in h:
         result["ratio_tokens_per_s"] = o["tokens_per_s"] / h["tokens_per_s"]
         result["ratio_peak_mem"] = o["peak_mem_gib"] / h["peak_mem_gib"] if h["peak_mem_gib"] else None
         t = sc["target"]
-        met = result["ratio_tokens_per_s"] >= t["ratio"]
+        met = t.get("ratio") is None or result["ratio_tokens_per_s"] >= t["ratio"]
         if t.get("mem") == "<=hf":
             met = met and o["peak_mem_gib"] <= h["peak_mem_gib"]
         if t.get("mem") == "<hf":
             met = met and o["peak_mem_gib"] < h["peak_mem_gib"]
         if t.get("mfu"):
             met = met and (o.get("mfu") or 0) >= t["mfu"]
+        if t.get("merged"):
+            met = met and bool(result.get("merge", {}).get("ok"))
         result["target_met"] = bool(met)
         log(f"{name}: ours/HF tokens/s = {result['ratio_tokens_per_s']:.3f}x, peak mem ratio "
             f"{_fmt(result['ratio_peak_mem'], '{:.3f}')}; target {'met' if met else 'MISSED'}")
     if not args.keep:
-        shutil.rmtree(os.path.join(work, "model"), ignore_errors=True)
+        for sub in ("model", "out_ours", "out_hf", "merged"):
+            shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
     return result
 
 
@@ -371,6 +431,14 @@ def run_scenario(name: str, args) -> dict:
 
 def _fmt(v, f="{:.0f}"):
     return "-" if v is None else f.format(v)
+
+
+def _met_cell(r: dict) -> str:
+    """The table's "target met" cell; the recipe scenarios have no speed target: there it tells the merge."""
+    if r.get("target", {}).get("merged") and r.get("target", {}).get("ratio") is None:
+        return "merged + loaded" if r.get("merge", {}).get("ok") else "**not merged**"
+    o, h = r.get("ours", {}), r.get("hf", {})
+    return {True: "yes", False: "**no**"}.get(r.get("target_met"), "n/a" if not (o.get("error") or h.get("error")) else "failed")
 
 
 def write_results_md(results_dir: str, md_path: str) -> None:
@@ -389,7 +457,7 @@ def write_results_md(results_dir: str, md_path: str) -> None:
             op=_fmt(o.get("peak_mem_gib"), "{:.1f}"), hp=_fmt(h.get("peak_mem_gib"), "{:.1f}"),
             os_=_fmt(o.get("step_time_s", {}).get("median"), "{:.3f}"),
             hs=_fmt(h.get("step_time_s", {}).get("median"), "{:.3f}"),
-            met={True: "yes", False: "**no**"}.get(r.get("target_met"), "n/a" if not (o.get("error") or h.get("error")) else "failed"),
+            met=_met_cell(r),
             date=r.get("date", "")[:10], commit=(r.get("commit") or "")[:8] + ("+dirty" if r.get("dirty") in (True, "1", "true") else ""),
         ))
     table = "\n".join([

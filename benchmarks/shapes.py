@@ -5,6 +5,9 @@ s1   dense, Qwen3 architecture with Qwen3-1.7B's widths and 16 layers (~1.1B par
 s2   dense, Llama-3-8B (32 layers, vocab 128256), 4 GPUs
 s3   MoE, Qwen3-30B-A3B widths (128 experts, top-8, vocab 151936) with 4 layers, 1 GPU
 s3x4 the same MoE with 8 layers, 4 GPUs
+r_moe examples/megatron/qwen3_moe_full.yaml's Qwen3-30B-A3B with 24 of its 48 layers (half the GPUs: each
+     pipeline stage keeps the 12 layers it has in the 8-GPU recipe)
+r_vl examples/megatron/qwen2_vl_full.yaml's Qwen2-VL-7B at full size
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ SCENARIO_SHAPES = {
         head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
         vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
     ),
+    "r_moe": dict(
+        family="qwen3_moe", hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
+    ),
+    "r_vl": dict(
+        family="qwen2_vl", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                    temporal_patch_size=2, in_channels=3),
+    ),
 }
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
@@ -45,9 +59,12 @@ def peak_tflops(card_name: str) -> float:
 
 
 def hf_config_for(scenario: str, tiny: bool = False, layers: int | None = None, seq: int = 4096,
-                  bos_token_id=None, eos_token_id=None, pad_token_id=None):
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, vision_token_ids: dict | None = None):
+    """The scenario's Hugging Face config; for the VL shape, `vision_token_ids` gives image_token_id,
+    video_token_id, vision_start_token_id and vision_end_token_id (from the generated tokenizer)."""
     shape = dict(SCENARIO_SHAPES[scenario])
     family = shape.pop("family")
+    vision = shape.pop("vision", None)
     if tiny:
         keep = {k: v for k, v in TINY.items() if k in shape}
         shape.update(keep)
@@ -56,6 +73,18 @@ def hf_config_for(scenario: str, tiny: bool = False, layers: int | None = None, 
         shape["num_hidden_layers"] = layers
     common = dict(max_position_embeddings=max(seq, 4096), rms_norm_eps=1e-6, initializer_range=0.02,
                   bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        if tiny:
+            vision = dict(vision, depth=2, embed_dim=32, num_heads=2)
+        text = dict(shape, **common, max_window_layers=shape["num_hidden_layers"], use_sliding_window=False,
+                    rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24] if not tiny else [2, 3, 3],
+                                     "rope_theta": shape.pop("rope_theta")})
+        text.pop("rope_theta", None)
+        return Qwen2VLConfig(text_config=text, vision_config=dict(vision, hidden_size=shape["hidden_size"]),
+                             tie_word_embeddings=shape["tie_word_embeddings"], eos_token_id=eos_token_id,
+                             pad_token_id=pad_token_id, **(vision_token_ids or {}))
     if family == "qwen3":
         from transformers import Qwen3Config as C
     elif family == "llama":

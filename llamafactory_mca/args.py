@@ -101,7 +101,9 @@ class MegatronArguments:
     bias_dropout_fusion: bool = field(default=False, metadata={"help": "Fused bias + dropout + residual add."})
     masked_softmax_fusion: bool = field(default=False, metadata={"help": "Fused masked softmax (local attention)."})
     gradient_accumulation_fusion: bool = field(
-        default=False, metadata={"help": "Fuse weight-gradient accumulation into the GEMM (needs APEX/TE)."}
+        default=True,
+        metadata={"help": "Accumulate weight gradients into the fp32 main_grad inside the GEMM (TE, Apex, or torch's "
+                          "addmm with out_dtype on CUDA; off on CPU)."},
     )
     cross_entropy_loss_fusion: bool = field(default=False, metadata={"help": "Fused vocab-parallel cross entropy."})
     attention_backend: Literal["auto", "sdpa", "local", "te"] = field(
@@ -344,6 +346,19 @@ def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int
         "FSDP and Megatron parallelism cannot be combined",
         "remove the fsdp key",
     )
+    _check_resume(training_args)
+
+
+def _check_resume(training_args: Any) -> None:
+    """Refuse a save_only_model checkpoint as resume_from_checkpoint (given in the recipe, or picked from output_dir
+    by LLaMA-Factory's automatic resume) now, before any model is built; the trainer's load refuses it too."""
+    path = getattr(training_args, "resume_from_checkpoint", None)
+    if not (getattr(training_args, "do_train", False) and isinstance(path, str) and path):
+        return
+    from llamafactory_mca.checkpoint import check_resumable, is_megatron_checkpoint
+
+    if is_megatron_checkpoint(path):  # anything else gets load_checkpoint's own error, naming its fix
+        check_resumable(path)
 
 
 # --------------------------------------------------------------------------------------------- parsing

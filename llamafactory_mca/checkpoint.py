@@ -11,8 +11,12 @@ Layout of `output_dir/checkpoint-N/` (a directory is complete exactly when MARKE
     config.json, tokenizer files                     the Hugging Face config and tokenizer (merge reads them)
     adapter_model.safetensors, adapter_config.json   LoRA only: the PEFT adapter (`extra_files`); the torch_dist
                                                      tensors then hold the adapter (and its optimizer state) only
-    mca_checkpoint.json                              MARKER_FILE: format, step, layout (+ `extra_info`, e.g. the
-                                                     LoRA base model); written last
+    mca_checkpoint.json                              MARKER_FILE: format, step, layout, `save_only_model` (+
+                                                     `extra_info`, e.g. the LoRA base model); written last
+
+With `save_only_model` (the Hugging Face TrainingArguments key) the torch_dist tensors hold `model{i}` only and
+`rng_state_*.pth` / `scheduler.pt` are not written: such a checkpoint merges and loads as weights, but training
+cannot resume from it (`check_resumable`).
 
 Writing is atomic: every rank writes into the sibling `.checkpoint-N.tmp` (a name that transformers'
 `get_last_checkpoint` does not match), `extra_files` go there too, rank 0 writes the marker last and publishes
@@ -114,6 +118,31 @@ def checkpoint_info(path: str) -> dict[str, Any]:
             f"Fix: upgrade llamafactory-mca."
         )
     return info
+
+
+def check_resumable(path: str, info: Optional[dict[str, Any]] = None) -> None:
+    """CheckpointError (naming save_only_model and the fix) for a checkpoint written with save_only_model.
+
+    It holds no optimizer, LR scheduler or RNG state, so a resume would silently restart Adam's moments and the
+    LR warmup in the middle of a run; the Hugging Face Trainer refuses such checkpoints too. Nothing is deleted.
+    """
+    info = checkpoint_info(path) if info is None else info
+    if not info.get("save_only_model"):
+        return
+    if info.get("adapter_only"):  # LoRA: the checkpoint is also a PEFT adapter directory
+        start = (f"start a new run from its adapter with adapter_name_or_path: {path} (or from the merged model: "
+                 f"`llamafactory-mca merge --checkpoint_path {path} --output_path DIR --merge_lora`, then "
+                 "model_name_or_path: DIR)")
+    else:
+        start = (f"start a new run from its weights: `llamafactory-mca merge --checkpoint_path {path} --output_path "
+                 "DIR`, then model_name_or_path: DIR")
+    raise CheckpointError(
+        f"{path} was saved with save_only_model: true: it holds the model weights but no optimizer, LR scheduler "
+        "or RNG state, so training cannot resume from it (the Hugging Face Trainer refuses such checkpoints too). "
+        f"Fix: {start}, without resume_from_checkpoint and with a new output_dir (LLaMA-Factory resumes from the "
+        "last checkpoint in output_dir unless overwrite_output_dir is set); or train without save_only_model to "
+        "write resumable checkpoints."
+    )
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -424,6 +453,7 @@ def save_checkpoint(
     save_rng: bool = True,
     extra_files: ExtraFiles = None,
     extra_info: Optional[dict[str, Any]] = None,
+    save_only_model: bool = False,
 ) -> str:
     """Write `output_dir/checkpoint-{step}` (collective: every rank calls it) and return its path.
 
@@ -435,13 +465,15 @@ def save_checkpoint(
     the checkpoint, written into the temporary directory before the marker and the publishing rename, either
     a callable `f(tmp_dir)` run on every rank (it may be collective, e.g. `lora.save_peft_adapter`) or a dict
     {relative path: bytes | str | JSON-able dict/list | callable(path)} written by rank 0. `extra_info`:
-    JSON-able entries added to the marker. After publishing, the oldest complete checkpoints beyond
+    JSON-able entries added to the marker. `save_only_model`: as the HF TrainingArguments key, write the model
+    (and the files above) but not the optimizer, scheduler or RNG state; the marker records it and
+    `load_checkpoint` refuses to resume from it. After publishing, the oldest complete checkpoints beyond
     `save_total_limit` are deleted (never the newest).
     """
     final_dir = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
     write_checkpoint(final_dir, step, models, optimizer, scheduler, trainer_state=trainer_state, mca_args=mca_args,
                      hf_config=hf_config, tokenizer=tokenizer, save_rng=save_rng, extra_files=extra_files,
-                     extra_info=extra_info)
+                     extra_info=extra_info, save_only_model=save_only_model)
     if _rank() == 0:
         rotate_checkpoints(output_dir, save_total_limit, keep=[final_dir])
     _barrier()
@@ -462,11 +494,16 @@ def write_checkpoint(
     save_rng: bool = True,
     extra_files: ExtraFiles = None,
     extra_info: Optional[dict[str, Any]] = None,
+    save_only_model: bool = False,
 ) -> str:
     """Write a checkpoint into exactly `final_dir` (collective), atomically: see the module docstring and
-    `save_checkpoint` for `extra_files` / `extra_info`."""
+    `save_checkpoint` for `extra_files` / `extra_info` / `save_only_model`."""
     from megatron.core import dist_checkpointing
 
+    if save_only_model:
+        # The distributed optimizer's state alone is ~6x the bf16 weights (fp32 main params + two Adam moments):
+        # model-only checkpoints leave it out, with the scheduler and RNG state that only matter for a resume.
+        optimizer, scheduler, save_rng = None, None, False
     rank = _rank()
     final_dir = os.path.normpath(final_dir)
     parent = os.path.dirname(final_dir) or "."
@@ -514,6 +551,7 @@ def write_checkpoint(
             "has_optimizer": optimizer is not None,
             "has_scheduler": scheduler is not None,
             "has_rng": save_rng,
+            "save_only_model": save_only_model,  # `check_resumable` refuses to resume from it
             "sharded_state_dict_metadata": SHARDED_STATE_DICT_METADATA,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -590,11 +628,15 @@ def load_checkpoint(
     adapter tensor must be. A checkpoint that lacks tensors or holds other shapes (another model, a full
     checkpoint for a LoRA run or the reverse, another lora_rank) is refused with a CheckpointError before
     anything is loaded. The RNG state of each rank is restored only when the world size and layout are
-    unchanged (otherwise there is no one-to-one mapping of ranks; a warning is logged).
+    unchanged (otherwise there is no one-to-one mapping of ranks; a warning is logged). A checkpoint written
+    with save_only_model is refused (CheckpointError, see `check_resumable`) when an optimizer is to be loaded,
+    i.e. for a resume; without `optimizer` (or with `load_optimizer=False`) its weights load.
     """
     from megatron.core import dist_checkpointing
 
     info = checkpoint_info(path)
+    if optimizer is not None and load_optimizer:
+        check_resumable(path, info)
     sharded_sd: dict[str, Any] = model_sharded_state_dict(models)
     _check_model_tensors(path, info, sharded_sd, models)
     want_optimizer = optimizer is not None and load_optimizer and info.get("has_optimizer", False)

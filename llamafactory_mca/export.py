@@ -63,6 +63,7 @@ _TOKENIZER_FILES = (
     "generation_config.json",
     "preprocessor_config.json",
     "processor_config.json",
+    "video_preprocessor_config.json",
 )
 
 
@@ -252,8 +253,11 @@ def _build_meta_model(bridge: Any, hf_config: Any, dtype: torch.dtype, vocab_row
 
 
 def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules materialised one at a time: embedding, each layer, then the rest (final norm, output layer)."""
+    """Modules materialised one at a time: the vision tower (VL models), embedding, each layer, then the rest
+    (final norm, output layer)."""
     units: list[torch.nn.Module] = []
+    if getattr(model, "vision_model", None) is not None:
+        units.append(model.vision_model)
     if getattr(model, "embedding", None) is not None:
         units.append(model.embedding)
     units.extend(model.decoder.layers)

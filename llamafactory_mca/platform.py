@@ -52,6 +52,16 @@ def te_available() -> bool:
     return True
 
 
+def wgrad_fusion_available() -> bool:
+    """True when megatron's gradient_accumulation_fusion has a kernel here without TE: Apex's extension, or our
+    torch addmm one (kernels/wgrad.py, checked on the current GPU; call after the device is set)."""
+    if not on_gpu():
+        return False
+    from llamafactory_mca.kernels.wgrad import install_wgrad_accumulation
+
+    return install_wgrad_accumulation()
+
+
 def on_gpu() -> bool:
     """True when CUDA is usable: we then run on GPUs with NCCL, else on CPU with gloo."""
     return torch.cuda.is_available() and torch.cuda.device_count() > 0

@@ -64,8 +64,7 @@ def make_recipe(model: str, output_dir: str, **overrides) -> dict:
     return recipe
 
 
-def train(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -> str:
-    """Run `llamafactory-cli train` on `recipe` (ours with USE_MCA=1) and return its output_dir."""
+def _run_train(tmp_path, name: str, recipe: dict, nproc: int, mca: bool) -> subprocess.CompletedProcess:
     import yaml
 
     path = tmp_path / f"{name}.yaml"
@@ -75,10 +74,22 @@ def train(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -
         env["USE_MCA"] = "1"
     elif nproc > 1:
         env["FORCE_TORCHRUN"] = "1"  # the HF path on CPU: torchrun + gloo
-    proc = subprocess.run(["llamafactory-cli", "train", str(path)], env=env, capture_output=True, text=True,
+    return subprocess.run(["llamafactory-cli", "train", str(path)], env=env, capture_output=True, text=True,
                           timeout=900, cwd=str(tmp_path))
+
+
+def train(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -> str:
+    """Run `llamafactory-cli train` on `recipe` (ours with USE_MCA=1) and return its output_dir."""
+    proc = _run_train(tmp_path, name, recipe, nproc, mca)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return recipe["output_dir"]
+
+
+def train_fails(tmp_path, name: str, recipe: dict, nproc: int = 1) -> str:
+    """Run `USE_MCA=1 llamafactory-cli train` on a recipe that must fail; returns its stdout + stderr."""
+    proc = _run_train(tmp_path, name, recipe, nproc, mca=True)
+    assert proc.returncode != 0, f"{name} should have failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 def log_records(output_dir: str) -> list[dict]:

@@ -51,6 +51,17 @@ def book(step: int):
     return SimpleNamespace(state=state)
 
 
+class Untouchable:
+    """An optimizer / scheduler that must not be used: save_only_model leaves them out, and a resume from a
+    save_only_model checkpoint is refused before either is touched."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        raise AssertionError(f"{self._name}.{attr} used")
+
+
 def expect_error(fn, *words) -> str:
     from llamafactory_mca.checkpoint import CheckpointError
 
@@ -93,6 +104,28 @@ def main() -> int:
                                                     "base_model_path")}
         res["files"] = sorted(os.listdir(ckpt))
         res["hidden_left"] = [n for n in os.listdir(run_dir) if n.startswith(".")]
+
+        # save_only_model (HF's key) through the same call: the adapter without optimizer, scheduler or RNG state
+        only_dir = os.path.join(a.out, "model_only")
+        _save_checkpoint(book(1), models, Untouchable("optimizer"), Untouchable("scheduler"),
+                         SimpleNamespace(output_dir=only_dir, save_total_limit=None, save_only_model=True), m, None,
+                         hf_config)
+        only = os.path.join(only_dir, "checkpoint-1")
+        info = checkpoint.checkpoint_info(only)
+        res["model_only_marker"] = {k: info.get(k) for k in ("save_only_model", "adapter_only", "has_optimizer",
+                                                             "has_scheduler", "has_rng")}
+        res["model_only_files"] = sorted(os.listdir(only))
+        res["model_only_tensor_keys_equal"] = checkpoint.checkpoint_tensor_meta(only) == \
+            checkpoint.checkpoint_tensor_meta(ckpt)
+        with open(os.path.join(only, lora.ADAPTER_WEIGHTS), "rb") as f1, \
+                open(os.path.join(ckpt, lora.ADAPTER_WEIGHTS), "rb") as f2:
+            res["model_only_adapter_equal"] = f1.read() == f2.read()
+        models_r, _ = lora_model(bridge, hf_config, a.model, seed=3)
+        res["model_only_resume"] = expect_error(
+            lambda: _load_checkpoint(only, models_r, Untouchable("optimizer"), Untouchable("scheduler"), book(0)),
+            only, "save_only_model", f"adapter_name_or_path: {only}", "Fix:")
+        res["model_only_weights_load"] = _load_checkpoint(only, models_r, None, None, book(0)) == 1 and all(
+            torch.equal(p, saved[n]) for n, p in adapters(models_r).items())
 
         # a published checkpoint is immutable: a later save_peft_adapter into it writes nothing
         with open(os.path.join(ckpt, lora.ADAPTER_WEIGHTS), "rb") as f:

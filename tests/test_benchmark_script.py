@@ -21,8 +21,10 @@ def _trainer_importable() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("scenario", ["s1", "s3"])
+@pytest.mark.parametrize("scenario", ["s1", "r_moe", "r_vl"])
 def test_benchmark_script_tiny(tmp_path, scenario):
+    """s1: a pre-training scenario; r_moe / r_vl: the example recipes (MoE, Qwen2-VL) run as they are, merged
+    to Hugging Face and loaded with transformers."""
     why = _trainer_importable()
     if why:
         pytest.skip(f"llamafactory_mca.trainer is not importable yet: {why}")
@@ -38,12 +40,24 @@ def test_benchmark_script_tiny(tmp_path, scenario):
         assert res["returncode"] == 0, (side, res.get("error_lines"), res.get("log_tail", "")[-2000:])
         assert res["measured_steps"] == 2 and res["tokens_per_s"] > 0, res
         assert res["recipe"]["cutoff_len"] == 64
+        # the probe profiled the step after the measured ones (no GPU here: no kernels, but a wall time)
+        assert res["profile"]["step"] == 3 and res["profile"]["step_wall_ms"] > 0, res.get("profile")
     # the two recipes differ only in output_dir, launch keys and gradient accumulation
     common = data["recipe_common"]
     for side in ("ours", "hf"):
         for k, v in common.items():
             if k not in ("output_dir",):
                 assert data[side]["recipe"][k] == v, (side, k)
+    if scenario.startswith("r_"):
+        merge = data["merge"]
+        assert merge["ok"], merge
+        assert merge["loaded_class"] == ("Qwen2VLForConditionalGeneration" if scenario == "r_vl" else
+                                         "Qwen3MoeForCausalLM"), merge
+        assert merge["vision_tower_unchanged"] is (True if scenario == "r_vl" else None), merge
+        assert merge.get("processor_saved", scenario != "r_vl") is True, merge
+        recipe = data["ours"]["recipe"]
+        assert recipe["stage"] == "sft" and recipe["save_only_model"] is True
+        assert recipe["recompute_granularity"] == "full" and recipe["use_distributed_optimizer"] is True
     assert data["ratio_tokens_per_s"] > 0
     text = md.read_text()
     assert "results:begin" in text and f"{scenario}:" in text
@@ -53,8 +67,19 @@ def test_recipes_keep_global_batch():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import run as bench
 
+    import recipes
+
     for name, sc in bench.SCENARIOS.items():
-        common, ours, hf = bench.recipes(sc, "/m", "/d", "/w", 8, tiny=False)
+        if sc.get("recipe"):
+            common, ours, hf = recipes.recipe_pair(sc, "/w", 8, tiny=False)
+            # the example's Megatron keys, with the layout divided down to the scenario's GPUs
+            base = recipes.load_recipe(sc)
+            for k, v in base.items():
+                if k in recipes.megatron_keys() and k not in sc["scale"]:
+                    assert ours[k] == v, (name, k)
+            assert all(k not in hf for k in recipes.megatron_keys()), name
+        else:
+            common, ours, hf = bench.recipes(sc, "/m", "/d", "/w", 8, tiny=False)
         n = sc["gpus"]
         mp = ours.get("tensor_model_parallel_size", 1) * ours.get("pipeline_model_parallel_size", 1)
         assert (n // mp) * ours["gradient_accumulation_steps"] == sc["global_batch"], name
@@ -74,3 +99,24 @@ def test_flops_per_token_sane():
     s3 = hf_config_for("s3")
     # dense 6N rule of thumb within the attention term
     assert 6 * 4.0e8 < flops_per_token(s3, 4096) < 6 * 8.0e8
+
+
+def test_profile_summary_splits_exposed_communication():
+    """The probe's profile summary: communication time that no compute kernel overlaps is "exposed"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_probe", os.path.join(REPO, "benchmarks", "_hook",
+                                                                              "sitecustomize.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    kernels = [  # (name, start us, end us)
+        ("sm90_xmma_gemm_bf16", 0.0, 100.0),
+        ("ncclDevKernel_ReduceScatter", 50.0, 150.0),  # 50 us hidden under the GEMM, 50 us exposed
+        ("flash_fwd_kernel", 200.0, 260.0),
+        ("vectorized_elementwise_kernel", 260.0, 280.0),
+    ]
+    s = probe.summarize_profile(kernels, wall_us=400.0)
+    assert s["communication_ms"] == 0.1 and s["communication_exposed_ms"] == 0.05
+    assert s["gpu_compute_busy_ms"] == 0.18
+    assert s["gpu_idle_ms"] == 0.17  # busy: [0, 150) + [200, 280)
+    assert s["by_category_ms"] == {"communication": 0.1, "matmul": 0.1, "attention": 0.06, "elementwise/other": 0.02}

@@ -149,7 +149,7 @@ def test_resume_with_another_layout(tmp_path, saved, resumed):
 # --------------------------------------------------------------------------------------------- no processes
 
 
-def _fake_checkpoint(path, marker: bool = True, model_type: str = "qwen3") -> str:
+def _fake_checkpoint(path, marker: bool = True, model_type: str = "qwen3", **info) -> str:
     from llamafactory_mca.checkpoint import FORMAT, FORMAT_VERSION, MARKER_FILE
 
     os.makedirs(path, exist_ok=True)
@@ -159,7 +159,7 @@ def _fake_checkpoint(path, marker: bool = True, model_type: str = "qwen3") -> st
         json.dump({"model_type": model_type}, f)
     if marker:
         with open(os.path.join(path, MARKER_FILE), "w") as f:
-            json.dump({"format": FORMAT, "version": FORMAT_VERSION, "step": 1}, f)
+            json.dump({"format": FORMAT, "version": FORMAT_VERSION, "step": 1, **info}, f)
     return str(path)
 
 
@@ -204,3 +204,29 @@ def test_last_checkpoint_and_rotation_skip_incomplete(tmp_path):
     assert rotate_checkpoints(str(tmp_path), 1) == [str(tmp_path / "checkpoint-2")]
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [3]
     assert not any(n.endswith(".deleting") for n in os.listdir(tmp_path))
+
+
+def test_save_only_model_checkpoints_refuse_to_resume(tmp_path):
+    """Checked on the parsed arguments (before any model is built) and by the loader; the checkpoint stays."""
+    from types import SimpleNamespace
+
+    from llamafactory_mca.args import _check_resume
+    from llamafactory_mca.checkpoint import CheckpointError, check_resumable
+
+    normal = _fake_checkpoint(tmp_path / "normal" / "checkpoint-1")
+    only = _fake_checkpoint(tmp_path / "only" / "checkpoint-1", save_only_model=True)
+    lora = _fake_checkpoint(tmp_path / "lora" / "checkpoint-1", save_only_model=True, adapter_only=True)
+    check_resumable(normal)
+    _check_resume(SimpleNamespace(do_train=True, resume_from_checkpoint=normal))
+    _check_resume(SimpleNamespace(do_train=False, resume_from_checkpoint=only))  # no training: nothing resumes
+    _check_resume(SimpleNamespace(do_train=True, resume_from_checkpoint=str(tmp_path)))  # the loader's own error
+    for path, fix in ((only, f"llamafactory-mca merge --checkpoint_path {only}"),
+                      (lora, f"adapter_name_or_path: {lora}")):
+        for check, arg in ((check_resumable, path), (_check_resume, SimpleNamespace(do_train=True,
+                                                                                     resume_from_checkpoint=path))):
+            with pytest.raises(CheckpointError) as err:
+                check(arg)
+            msg = str(err.value)
+            assert f"{path} was saved with save_only_model: true" in msg and "Fix:" in msg and fix in msg, msg
+            assert "without save_only_model" in msg
+        assert sorted(os.listdir(path)) == ["config.json", "mca_checkpoint.json", "metadata.json"]

@@ -272,3 +272,27 @@ def test_fused_adamw_walks_chained_optimizers():
     chained = ChainedOptimizer([FP32Optimizer(opt, config, lambda o: None) for opt in inner])
     assert list(_torch_optimizers(chained)) == inner
     assert use_fused_adamw(chained) == 0  # CPU parameters: the fused CUDA kernel is not used
+
+
+def test_wgrad_accumulation_adds_into_main_grad_and_stays_off_without_cuda():
+    """kernels/wgrad.py: main_grad += dY^T @ X in place (megatron's fused weight-gradient entry points, with
+    3-D [s, b, h] activations as megatron passes them); on a machine without CUDA nothing is installed and
+    megatron keeps gradient_accumulation_fusion off."""
+    from llamafactory_mca.kernels import wgrad
+
+    torch.manual_seed(0)
+    x, dy = torch.randn(5, 2, 6), torch.randn(5, 2, 3)
+    main_grad = torch.randn(3, 6)
+    want = main_grad + dy.reshape(-1, 3).t() @ x.reshape(-1, 6)
+    ptr = main_grad.data_ptr()
+    wgrad.wgrad_gemm_accum_fp32(x, dy, main_grad)
+    assert main_grad.data_ptr() == ptr
+    torch.testing.assert_close(main_grad, want)
+    half = main_grad.bfloat16()
+    wgrad.wgrad_gemm_accum_fp16(x.bfloat16(), dy.bfloat16(), half)
+    torch.testing.assert_close(half.float(), want + dy.reshape(-1, 3).t() @ x.reshape(-1, 6), rtol=2e-2, atol=2e-1)
+    if not torch.cuda.is_available():
+        from megatron.core.tensor_parallel import layers
+
+        assert wgrad.install_wgrad_accumulation() is False
+        assert not getattr(layers, "_grad_accum_fusion_available", False)

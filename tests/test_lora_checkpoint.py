@@ -55,6 +55,29 @@ def test_adapter_is_written_before_publishing(worker):
                                  "extra.json": {"a": 1}}
 
 
+def test_save_only_model_checkpoint_holds_the_adapter_and_refuses_to_resume(worker, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    res = worker["res"]
+    assert res["model_only_marker"] == {"save_only_model": True, "adapter_only": True, "has_optimizer": False,
+                                        "has_scheduler": False, "has_rng": False}
+    # the normal checkpoint of the same weights has the RNG state; this one has everything else, adapter included
+    assert set(res["files"]) - set(res["model_only_files"]) == {"rng_state_0.pth"}
+    assert set(res["model_only_files"]) <= set(res["files"])
+    assert res["model_only_tensor_keys_equal"] and res["model_only_adapter_equal"]
+    assert res["model_only_resume"] == "ok", res["model_only_resume"]
+    assert res["model_only_weights_load"]  # without an optimizer (no resume) its weights load
+    # merge gives its PEFT adapter
+    from llamafactory_mca.export import merge_checkpoint
+
+    only = os.path.join(worker["out"], "model_only", "checkpoint-1")
+    out = merge_checkpoint(only, str(tmp_path / "adapter"))
+    ours, saved = load_file(os.path.join(out, "adapter_model.safetensors")), load_file(
+        os.path.join(only, "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(saved) and all(torch.equal(ours[k], saved[k]) for k in saved)
+
+
 def test_resume_is_strict_about_the_adapter(worker):
     res = worker["res"]
     assert res["resume_step"] == 1 and res["resume_differs_before"] and res["resume_equal"]

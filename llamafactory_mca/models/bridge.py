@@ -262,7 +262,7 @@ class ModelBridge:
         """The megatron TransformerConfig for `hf_config` under the layout and options of `mca_args`."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        from llamafactory_mca.platform import on_gpu, te_available
+        from llamafactory_mca.platform import on_gpu, te_available, wgrad_fusion_available
 
         self.check_config(hf_config)
         te = te_available()
@@ -316,7 +316,7 @@ class ModelBridge:
             bias_dropout_fusion=m.bias_dropout_fusion and on_gpu(),
             apply_rope_fusion=m.apply_rope_fusion and te,
             masked_softmax_fusion=m.masked_softmax_fusion and on_gpu(),
-            gradient_accumulation_fusion=m.gradient_accumulation_fusion and te,
+            gradient_accumulation_fusion=m.gradient_accumulation_fusion and (te or wgrad_fusion_available()),
             cross_entropy_loss_fusion=m.cross_entropy_loss_fusion and on_gpu(),
             persist_layer_norm=False,
             use_cpu_initialization=not on_gpu(),
@@ -800,7 +800,10 @@ class ModelBridge:
                 else:
                     full = local if rank == src else None
             if rank == 0 and src != 0:
-                full = torch.empty(shape, dtype=getattr(torch, dtype))
+                # on the compute device: NCCL has no CPU transport (gloo on CPU machines: device() is the CPU)
+                from llamafactory_mca.platform import device
+
+                full = torch.empty(shape, dtype=getattr(torch, dtype), device=device())
                 dist.recv(full, src=src)
             elif rank == src and src != 0:
                 dist.send(full.contiguous(), dst=0)

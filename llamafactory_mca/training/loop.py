@@ -517,7 +517,7 @@ def train(run: Run, task: Any) -> None:
             book.on_evaluate(metrics)
         if book.control.should_save:
             # (under LoRA the PEFT adapter is written into the checkpoint before it is published)
-            _save_checkpoint(book, run.ddp_models, run.optimizer, run.scheduler, training_args, m, run.tokenizer,
+            _save_checkpoint(book, run.ddp_models, run.optimizer, run.scheduler, training_args, m, saved_tokenizer(run),
                              run.hf_config)
             book.on_save()
 
@@ -591,10 +591,17 @@ def save_final_model(run: Run) -> None:
 
         lora.save_peft_adapter(run.models, run.lora, out, base_model_name_or_path=run.model_args.model_name_or_path)
         if dist.get_rank() == 0:
-            run.tokenizer.save_pretrained(out)
+            saved_tokenizer(run).save_pretrained(out)
         dist.barrier()
         return
-    run.bridge.save_hf_pretrained(run.models, out, tokenizer=run.tokenizer, dtype=run.params_dtype)
+    run.bridge.save_hf_pretrained(run.models, out, tokenizer=saved_tokenizer(run), dtype=run.params_dtype)
+
+
+def saved_tokenizer(run: Run) -> Any:
+    """What is saved beside the weights: for multimodal models the processor (its save_pretrained writes the
+    tokenizer and the image/video processor configs, as LLaMA-Factory's SaveProcessorCallback does), else the
+    tokenizer."""
+    return (run.tokenizer_module or {}).get("processor") or run.tokenizer
 
 
 def evaluate(run: Run, task: Any) -> dict[str, float]:
@@ -686,7 +693,8 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
     """The one call site of checkpoint saving: output_dir/checkpoint-{global_step} (collective).
 
     Under LoRA the PEFT adapter (what the HF Trainer's LoRA checkpoints hold) is written into the checkpoint
-    before it is published, and the marker records the base model (merge needs it)."""
+    before it is published, and the marker records the base model (merge needs it). `save_only_model` (HF's key)
+    leaves the optimizer, scheduler and RNG state out, for full, freeze and LoRA alike."""
     import dataclasses
 
     from llamafactory_mca import checkpoint
@@ -712,12 +720,14 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
         save_total_limit=training_args.save_total_limit,
         extra_files=extra_files,
         extra_info=extra_info,
+        save_only_model=bool(getattr(training_args, "save_only_model", False)),
     )
 
 
 def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping,
                      strict: bool = True) -> int:
     """Resume (collective): restores weights, optimizer, scheduler, RNG and the TrainerState; returns the step.
+    A save_only_model checkpoint is refused (with an optimizer to load) by `checkpoint.load_checkpoint`.
 
     The load is always strict: under LoRA, every adapter tensor must be in the checkpoint (the base weights
     come from the Hugging Face model). `strict` is accepted for callers of the earlier signature only."""
