@@ -12,6 +12,13 @@ r_vl examples/megatron/qwen2_vl_full.yaml's Qwen2-VL-7B at full size
 
 from __future__ import annotations
 
+# Qwen3-30B-A3B's widths (48 layers in the real model); the MoE scenarios differ only in the layer count
+QWEN3_30B_A3B = dict(
+    family="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+    head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+    vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
+)
+
 SCENARIO_SHAPES = {
     "s1": dict(
         family="qwen3", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
@@ -21,21 +28,9 @@ SCENARIO_SHAPES = {
         family="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         head_dim=128, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
     ),
-    "s3": dict(
-        family="qwen3_moe", hidden_size=2048, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4,
-        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-        vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
-    ),
-    "s3x4": dict(
-        family="qwen3_moe", hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
-        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-        vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
-    ),
-    "r_moe": dict(
-        family="qwen3_moe", hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
-        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-        vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
-    ),
+    "s3": dict(QWEN3_30B_A3B, num_hidden_layers=4),
+    "s3x4": dict(QWEN3_30B_A3B, num_hidden_layers=8),
+    "r_moe": dict(QWEN3_30B_A3B, num_hidden_layers=24),
     "r_vl": dict(
         family="qwen2_vl", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
