@@ -445,35 +445,14 @@ def save_checkpoint(
     optimizer: Any = None,
     scheduler: Any = None,
     *,
-    trainer_state: Optional[dict[str, Any]] = None,
-    mca_args: Any = None,
-    hf_config: Any = None,
-    tokenizer: Any = None,
     save_total_limit: Optional[int] = None,
-    save_rng: bool = True,
-    extra_files: ExtraFiles = None,
-    extra_info: Optional[dict[str, Any]] = None,
-    save_only_model: bool = False,
+    **options: Any,
 ) -> str:
-    """Write `output_dir/checkpoint-{step}` (collective: every rank calls it) and return its path.
-
-    `models`: the model chunks (one per VPP stage; DDP/Float16Module wrappers are fine). `optimizer`: a
-    megatron-core optimizer (distributed or not, chained or not). `scheduler`: anything with
-    state_dict()/load_state_dict(). `trainer_state`: a JSON-able dict (global step, data position, log
-    history, ...) given back by load_checkpoint. `mca_args`: our MegatronArguments. `hf_config`/`tokenizer`:
-    saved with save_pretrained (merge needs the config's model_type). `extra_files`: more files that belong to
-    the checkpoint, written into the temporary directory before the marker and the publishing rename, either
-    a callable `f(tmp_dir)` run on every rank (it may be collective, e.g. `lora.save_peft_adapter`) or a dict
-    {relative path: bytes | str | JSON-able dict/list | callable(path)} written by rank 0. `extra_info`:
-    JSON-able entries added to the marker. `save_only_model`: as the HF TrainingArguments key, write the model
-    (and the files above) but not the optimizer, scheduler or RNG state; the marker records it and
-    `load_checkpoint` refuses to resume from it. After publishing, the oldest complete checkpoints beyond
-    `save_total_limit` are deleted (never the newest).
-    """
+    """Write `output_dir/checkpoint-{step}` (collective: every rank calls it) with `write_checkpoint` (which
+    documents `options`) and return its path. After publishing, the oldest complete checkpoints beyond
+    `save_total_limit` are deleted (never the newest)."""
     final_dir = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-    write_checkpoint(final_dir, step, models, optimizer, scheduler, trainer_state=trainer_state, mca_args=mca_args,
-                     hf_config=hf_config, tokenizer=tokenizer, save_rng=save_rng, extra_files=extra_files,
-                     extra_info=extra_info, save_only_model=save_only_model)
+    write_checkpoint(final_dir, step, models, optimizer, scheduler, **options)
     if _rank() == 0:
         rotate_checkpoints(output_dir, save_total_limit, keep=[final_dir])
     _barrier()
@@ -496,8 +475,21 @@ def write_checkpoint(
     extra_info: Optional[dict[str, Any]] = None,
     save_only_model: bool = False,
 ) -> str:
-    """Write a checkpoint into exactly `final_dir` (collective), atomically: see the module docstring and
-    `save_checkpoint` for `extra_files` / `extra_info` / `save_only_model`."""
+    """Write a checkpoint into exactly `final_dir` (collective: every rank calls it), atomically (see the
+    module docstring), and return its path.
+
+    `models`: the model chunks (one per VPP stage; DDP/Float16Module wrappers are fine). `optimizer`: a
+    megatron-core optimizer (distributed or not, chained or not). `scheduler`: anything with
+    state_dict()/load_state_dict(). `trainer_state`: a JSON-able dict (global step, data position, log
+    history, ...) given back by load_checkpoint. `mca_args`: our MegatronArguments. `hf_config`/`tokenizer`:
+    saved with save_pretrained (merge needs the config's model_type). `extra_files`: more files that belong to
+    the checkpoint, written into the temporary directory before the marker and the publishing rename, either
+    a callable `f(tmp_dir)` run on every rank (it may be collective, e.g. `lora.save_peft_adapter`) or a dict
+    {relative path: bytes | str | JSON-able dict/list | callable(path)} written by rank 0. `extra_info`:
+    JSON-able entries added to the marker. `save_only_model`: as the HF TrainingArguments key, write the model
+    (and the files above) but not the optimizer, scheduler or RNG state; the marker records it and
+    `load_checkpoint` refuses to resume from it.
+    """
     from megatron.core import dist_checkpointing
 
     if save_only_model:

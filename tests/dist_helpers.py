@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from tests.workers import run_cases
+from tests.workers import compare_with_hf_checkpoint, run_cases
 
 LAYOUTS = {
     "dp2": dict(),
@@ -73,7 +73,6 @@ def pipeline_forward(models, input_ids: torch.Tensor) -> torch.Tensor | None:
 
 def check(kind: str, model_dir: str, layout: str, work: str) -> dict:
     import torch.distributed as dist
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llamafactory_mca.args import MegatronArguments
@@ -108,15 +107,7 @@ def check(kind: str, model_dir: str, layout: str, work: str) -> dict:
     # round trip: export must reproduce every tensor bit-exactly
     exported = dict(bridge.export_hf_state_dict(models))
     if dist.get_rank() == 0:
-        with open(os.path.join(model_dir, "model.safetensors.index.json")) if os.path.exists(
-                os.path.join(model_dir, "model.safetensors.index.json")) else _nullctx() as _:
-            pass
-        with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
-            orig = {k: f.get_tensor(k) for k in f.keys()}
-        res["missing"] = sorted(set(orig) - set(exported))
-        res["extra"] = sorted(set(exported) - set(orig))
-        res["not_equal"] = sorted(k for k in orig if k in exported and not (
-            exported[k].dtype == orig[k].dtype and torch.equal(exported[k], orig[k])))
+        res.update(compare_with_hf_checkpoint(model_dir, exported))
     out_dir = os.path.join(work, f"{kind}-{layout}")
     bridge.save_hf_pretrained(models, out_dir, max_shard_size="100KB")
     if dist.get_rank() == 0:
@@ -127,14 +118,6 @@ def check(kind: str, model_dir: str, layout: str, work: str) -> dict:
         res["saved_shards"] = len([f for f in os.listdir(out_dir) if f.endswith(".safetensors")])
         res["reload_not_equal"] = sorted(k for k in ref_sd if not torch.equal(ref_sd[k], sd[k]))
     return res
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def main(argv=None) -> int:

@@ -10,20 +10,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, clean_env
+from conftest import REPO, worktree_env
 
 WORKER = os.path.join(REPO, "tests", "test_checkpoint_worker.py")
 
 
-def _env() -> dict[str, str]:
-    # The working tree first: these tests check this checkout, also where an older copy is installed.
-    return clean_env(PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
-                     OMP_NUM_THREADS="1")
-
-
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER, *args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(cmd, env=worktree_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout
 

@@ -6,27 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, clean_env
+from conftest import REPO, run_checked
 
 WORKER = os.path.join(REPO, "tests", "lora_checkpoint_worker.py")
 
 pytestmark = pytest.mark.slow
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return clean_env(PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
-                     OMP_NUM_THREADS="1", **extra)
-
-
-def _run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,7 @@ def worker(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_ckpt")
     model = make_tiny_model("qwen3", str(root / "qwen3"))  # odd vocab (1001), untied
     out = str(root / "out")
-    proc = _run([sys.executable, WORKER, "--model", model, "--out", out])
+    proc = run_checked([sys.executable, WORKER, "--model", model, "--out", out])
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return {"model": model, "out": out, "ckpt": os.path.join(out, "run", "checkpoint-1"),
             "res": json.loads(line[len("RESULT "):])}
@@ -90,7 +78,7 @@ def test_merge_writes_the_peft_adapter(worker, tmp_path):
     from safetensors.torch import load_file
 
     out = str(tmp_path / "adapter")
-    _run([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", worker["ckpt"],
+    run_checked([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", worker["ckpt"],
           "--output_path", out])
     ours = load_file(os.path.join(out, "adapter_model.safetensors"))
     # read back from the torch_dist tensors, it equals the adapter written into the checkpoint bit for bit
@@ -107,7 +95,7 @@ def test_merge_lora_equals_peft_base_plus_adapter(worker, tmp_path):
     from transformers import AutoModelForCausalLM
 
     merged = str(tmp_path / "merged")
-    _run([sys.executable, os.path.join(REPO, "scripts", "megatron_merge.py"), "--checkpoint_path", worker["ckpt"],
+    run_checked([sys.executable, os.path.join(REPO, "scripts", "megatron_merge.py"), "--checkpoint_path", worker["ckpt"],
           "--output_path", merged, "--merge_lora", "--max_shard_size", "100KB"])
     tokens = torch.randint(0, 1001, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -120,7 +108,7 @@ def test_merge_lora_equals_peft_base_plus_adapter(worker, tmp_path):
 
     # llamafactory-cli export of the LoRA checkpoint (key=value form) merges the adapter too, into the same bytes
     exported = str(tmp_path / "exported")
-    _run(["llamafactory-cli", "export", f"model_name_or_path={worker['ckpt']}", f"export_dir={exported}",
+    run_checked(["llamafactory-cli", "export", f"model_name_or_path={worker['ckpt']}", f"export_dir={exported}",
           "export_size=1"], USE_MCA="1")
     from test_merge_layouts import safetensors_of
 

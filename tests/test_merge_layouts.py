@@ -4,35 +4,23 @@ entry points: `llamafactory-mca merge`, `scripts/megatron_merge.py`, `llamafacto
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, clean_env
+from conftest import REPO, run_checked
 
 WORKER = os.path.join(REPO, "tests", "test_merge_worker.py")
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return clean_env(PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
-                     OMP_NUM_THREADS="1", **extra)
-
-
-def _run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 def megatron_run(hf: str, out: str, *layout: str, steps: int = 2, lr: float = 1e-3) -> str:
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+    run_checked([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
           "--hf", hf, "--out", out, "--steps", str(steps), "--lr", str(lr), *layout])
     return os.path.join(out, f"checkpoint-{steps}")
 
 
 def merge_cli(ckpt: str, out: str, *flags: str) -> None:
-    _run([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", ckpt, "--output_path", out,
+    run_checked([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", ckpt, "--output_path", out,
           *flags])
 
 
@@ -44,7 +32,7 @@ def tiny(tmp_path_factory):
         path = str(root / kind)
         if not os.path.isdir(path):
             if kind in ("qwen3", "qwen3_moe"):  # with a tokenizer
-                _run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path]
+                run_checked([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path]
                      + (["--moe"] if kind == "qwen3_moe" else []))
             else:
                 from tiny_models import make_tiny_model
@@ -114,7 +102,7 @@ def test_learning_rate_zero_round_trips_bit_for_bit(tiny, tmp_path, kind, layout
     hf = tiny(kind)
     ckpt = megatron_run(hf, str(tmp_path / "run"), *layout, steps=1, lr=0.0)
     merged = str(tmp_path / "hf")
-    _run([sys.executable, os.path.join(REPO, "scripts", "megatron_merge.py"), "--checkpoint_path", ckpt,
+    run_checked([sys.executable, os.path.join(REPO, "scripts", "megatron_merge.py"), "--checkpoint_path", ckpt,
           "--output_path", merged])  # default dtype: the config's (fp32 here)
     orig, new = safetensors_of(hf), safetensors_of(merged)
     assert orig.keys() == new.keys()
@@ -137,7 +125,7 @@ def test_resume_odd_vocab_tp2_to_tp1(tiny, tmp_path):
     ckpt = megatron_run(hf, str(tmp_path / "tp2"), "--tp", "2", steps=2)
     assert read_all_tensors(ckpt)["embedding.word_embeddings.weight"].shape[0] == 1024
     resaved = str(tmp_path / "resaved")
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER, "--hf", hf,
+    run_checked([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER, "--hf", hf,
           "--out", str(tmp_path / "tp1"), "--steps", "2", "--resume", ckpt, "--resave", resaved])  # tp=1, dp=2
     a, b = read_all_tensors(ckpt), read_all_tensors(os.path.join(resaved, "checkpoint-2"))
     assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
@@ -155,7 +143,7 @@ def test_convert_then_merge_and_llamafactory_export(tiny, tmp_path):
 
     hf = tiny("qwen3")
     ckpt = str(tmp_path / "mcore")
-    _run([sys.executable, "-m", "llamafactory_mca.cli", "convert", "--model_name_or_path", hf, "--output_path", ckpt,
+    run_checked([sys.executable, "-m", "llamafactory_mca.cli", "convert", "--model_name_or_path", hf, "--output_path", ckpt,
           "--tensor_model_parallel_size", "2"])
     from llamafactory_mca.checkpoint import checkpoint_info, read_mca_args
 
@@ -164,12 +152,12 @@ def test_convert_then_merge_and_llamafactory_export(tiny, tmp_path):
     export_dir = str(tmp_path / "exported")
     cfg = tmp_path / "export.yaml"
     cfg.write_text(f"model_name_or_path: {ckpt}\nexport_dir: {export_dir}\ntemplate: qwen\n")
-    _run(["llamafactory-cli", "export", str(cfg)], USE_MCA="1")
+    run_checked(["llamafactory-cli", "export", str(cfg)], USE_MCA="1")
     orig, new = safetensors_of(hf), safetensors_of(export_dir)
     assert orig.keys() == new.keys() and all(torch.equal(orig[k], new[k]) for k in orig)
     # the command-line list form (no recipe file)
     listed = str(tmp_path / "exported_list")
-    _run(["llamafactory-cli", "export", "--model_name_or_path", ckpt, f"--export_dir={listed}", "--template", "qwen"],
+    run_checked(["llamafactory-cli", "export", "--model_name_or_path", ckpt, f"--export_dir={listed}", "--template", "qwen"],
          USE_MCA="1")
     new = safetensors_of(listed)
     assert orig.keys() == new.keys() and all(torch.equal(orig[k], new[k]) for k in orig)

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from tests.workers import run_cases
+from tests.workers import compare_with_hf_checkpoint, run_cases
 
 LAYOUTS = {
     "dp2": dict(),
@@ -147,7 +147,6 @@ def check(model_dir: str, layout: str, work: str) -> dict:
 
     import torch.distributed as dist
     import transformers
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     from llamafactory_mca.args import MegatronArguments
@@ -204,12 +203,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
 
     exported = dict(bridge.export_hf_state_dict(models))
     if dist.get_rank() == 0:
-        with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
-            orig = {k: f.get_tensor(k) for k in f.keys()}
-        res["missing"] = sorted(set(orig) - set(exported))
-        res["extra"] = sorted(set(exported) - set(orig))
-        res["not_equal"] = sorted(k for k in orig if k in exported and not (
-            exported[k].dtype == orig[k].dtype and torch.equal(exported[k], orig[k])))
+        res.update(compare_with_hf_checkpoint(model_dir, exported))
     out_dir = os.path.join(work, f"{hf_config.model_type}-{layout}")
     bridge.save_hf_pretrained(models, out_dir, max_shard_size="100KB")
     if dist.get_rank() == 0:

@@ -73,3 +73,19 @@ def run_cases(out: str, cases: Iterable[tuple[str, Any]], check: Callable[[Any, 
         json.dump(results, f, indent=1)
     destroy_parallel()
     return 0
+
+
+def compare_with_hf_checkpoint(model_dir: str, exported: dict) -> dict:
+    """Names missing from / extra in an exported HF state dict against `model_dir/model.safetensors`, and the
+    names whose tensors differ in dtype or value (the export must be bit-exact)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        orig = {k: f.get_tensor(k) for k in f.keys()}
+    return dict(
+        missing=sorted(set(orig) - set(exported)),
+        extra=sorted(set(exported) - set(orig)),
+        not_equal=sorted(k for k in orig if k in exported and not (
+            exported[k].dtype == orig[k].dtype and torch.equal(exported[k], orig[k]))),
+    )

@@ -115,6 +115,41 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def wrap_ddp(mca_args: Any, models: Sequence[torch.nn.Module], ddp_config: Any = None) -> list:
+    """megatron-core DDP around each model chunk (gradient buckets only for the first chunk), configured from
+    our Megatron arguments unless `ddp_config` is given; the wrappers keep the chunk's `hf_config` and
+    `mca_bridge`."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    if ddp_config is None:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=mca_args.accumulate_allreduce_grads_in_fp32,
+            overlap_grad_reduce=mca_args.overlap_grad_reduce,
+            overlap_param_gather=mca_args.overlap_param_gather,
+            use_distributed_optimizer=mca_args.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+            average_in_collective=False,  # the loss is token-weighted over all ranks: sum, do not average
+        )
+    wrapped = []
+    for i, model in enumerate(models):
+        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                      disable_bucketing=i > 0)
+        ddp.hf_config = getattr(model, "hf_config", None)
+        ddp.mca_bridge = getattr(model, "mca_bridge", None)
+        wrapped.append(ddp)
+    return wrapped
+
+
+def _global_layer_name(model: torch.nn.Module, name: str) -> str:
+    """`name` of a parameter of this rank's model chunk with its local decoder-layer index replaced by the
+    global one (pipeline stages and virtual chunks number their layers from 0)."""
+    layer_match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
+    if not layer_match:
+        return name
+    layer = model.decoder.layers[int(layer_match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{layer_match.group(2)}"
+
+
 def parse_size(size: Union[int, str]) -> int:
     """Bytes of a size given as an int or a string such as '5GB', '100KB', '2.5 GiB' (powers of 10, as
     transformers' max_shard_size)."""
@@ -418,24 +453,7 @@ class ModelBridge:
             model.to(target)
             models.append(model)
         if wrap_with_ddp:
-            from megatron.core.distributed import DistributedDataParallel as DDP
-            from megatron.core.distributed import DistributedDataParallelConfig
-
-            if ddp_config is None:
-                ddp_config = DistributedDataParallelConfig(
-                    grad_reduce_in_fp32=mca_args.accumulate_allreduce_grads_in_fp32,
-                    overlap_grad_reduce=mca_args.overlap_grad_reduce,
-                    overlap_param_gather=mca_args.overlap_param_gather,
-                    use_distributed_optimizer=mca_args.use_distributed_optimizer,
-                )
-            wrapped = []
-            for i, model in enumerate(models):
-                ddp = DDP(config=config, ddp_config=ddp_config, module=model,
-                          disable_bucketing=(i > 0))
-                ddp.hf_config = hf_config
-                ddp.mca_bridge = self
-                wrapped.append(ddp)
-            models = wrapped
+            models = wrap_ddp(mca_args, models, ddp_config)
         return models
 
     def _new_chunk(self, hf_config, config, mca_args, block_spec, rows: int, vp_stage):
@@ -545,11 +563,7 @@ class ModelBridge:
         from megatron.core import parallel_state as ps
 
         model = _unwrap(model)
-        canon = name
-        layer_match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
-        if layer_match:
-            layer = model.decoder.layers[int(layer_match.group(1))]
-            canon = f"decoder.layers.{layer.layer_number - 1}.{layer_match.group(2)}"
+        canon = _global_layer_name(model, name)
         grouped = re.match(r"(decoder\.layers\.\d+\.mlp\.experts)\.weight([12])$", canon)
         if grouped:
             experts = model.get_submodule(name.rsplit(".", 1)[0])
@@ -597,11 +611,7 @@ class ModelBridge:
             for name, param in model.named_parameters():
                 if skip is not None and skip(name):
                     continue
-                canon = name
-                layer_match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
-                if layer_match:
-                    layer = model.decoder.layers[int(layer_match.group(1))]
-                    canon = f"decoder.layers.{layer.layer_number - 1}.{layer_match.group(2)}"
+                canon = _global_layer_name(model, name)
                 grouped = re.match(r"(decoder\.layers\.\d+\.mlp\.experts)\.weight([12])$", canon)
                 seq = re.match(r"(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$",
                                canon)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from llamafactory_mca.models.qwen2_vl import Qwen2VLBridge
+from llamafactory_mca.models.qwen2_vl import Qwen2VLBridge, hf_rope_index
 
 
 class Qwen2_5_VLBridge(Qwen2VLBridge):
@@ -36,12 +36,5 @@ def get_rope_index(hf_config, input_ids: torch.Tensor, image_grid_thw: Optional[
     video) defaults to HF's 1 second."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-    if mm_token_type_ids is None:
-        mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
-        mm_token_type_ids[input_ids == hf_config.image_token_id] = 1
-        mm_token_type_ids[input_ids == hf_config.video_token_id] = 2
-    stub = Qwen2_5_VLModel.__new__(Qwen2_5_VLModel)
-    object.__setattr__(stub, "config", hf_config)
-    pos, _ = Qwen2_5_VLModel.get_rope_index(stub, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
-                                            second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask)
-    return pos
+    return hf_rope_index(Qwen2_5_VLModel, hf_config, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                         second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask)

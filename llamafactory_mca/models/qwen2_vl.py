@@ -215,12 +215,19 @@ def get_rope_index(hf_config, input_ids: torch.Tensor, image_grid_thw: Optional[
     callers without LLaMA-Factory's collator. `mm_token_type_ids` defaults to the placeholder tokens."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
+    return hf_rope_index(Qwen2VLModel, hf_config, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                         attention_mask=attention_mask)
+
+
+def hf_rope_index(hf_model_cls: Any, hf_config, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
+                  *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Call `hf_model_cls.get_rope_index` (a Qwen-VL model class) on a config-only stub, no weights built;
+    `mm_token_type_ids` defaults to marking the image (1) and video (2) placeholder tokens."""
     if mm_token_type_ids is None:
         mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
         mm_token_type_ids[input_ids == hf_config.image_token_id] = 1
         mm_token_type_ids[input_ids == hf_config.video_token_id] = 2
-    stub = Qwen2VLModel.__new__(Qwen2VLModel)
+    stub = hf_model_cls.__new__(hf_model_cls)
     object.__setattr__(stub, "config", hf_config)
-    pos, _ = Qwen2VLModel.get_rope_index(stub, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
-                                         attention_mask)
+    pos, _ = hf_model_cls.get_rope_index(stub, input_ids, mm_token_type_ids, *args, **kwargs)
     return pos

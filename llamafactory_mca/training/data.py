@@ -150,6 +150,14 @@ class MicroBatch:
         """What megatron's schedules take as seq_length (they divide it by cp and, under SP, by tp)."""
         return self.full_seq_length or self.tokens.shape[1]
 
+    def carry_nothing(self) -> None:
+        """Make this a filler micro-batch (a step with fewer batches than its peers): shapes stay, loss, token
+        and sample counts are zero."""
+        self.loss_mask.zero_()
+        self.num_label_tokens = torch.tensor(0, dtype=torch.int)
+        self.num_input_tokens = 0
+        self.num_samples = 0
+
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
@@ -375,10 +383,7 @@ class StepBatches:
             features = self.collator([self.dataset[i] for i in (idx if idx is not None else [0])])
             mb = to_microbatch(features, self.pad_token_id, segments=self.layout.thd, rope_fn=self.rope_fn)
             if idx is None:
-                mb.loss_mask.zero_()
-                mb.num_label_tokens = torch.tensor(0, dtype=torch.int)
-                mb.num_input_tokens = 0
-                mb.num_samples = 0
+                mb.carry_nothing()
             mbs.append(mb)
         return lay_out(mbs, self.layout, self.pad_token_id, self.uniform_shapes, self.micro_batch_size)
 

@@ -38,17 +38,9 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
            "logps/rejected", "logits/chosen", "logits/rejected", "sft_loss", "odds_ratio_loss")
 
 
-class PairBatches:
-    """Microbatches of pairs: [chosen_1..n, rejected_1..n] rows (+ padding rows/columns that carry nothing)."""
-
-    def __init__(self, dataset: Any, collator: Any, pad_token_id: int, layout: mdata.SeqLayout,
-                 uniform_shapes: bool, micro_batch_size: int) -> None:
-        self.dataset = dataset
-        self.collator = collator
-        self.pad_token_id = pad_token_id
-        self.layout = layout
-        self.uniform_shapes = uniform_shapes
-        self.micro_batch_size = micro_batch_size
+class PairBatches(mdata.StepBatches):
+    """Microbatches of pairs: [chosen_1..n, rejected_1..n] rows (+ padding rows/columns that carry nothing).
+    Built like StepBatches' (same inputs), with two rows a sample and the pair bookkeeping in `extra`."""
 
     def build(self, batches: list[Optional[list[int]]]) -> list[mdata.MicroBatch]:
         mbs = []
@@ -59,10 +51,7 @@ class PairBatches:
             mb.extra = {"pairs": len(ids) if idx is not None else 0, "ids": list(ids) if idx is not None else [],
                         "attention_mask": features["attention_mask"].float()}
             if idx is None:
-                mb.loss_mask.zero_()
-                mb.num_label_tokens = torch.tensor(0, dtype=torch.int)
-                mb.num_input_tokens = 0
-                mb.num_samples = 0
+                mb.carry_nothing()
             mbs.append(mb)
         return mdata.lay_out(mbs, self.layout, self.pad_token_id, self.uniform_shapes, 2 * self.micro_batch_size)
 

@@ -132,23 +132,6 @@ def _build_scheduler(optimizer: Any, training_args: Any, max_steps: int):
     )
 
 
-def _wrap_ddp(m: Any, models: list) -> list:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=m.accumulate_allreduce_grads_in_fp32,
-        overlap_grad_reduce=m.overlap_grad_reduce,
-        overlap_param_gather=m.overlap_param_gather,
-        use_distributed_optimizer=m.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-        average_in_collective=False,
-    )
-    return [
-        DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model, disable_bucketing=i > 0)
-        for i, model in enumerate(models)
-    ]
-
-
 def configure_schedule(models: list, ddp_models: list, optimizer: Any, m: Any, params_dtype: torch.dtype) -> Any:
     """Schedule-related TransformerConfig fields, set on the config object every chunk shares (also used by
     the checkpoint and merge test workers, which drive megatron's schedules without the trainer)."""
@@ -417,7 +400,9 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     platform.setup_platform()  # megatron modules imported while building
     run.bridge.load_hf_weights(run.models, model_args.model_name_or_path)
     run.lora = apply_finetuning_type(run)
-    run.ddp_models = _wrap_ddp(m, run.models)
+    from llamafactory_mca.models.bridge import wrap_ddp
+
+    run.ddp_models = wrap_ddp(m, run.models)
     run.optimizer = _build_optimizer(m, training_args, run.ddp_models, run.params_dtype)
     run.config = configure_schedule(run.models, run.ddp_models, run.optimizer, m, run.params_dtype)
     run.book = HFTrainerBookkeeping(training_args, callbacks, run.tokenizer, dist.get_rank() == 0,
