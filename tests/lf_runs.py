@@ -123,3 +123,25 @@ def make_dpo_data(root) -> str:
             "file_name": "tiny_dpo.json", "ranking": True,
             "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}}}, f)
     return str(root)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_lora_adapter(model_dir: str, path: str, seed: int) -> str:
+    """A PEFT adapter (r=4, alpha=8, every linear module) on `model_dir` whose B matrices are random too (PEFT
+    starts B at zero), so the adapter changes the model from step 1; saved to `path`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                            task_type="CAUSAL_LM"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    return path

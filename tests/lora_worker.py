@@ -11,17 +11,16 @@ export a HF model whose logits match as well.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
-import traceback
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_helpers import LAYOUTS, pipeline_forward  # noqa: E402
+
+from tests.workers import run_cases  # noqa: E402
 
 LAYOUTS = {**LAYOUTS, "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True)}
 
@@ -89,29 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", required=True)
     a = p.parse_args(argv)
 
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from llamafactory_mca.args import MegatronArguments
-    from llamafactory_mca.platform import destroy_parallel, init_parallel
-
-    torch.set_num_threads(1)
-    rank = int(os.environ.get("RANK", "0"))
-    results = []
-    for layout in a.layouts.split(","):
-        init_parallel(MegatronArguments(**LAYOUTS[layout]), seed=1)
-        obj = [tempfile.mkdtemp(prefix="lora-") if rank == 0 else None]
-        dist.broadcast_object_list(obj, src=0)
-        try:
-            r = check(a.model, a.adapter, layout, obj[0])
-        except Exception:
-            r = {"layout": layout, "error": traceback.format_exc()}
-        results.append(r)
-        ps.destroy_model_parallel()
-    with open(f"{a.out}.rank{rank}.json", "w") as f:
-        json.dump(results, f, indent=1)
-    destroy_parallel()
-    return 0
+    cases = [(layout, None) for layout in a.layouts.split(",")]
+    return run_cases(a.out, cases, lambda _case, layout, work: check(a.model, a.adapter, layout, work), LAYOUTS,
+                     lambda _case, layout: {"layout": layout})
 
 
 if __name__ == "__main__":

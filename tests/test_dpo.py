@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from lf_runs import make_dpo_data, make_models, make_recipe, train
+from lf_runs import make_dpo_data, make_lora_adapter, make_models, make_recipe, train
 
 pytestmark = pytest.mark.slow
 
@@ -108,20 +108,7 @@ def test_dpo_lora_pp2(models, dpo_data, tmp_path):
     lora = dict(pref_loss="sigmoid", finetuning_type="lora", lora_target="all", lora_rank=4, lora_alpha=8,
                 learning_rate=5.0e-3)
     # Both runs start from the same PEFT adapter with random A and B (policy != reference from step 1).
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    init = str(tmp_path / "init")
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(models["dense"], dtype=torch.float32),
-                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    peft_model.save_pretrained(init)
+    init = make_lora_adapter(models["dense"], str(tmp_path / "init"), seed=3)
     hf = train(tmp_path, "hf", _dpo(models, dpo_data, str(tmp_path / "hf"), adapter_name_or_path=init, **lora),
                mca=False)
     ours = train(tmp_path, "mca", _dpo(models, dpo_data, str(tmp_path / "out"), adapter_name_or_path=init,

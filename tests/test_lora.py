@@ -16,13 +16,12 @@ import sys
 
 import pytest
 import torch
-from lf_runs import assert_parity, make_models, make_recipe, train
+from lf_runs import LORA_TARGETS, assert_parity, make_lora_adapter, make_models, make_recipe, train
 
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +32,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def init_adapter(models, tmp_path_factory):
     """A PEFT adapter (r=4, alpha=8, all linear modules) with random A and B, saved to disk."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path = str(tmp_path_factory.mktemp("adapter") / "init")
-    base = AutoModelForCausalLM.from_pretrained(models["dense"], dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                                            task_type="CAUSAL_LM"))
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
-    return path
+    return make_lora_adapter(models["dense"], str(tmp_path_factory.mktemp("adapter") / "init"), seed=7)
 
 
 def _lora(recipe: dict, adapter: str) -> dict:
@@ -69,7 +55,7 @@ def _assert_same_adapter(hf_dir: str, ours_dir: str) -> None:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-3, atol=2e-5, msg=k)
     with open(os.path.join(ours_dir, "adapter_config.json")) as f:
         cfg = json.load(f)
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and sorted(cfg["target_modules"]) == sorted(TARGETS)
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and sorted(cfg["target_modules"]) == sorted(LORA_TARGETS)
 
 
 def test_lora_tp2_sequence_parallel(models, init_adapter, hf_lora, tmp_path):

@@ -93,31 +93,27 @@ def summarize_profile(kernels, wall_us, host_waits=None):
     }
 
 
-def _host_waits_of(prof):
+def _events_of(prof):
+    """(GPU kernels as (name, start us, end us), {host-blocking CUDA runtime call: (calls, total us)}) of a
+    finished profile, in one pass over its events."""
     from torch.autograd import DeviceType
 
-    out = {}
+    kernels, waits = [], {}
     for ev in prof.events():
-        if ev.device_type == DeviceType.CPU and ev.name.startswith("cuda") and (
-                "Synchronize" in ev.name or "Memcpy" in ev.name):
-            c, t = out.get(ev.name, (0, 0.0))
-            out[ev.name] = (c + 1, t + float(ev.time_range.end - ev.time_range.start))
-    return out
-
-
-def _kernels_of(prof):
-    from torch.autograd import DeviceType
-
-    out = []
-    for ev in prof.events():
-        if ev.device_type != DeviceType.CUDA or ev.time_range.end <= ev.time_range.start:
+        start, end = float(ev.time_range.start), float(ev.time_range.end)
+        if ev.device_type == DeviceType.CPU:
+            if ev.name.startswith("cuda") and ("Synchronize" in ev.name or "Memcpy" in ev.name):
+                c, t = waits.get(ev.name, (0, 0.0))
+                waits[ev.name] = (c + 1, t + end - start)
+            continue
+        if ev.device_type != DeviceType.CUDA or end <= start:
             continue
         # GPU-side ranges of record_function annotations ("nccl:all_to_all", "Optimizer.step#AdamW.step") span
         # kernels that are listed themselves: counting them would count those kernels twice
         if getattr(ev, "is_user_annotation", False) or ev.name.startswith("nccl:") or "#" in ev.name:
             continue
-        out.append((ev.name, float(ev.time_range.start), float(ev.time_range.end)))
-    return out
+        kernels.append((ev.name, start, end))
+    return kernels, waits
 
 
 def _install():
@@ -145,7 +141,8 @@ def _install():
         prof, state["prof"] = state["prof"], None
         wall_us = (time.perf_counter() - state["t0"]) * 1e6
         prof.__exit__(None, None, None)
-        summary = summarize_profile(_kernels_of(prof), wall_us, _host_waits_of(prof))
+        kernels, waits = _events_of(prof)
+        summary = summarize_profile(kernels, wall_us, waits)
         summary["step"] = profile_step
         with open(trace + ".profile.json", "w") as f:
             json.dump(summary, f, indent=1)
