@@ -260,3 +260,17 @@ def launch(cases: list, tmp_path_factory, kinds: tuple) -> list:
         make_tiny_model(kind, str(models / kind))
     return launch_worker("seq_helpers.py", ["--models", str(models), "--cases", ",".join(":".join(c) for c in cases)],
                          tmp_path_factory.mktemp("results"), key=("layout", "kind", "mode"))
+
+
+def assert_logits_match(results: list, case: tuple, tol: float) -> list[dict]:
+    """pytest side: on every rank the case ran, its logits are within `tol` of Hugging Face's and, for packed
+    (thd) rows, so is the summed loss (relative). Returns the rank results for further checks."""
+    per_rank = []
+    for rank_results in results:
+        r = rank_results[case]
+        assert "error" not in r, r["error"]
+        assert r["logits_max_abs_diff"] <= tol, r
+        if case[-1] == "thd":
+            assert r["loss_abs_diff"] <= tol * abs(r["loss"]), r
+        per_rank.append(r)
+    return per_rank

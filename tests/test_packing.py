@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.seq_helpers import launch
+from tests.seq_helpers import assert_logits_match, launch
 
 KINDS = ("llama", "qwen3", "qwen3_moe")
 LAYOUTS = ("dp2", "tp2", "tp2sp")
@@ -32,12 +32,7 @@ def results(tmp_path_factory):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout,kind,mode", CASES)
 def test_packed_logits_equal_unpacked(results, layout, kind, mode):
-    for rank_results in results:
-        r = rank_results[(layout, kind, mode)]
-        assert "error" not in r, r["error"]
-        assert r["logits_max_abs_diff"] <= TOL, r
-        if mode == "thd":
-            assert r["loss_abs_diff"] <= TOL * abs(r["loss"]), r
+    assert_logits_match(results, (layout, kind, mode), TOL)
 
 
 # ------------------------------------------------------------------------------------------- unit (one process)
