@@ -71,7 +71,7 @@ class ParamCensus:
 def is_expert_param(name: str) -> bool:
     """Routed-expert weights (reduced over the expert-data-parallel group; megatron marks them `allreduce=False`
     only when EP > 1, so the name decides)."""
-    return ".mlp.experts." in name
+    return name.startswith("mlp.experts.") or ".mlp.experts." in name
 
 
 def build_meta_chunks(bridge: Any, hf_config: Any, mca_args: Any, dtype: torch.dtype) -> list:

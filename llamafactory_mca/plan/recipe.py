@@ -90,13 +90,14 @@ def freeze_rule(recipe: dict) -> Optional[Callable[[Any, list], Any]]:
 
 
 def recipe_lines(m: MegatronArguments, recipe: Optional[dict] = None) -> list[str]:
-    """The `key: value` lines of `m` that differ from the defaults (or from `recipe`)."""
+    """The `key: value` lines to paste for `m`: every parallel size, and each other key that differs from the
+    defaults (or from `recipe`)."""
     base = {f.name: f.default for f in dataclasses.fields(MegatronArguments)}
     base.update({k: v for k, v in (recipe or {}).items() if k in base})
     lines = []
     for f in dataclasses.fields(m):
         v = getattr(m, f.name)
-        if v != base[f.name] or (recipe is None and f.name.endswith("_parallel_size")):
+        if v != base[f.name] or (f.name.endswith("_parallel_size") and v is not None):
             lines.append(f"{f.name}: {str(v).lower() if isinstance(v, bool) else ('null' if v is None else v)}")
     return lines
 
