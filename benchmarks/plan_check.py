@@ -41,6 +41,7 @@ def predict(result: dict):
 
 
 def main() -> int:
+    from llamafactory_mca.plan.cost import tokens_per_second
     from llamafactory_mca.plan.memory import GIB
 
     rows = []
@@ -50,11 +51,14 @@ def main() -> int:
         measured = result["ours"]["peak_mem_gib"]
         per_rank = [round(r.train_peak / GIB, 1) for r in plan.ranks]
         predicted = max(r.train_peak for r in plan.ranks) / GIB
-        rows.append((result["scenario"], measured, predicted, per_rank))
-    print("| scenario | measured peak GiB (max over ranks) | predicted GiB (max) | error | predicted per stage |")
-    print("|---|---|---|---|---|")
-    for name, meas, pred, per in rows:
-        print(f"| {name} | {meas:.1f} | {pred:.1f} | {100 * (pred - meas) / meas:+.1f}% | {per} |")
+        tps = (result["ours"]["tokens_per_s"], tokens_per_second(plan))
+        rows.append((result["scenario"], measured, predicted, per_rank, tps))
+    print("| scenario | measured peak GiB (max over ranks) | predicted GiB (max) | error | predicted per stage | "
+          "measured tok/s | cost-model tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, meas, pred, per, (tps, est) in rows:
+        print(f"| {name} | {meas:.1f} | {pred:.1f} | {100 * (pred - meas) / meas:+.1f}% | {per} | {tps:,.0f} | "
+              f"{est:,.0f} ({100 * (est - tps) / tps:+.0f}%) |")
     return 0
 
 
