@@ -70,14 +70,22 @@ def candidate_layouts(base: Any, t: LayerTemplate, world: int, gpus_per_node: in
 
 def search(hf_config: Any, bridge: Any, base: Any, workload: Workload, gpu_memory: int, template: LayerTemplate,
            gpus_per_node: int) -> list[tuple[float, Plan]]:
-    """Every layout that fits, best estimated throughput first, as (tokens/s, plan)."""
+    """Every layout that fits, best estimated throughput first, as (tokens/s, plan). Of two layouts that differ
+    only in the distributed optimizer (the same estimated speed) the one with the lower peak is kept."""
     ranked = []
     for m in candidate_layouts(base, template, workload.world_size, gpus_per_node, workload.seq_len):
         plan = make_plan(hf_config, bridge, m, workload, gpu_memory, template, exact=False)
         if plan.fits:
             ranked.append((tokens_per_second(plan), plan))
     ranked.sort(key=lambda x: (-x[0], x[1].peak))
-    return ranked
+    kept, seen = [], set()
+    for tps, plan in ranked:
+        key = dataclasses.astuple(dataclasses.replace(plan.mca_args, use_distributed_optimizer=False,
+                                                      overlap_param_gather=False))
+        if key not in seen:
+            seen.add(key)
+            kept.append((tps, plan))
+    return kept
 
 
 def smallest_fix(plan: Plan, hf_config: Any, bridge: Any, template: LayerTemplate,
