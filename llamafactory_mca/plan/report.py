@@ -23,6 +23,19 @@ def stage_ranks_text(plan: Plan, stage: int) -> str:
     return f"{stage * per_stage}-{(stage + 1) * per_stage - 1}" if per_stage > 1 else str(stage * per_stage)
 
 
+def bucket_text(plan: Plan) -> str:
+    """DDP's gradient buckets (megatron's default size) and where communication memory goes."""
+    m = plan.mca_args
+    if m.overlap_grad_reduce:
+        size = max(40_000_000, 1_000_000 * plan.data_parallel_size)
+        buckets = f"buckets of {size / 1e6:.0f}M parameters, reduced during backward"
+    else:
+        buckets = "one bucket per buffer, reduced after the last micro-batch"
+    op = "reduce-scatter + all-gather" if m.use_distributed_optimizer else "all-reduce"
+    return (f"{op}, {buckets}; buckets are views of the main-grad buffer (no extra memory), NCCL's own buffers "
+            "are outside torch's allocator (in the headroom)")
+
+
 def plan_text(plan: Plan) -> str:
     """The per-rank table, the batch arithmetic and the verdict."""
     m, w = plan.mca_args, plan.workload
@@ -60,6 +73,7 @@ def plan_text(plan: Plan) -> str:
         + (f", {per_mb // m.context_parallel_size} tokens per CP rank" if m.context_parallel_size > 1 else ""),
         f"global batch: {plan.global_batch} sequences = DP {plan.data_parallel_size} x micro-batch {w.micro_batch} "
         f"x {w.grad_accum} micro-batches per step; {plan.tokens_per_step} tokens per step",
+        "communication: " + bucket_text(plan),
         f"pipeline bubble: {100 * plan.bubble:.1f}% of the step; estimated throughput "
         f"{tokens_per_second(plan):,.0f} tokens/s (H100/H200, cost model of llamafactory_mca/plan/cost.py)",
         f"peak {_gib(plan.peak)} GiB + {_gib(HEADROOM_BYTES)} GiB headroom against {_gib(plan.gpu_memory)} GiB per GPU: "
