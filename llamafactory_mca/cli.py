@@ -1,4 +1,4 @@
-"""`llamafactory-mca`: doctor, merge (Megatron checkpoint -> HF) and convert (HF -> Megatron checkpoint).
+"""`llamafactory-mca`: doctor, merge (Megatron checkpoint -> HF), convert (HF -> Megatron checkpoint), plan.
 
 Sub-commands come from the `mca_cli_commands` hook, so plugins can add their own.
 """
@@ -80,9 +80,16 @@ def _convert(argv: list[str]) -> int:
     return convert_command(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    """Memory per rank, global batch and layout search for a recipe on N GPUs, on this CPU."""
+    from llamafactory_mca.plan.command import plan_command
+
+    return plan_command(argv)
+
+
 @hookimpl
 def mca_cli_commands() -> dict[str, Callable[[list[str]], int]]:
-    return {"doctor": doctor, "merge": _merge, "convert": _convert}
+    return {"doctor": doctor, "merge": _merge, "convert": _convert, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:
