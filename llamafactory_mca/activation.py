@@ -6,7 +6,9 @@ Flow, in every process:
    set our marker `LLAMAFACTORY_MCA_ACTIVE=1` instead, which torchrun children inherit.
 2. `FORCE_TORCHRUN=1` keeps LLaMA-Factory's launcher on torchrun, as its own USE_MCA mode does.
 3. A meta-path finder waits for `llamafactory.train.tuner` and, right after that module has executed,
-   replaces its training entry points (see `patching.py`). The launcher's torchrun child runs
+   replaces its training entry points (see `patching.py`). In the process where the user set USE_MCA it also
+   wraps `llamafactory.cli.main`, so `llamafactory-cli train` checks the whole recipe before torchrun starts
+   and before torch is imported (`prelaunch.py`). The launcher's torchrun child runs
    `llamafactory/launcher.py` as a script, so nothing here may depend on `llamafactory.cli` being imported.
 """
 
@@ -93,7 +95,9 @@ def activate() -> None:
     if first_process:
         _default_nproc()
 
-    from llamafactory_mca.patching import patch_tuner, patch_v1_launcher
+    from llamafactory_mca.patching import patch_cli, patch_tuner, patch_v1_launcher
 
+    if first_process:  # the launching process: the recipe is checked before torchrun starts
+        when_imported("llamafactory.cli", patch_cli)
     when_imported("llamafactory.train.tuner", patch_tuner)
     when_imported("llamafactory.v1.launcher", patch_v1_launcher)

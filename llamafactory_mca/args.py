@@ -274,10 +274,11 @@ def megatron_args_from_dict(values: dict[str, Any]) -> MegatronArguments:
 # --------------------------------------------------------------------------------------------- validation
 
 
-def validate_megatron_args(m: MegatronArguments, world_size: int, model_path: Optional[str] = None,
+def validate_megatron_args(m: MegatronArguments, world_size: Optional[int], model_path: Optional[str] = None,
                            config: Optional[dict] = None) -> None:
     """Raise McaArgumentError for the first setting that cannot run; see the class for each key.
 
+    `world_size` None (not known yet, e.g. GPUs counted by the launcher): the divisibility checks are skipped.
     The layout is also checked against the model's config.json (given, or read from a local `model_path`)."""
     for key in (
         "tensor_model_parallel_size",
@@ -293,7 +294,7 @@ def validate_megatron_args(m: MegatronArguments, world_size: int, model_path: Op
         m.expert_model_parallel_size,
     )
     require(
-        world_size % (tp * pp * cp) == 0,
+        world_size is None or world_size % (tp * pp * cp) == 0,
         "tensor_model_parallel_size",
         f"tp*pp*cp = {tp}*{pp}*{cp} = {tp * pp * cp} does not divide the world size {world_size}",
         "choose tensor/pipeline/context_parallel_size whose product divides the number of processes "
@@ -304,7 +305,7 @@ def validate_megatron_args(m: MegatronArguments, world_size: int, model_path: Op
                 f"must be >= 1, got {m.expert_tensor_parallel_size}", "remove it, or set 1 or more")
     etp = m.expert_tensor_parallel_size or tp
     require(
-        world_size % (etp * ep * pp) == 0,
+        world_size is None or world_size % (etp * ep * pp) == 0,
         "expert_model_parallel_size",
         f"expert_tensor_parallel_size*expert_model_parallel_size*pp = {etp}*{ep}*{pp} does not divide the "
         f"world size {world_size}",

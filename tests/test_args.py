@@ -69,7 +69,7 @@ RECIPE = dict(model_name_or_path="none", stage="sft", do_train=True, finetuning_
 
 
 def _parse(tmp_path, **extra):
-    from llamafactory_mca.args import parse_train_args
+    from llamafactory_mca.parsing import parse_train_args
 
     return parse_train_args({**RECIPE, "output_dir": str(tmp_path), **extra})
 
