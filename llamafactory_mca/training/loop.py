@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from llamafactory_mca.log import get_logger
 from llamafactory_mca.training import data as mdata
-from llamafactory_mca.training.logging import HFTrainerBookkeeping
+from llamafactory_mca.training.logging import HFTrainerBookkeeping, check_finite, kernel_summary
 from llamafactory_mca.training.lr_schedule import build_scheduler
 from transformers.trainer_utils import speed_metrics
 
@@ -435,6 +435,7 @@ def train(run: Run, task: Any) -> None:
          f"{' packed=thd' if run.layout.thd else ''}) *****")
     _log(f"  Num examples = {num_examples:,}  Num epochs = {num_train_epochs:,}  Total optimization steps = "
          f"{max_steps:,}  Global batch size = {run.gbs:,}")
+    _log(f"  {kernel_summary(m, run.config)}")
 
     book.state.global_step = start_step
     book.globalstep_last_logged = start_step
@@ -473,6 +474,8 @@ def train(run: Run, task: Any) -> None:
             run.optimizer.zero_grad()
             loss, metrics = task.train_step(run, mbs)
             ok, grad_norm, _ = run.optimizer.step()
+            if m.check_for_nan_in_loss_and_grad:  # raised before any checkpoint of this state is written
+                check_finite(book.state.global_step + 1, loss, grad_norm)
             if ok:
                 run.scheduler.step(increment=1)
             input_tokens = _sum_all(sum(mb.num_input_tokens for mb in mbs), run.device,
