@@ -200,3 +200,26 @@ def check_table_consistency() -> Optional[str]:
         if (spec.fate == "ours") != (key in ours):
             return f"{key}: fate {spec.fate!r} but {'' if key in ours else 'not '}a MegatronArguments field"
     return None
+
+
+def readme_table() -> str:
+    """The README's table of mcore_adapter keys (checked against README.md by the tests)."""
+    rows = ["| mcore_adapter key | here | meaning, or what to do instead |", "|---|---|---|"]
+    for key, spec in UPSTREAM_KEYS.items():
+        if spec.fate == "agree":
+            values = ", ".join("*any*" if v == "*" else "null" if v is None else json_value(v)
+                               for v in spec.accepted if v not in ("", {}))
+            fate = f"accepted: {values}"
+            meaning = spec.meaning + (f"; otherwise: {spec.fix}" if spec.fix else "")
+        else:
+            fate = "accepted" if spec.fate == "ours" else "alias"
+            meaning = spec.meaning
+        rows.append(f"| `{key}` | {fate} | {meaning} |")
+    return "\n".join(rows)
+
+
+def json_value(value: Any) -> str:
+    """A value as a recipe writes it (true, 0, torch_dist)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
