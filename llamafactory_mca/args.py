@@ -8,7 +8,6 @@ hook implementations in `arg_hooks.py`.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
@@ -186,10 +185,8 @@ def _type_word(tp: Any) -> str:
 
 
 def coerce_value(key: str, value: Any, annotation: Any) -> Any:
-    """`value` of recipe key `key` as the type `annotation` (int, float, bool, str, Literal, Optional of these),
-    or McaArgumentError naming the key, the expected type and the value given."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {**vars(typing), "Literal": Literal, "Optional": Optional, "Union": Union})
+    """`value` of recipe key `key` as the type `annotation` (int, float, bool, str, Literal, Optional of these;
+    other types pass the value through), or McaArgumentError naming the key, the expected type and the value."""
     origin, targs = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Union:
         if value is None and type(None) in targs:
@@ -251,7 +248,10 @@ def dataclass_from_dict(dataclass_type: type, values: dict[str, Any]) -> Any:
     """An instance of `dataclass_type` from recipe values, every value checked against its field's type.
 
     `None` for a field that is not Optional means "the default" (mcore_adapter recipes write `null` for sizes)."""
-    hints = typing.get_type_hints(dataclass_type)
+    try:
+        hints = typing.get_type_hints(dataclass_type)
+    except Exception:  # noqa: BLE001 - a plugin's annotations that do not resolve: values are passed as given
+        hints = {}
     kwargs: dict[str, Any] = {}
     for f in fields(dataclass_type):
         if f.name not in values:
@@ -259,10 +259,10 @@ def dataclass_from_dict(dataclass_type: type, values: dict[str, Any]) -> Any:
         value = values[f.name]
         if f.name == "recompute_modules":
             value = _recompute_modules_text(value)
-        annotation = hints.get(f.name, f.type)
-        if value is None and type(None) not in typing.get_args(annotation):
+        annotation = hints.get(f.name)
+        if annotation is not None and value is None and type(None) not in typing.get_args(annotation):
             continue
-        kwargs[f.name] = coerce_value(f.name, value, annotation)
+        kwargs[f.name] = value if annotation is None else coerce_value(f.name, value, annotation)
     return dataclass_type(**kwargs)
 
 

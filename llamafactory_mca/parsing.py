@@ -11,7 +11,13 @@ import os
 from typing import Any
 
 from llamafactory_mca.activation import TRUTHY
-from llamafactory_mca.args import McaArgumentError, MegatronArguments, dataclass_from_dict, field_names
+from llamafactory_mca.args import (
+    McaArgumentError,
+    MegatronArguments,
+    dataclass_from_dict,
+    field_names,
+    validate_megatron_args,
+)
 from llamafactory_mca.log import get_logger
 from llamafactory_mca.recipe import CHECKED_MARKER, check_recipe
 
@@ -110,9 +116,7 @@ def parse_train_args(args: dict[str, Any] | list[str] | None = None) -> tuple[di
                                    f"{', '.join(stages)}). Fix: choose a supported stage, or run without USE_MCA "
                                    "to use LLaMA-Factory's own trainer.")
     mca_args, rest = split_recipe(args, mca_dataclasses())
-    if MegatronArguments in mca_args:
-        from llamafactory_mca.args import validate_megatron_args
-
+    if MegatronArguments in mca_args and not isinstance(args, dict):  # a recipe dict was validated above
         validate_megatron_args(mca_args[MegatronArguments], world_size, raw_value(rest, "model_name_or_path"))
     lf_args = get_train_args(rest)
     hook().mca_validate_args(mca_args=mca_args, lf_args=lf_args, world_size=world_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from llamafactory_mca.args import McaArgumentError, coerce_value, require
+from llamafactory_mca.args import coerce_value, require
 
 # key -> (type, test of the value, what a valid value is)
 _Rule = tuple[type, Callable[[Any], bool], str]
@@ -22,15 +22,13 @@ VALUE_RULES: dict[str, _Rule] = {
     "max_grad_norm": (float, lambda v: v >= 0, "0 (no clipping) or a positive number, e.g. 1.0"),
     "warmup_ratio": (float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "warmup_steps": (float, lambda v: v >= 0, "0 or a positive number of steps"),
-    "num_train_epochs": (float, lambda v: v > 0, "a positive number (or set max_steps)"),
-    "max_steps": (int, lambda v: v == -1 or v > 0, "a positive number of steps, or -1 for num_train_epochs"),
+    "max_steps": (int, lambda v: True, "a number of steps (-1: num_train_epochs decides)"),
     "per_device_train_batch_size": (int, lambda v: v >= 1, "1 or more"),
     "per_device_eval_batch_size": (int, lambda v: v >= 1, "1 or more"),
     "gradient_accumulation_steps": (int, lambda v: v >= 1, "1 or more"),
     "cutoff_len": (int, lambda v: v >= 1, "the maximum sequence length in tokens, e.g. 2048"),
     "logging_steps": (float, lambda v: v > 0, "a positive number of steps"),
     "save_steps": (float, lambda v: v > 0, "a positive number of steps"),
-    "save_total_limit": (int, lambda v: v >= 1, "1 or more (or remove it to keep every checkpoint)"),
     "seed": (int, lambda v: v >= 0, "0 or a positive integer"),
     "lora_rank": (int, lambda v: v >= 1, "1 or more, e.g. 8"),
     "lora_alpha": (int, lambda v: v >= 1, "1 or more (default: 2 * lora_rank)"),
@@ -62,6 +60,10 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
             continue
         value = coerce_value(key, out[key], tp)
         require(ok(value), key, f"{out[key]!r} cannot be right", f"set {key}: {valid}")
+    if out.get("num_train_epochs") is not None and coerce_value("max_steps", out.get("max_steps", -1), int) <= 0:
+        epochs = coerce_value("num_train_epochs", out["num_train_epochs"], float)
+        require(epochs > 0, "num_train_epochs", f"{out['num_train_epochs']!r} cannot be right",
+                "set num_train_epochs: a positive number (or max_steps)")
     require(not (_truthy(out.get("bf16")) and _truthy(out.get("fp16"))), "fp16",
             "bf16 and fp16 cannot both be true", "keep one of them")
     if stages is not None and "stage" in out:
