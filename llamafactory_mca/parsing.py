@@ -19,7 +19,8 @@ from llamafactory_mca.args import (
     validate_megatron_args,
 )
 from llamafactory_mca.log import get_logger
-from llamafactory_mca.recipe import CHECKED_MARKER, check_recipe
+from llamafactory_mca.recipe import CHECKED_MARKER, check_recipe, supported_stages
+from llamafactory_mca.recipe_checks import check_stage
 
 
 def llamafactory_train_dataclasses() -> list[type]:
@@ -82,10 +83,6 @@ def split_recipe(args: dict[str, Any] | list[str], types: list[type]) -> tuple[d
     return {type(p): p for p in parsed}, rest
 
 
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def parse_train_args(args: dict[str, Any] | list[str] | None = None) -> tuple[dict[type, Any], tuple]:
     """Parse a recipe into (our dataclasses by type, LLaMA-Factory's 5-tuple) and validate both.
 
@@ -103,18 +100,11 @@ def parse_train_args(args: dict[str, Any] | list[str] | None = None) -> tuple[di
         # Checked on the raw recipe, before LLaMA-Factory's parse (which already sets up torch.distributed and
         # raises its own stage-specific errors, e.g. for PPO).
         args, notices = check_recipe(dict(args), world_size)
-        if _is_rank0() and os.environ.get(CHECKED_MARKER) != "1":  # the launcher printed them already
+        if os.environ.get(CHECKED_MARKER) != "1":  # else the launcher printed them already
             for notice in notices:
                 get_logger("args").warning_rank0(notice)
     else:
-        stage = raw_value(args, "stage", "sft")
-        from llamafactory_mca.plugins import flat
-
-        stages = flat(hook().mca_supported_stages())
-        if stage not in stages:
-            raise McaArgumentError(f"`stage`: '{stage}' is not supported by the Megatron backend (supported: "
-                                   f"{', '.join(stages)}). Fix: choose a supported stage, or run without USE_MCA "
-                                   "to use LLaMA-Factory's own trainer.")
+        check_stage(raw_value(args, "stage", "sft"), supported_stages())
     mca_args, rest = split_recipe(args, mca_dataclasses())
     if MegatronArguments in mca_args and not isinstance(args, dict):  # a recipe dict was validated above
         validate_megatron_args(mca_args[MegatronArguments], world_size, raw_value(rest, "model_name_or_path"))

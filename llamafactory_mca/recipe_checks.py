@@ -48,6 +48,13 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
+def check_stage(stage: Any, stages: list[str]) -> None:
+    """McaArgumentError unless `stage` is one of the `stages` our workflows run."""
+    require(stage in stages, "stage", f"'{stage}' is not supported by the Megatron backend (supported: "
+            f"{', '.join(stages)})", "choose a supported stage, or run without USE_MCA to use LLaMA-Factory's "
+            "own trainer")
+
+
 def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] = None,
                             schedules: Optional[tuple] = None) -> tuple[dict[str, Any], list[str]]:
     """(recipe without the keys dropped, notices to print once) or McaArgumentError naming key and fix.
@@ -66,11 +73,8 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
                 "set num_train_epochs: a positive number (or max_steps)")
     require(not (_truthy(out.get("bf16")) and _truthy(out.get("fp16"))), "fp16",
             "bf16 and fp16 cannot both be true", "keep one of them")
-    if stages is not None and "stage" in out:
-        stage = out["stage"]
-        require(stage in stages, "stage", f"'{stage}' is not supported by the Megatron backend (supported: "
-                f"{', '.join(stages)})", "choose a supported stage, or run without USE_MCA to use LLaMA-Factory's "
-                "own trainer")
+    if stages is not None:
+        check_stage(out.get("stage", "sft"), stages)
     ftype = out.get("finetuning_type")
     if ftype is None:
         notices.append(f"`finetuning_type` is not set: LLaMA-Factory's default '{LF_DEFAULT_FINETUNING_TYPE}' runs "
