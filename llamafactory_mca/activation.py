@@ -6,7 +6,9 @@ Flow, in every process:
    set our marker `LLAMAFACTORY_MCA_ACTIVE=1` instead, which torchrun children inherit.
 2. `FORCE_TORCHRUN=1` keeps LLaMA-Factory's launcher on torchrun, as its own USE_MCA mode does.
 3. A meta-path finder waits for `llamafactory.train.tuner` and, right after that module has executed,
-   replaces its training entry points (see `patching.py`). The launcher's torchrun child runs
+   replaces its training entry points (see `patching.py`). In the process where the user set USE_MCA it also
+   wraps `llamafactory.cli.main`, so `llamafactory-cli train` checks the whole recipe before torchrun starts
+   and before torch is imported (`prelaunch.py`). The launcher's torchrun child runs
    `llamafactory/launcher.py` as a script, so nothing here may depend on `llamafactory.cli` being imported.
 """
 
@@ -77,11 +79,14 @@ def when_imported(module_name: str, callback: Callable[[ModuleType], None]) -> N
 
 def _default_nproc() -> None:
     """LLaMA-Factory's launcher asks torchrun for one process per GPU; on a CPU machine that is 0.
+    (Also: no CUDA allocator settings for the children of a CPU machine.)
 
     A device-node check instead of `torch.cuda` keeps torch out of start-up.
     """
-    if "NPROC_PER_NODE" not in os.environ and not os.path.exists("/dev/nvidiactl"):
-        os.environ["NPROC_PER_NODE"] = "1"
+    if not os.path.exists("/dev/nvidiactl"):
+        os.environ.setdefault("NPROC_PER_NODE", "1")
+        # the launcher's CUDA allocator settings mean nothing here, and torch warns that one is deprecated
+        os.environ.setdefault("OPTIM_TORCH", "0")
 
 
 def activate() -> None:
@@ -93,7 +98,13 @@ def activate() -> None:
     if first_process:
         _default_nproc()
 
-    from llamafactory_mca.patching import patch_tuner, patch_v1_launcher
+    from llamafactory_mca.log import is_verbose, quiet_third_party
+    from llamafactory_mca.patching import patch_cli, patch_launcher, patch_tuner, patch_v1_launcher
 
+    quiet_third_party()
+    if first_process:  # the launching process: the recipe is checked before torchrun starts
+        when_imported("llamafactory.cli", patch_cli)
+        if not is_verbose():
+            when_imported("llamafactory.launcher", patch_launcher)
     when_imported("llamafactory.train.tuner", patch_tuner)
     when_imported("llamafactory.v1.launcher", patch_v1_launcher)

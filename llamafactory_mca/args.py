@@ -1,20 +1,35 @@
-"""Megatron arguments: the extra keys of a training recipe, and their validation.
+"""Megatron arguments: the extra keys of a training recipe as plain data, their types and their validation.
 
-Every error raised here names the key and the fix, and is raised before any model is built.
+Nothing here imports torch, megatron-core or LLaMA-Factory, so the launching process checks a recipe in a
+fraction of a second, before torchrun starts. Every error names the key and the fix.
+Host-side parsing lives in `parsing.py`, the checks against the model's config.json in `model_config.py`, the
+hook implementations in `arg_hooks.py`.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
-from llamafactory_mca.hookspecs import hookimpl
+from llamafactory_mca import model_config
 
 
 class McaArgumentError(ValueError):
     """A recipe key has a value our backend cannot run with; the message names the key and the fix."""
+
+
+def require(ok: bool, key: str, problem: str, fix: str) -> None:
+    """Raise McaArgumentError "`key`: problem. Fix: fix." unless `ok`."""
+    if not ok:
+        raise McaArgumentError(f"`{key}`: {problem}. Fix: {fix}.")
+
+
+# megatron-core 0.16's TransformerConfig.recompute_modules choices
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+
+# Vision-language families (the models package will own this list; read from here until then).
+MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass
@@ -50,7 +65,9 @@ class MegatronArguments:
         default=None, metadata={"help": "For full recompute: layers per recompute unit; default 1."}
     )
     recompute_modules: Optional[str] = field(
-        default=None, metadata={"help": "For selective recompute: comma-separated modules, e.g. 'core_attn,mlp'."}
+        default=None,
+        metadata={"help": "For selective recompute: modules as a comma-separated string or a YAML list, e.g. "
+                          "'core_attn,mlp' (choices: " + ", ".join(RECOMPUTE_MODULES) + ")."},
     )
     moe_layer_recompute: bool = field(default=False, metadata={"help": "Recompute the MoE layer in backward."})
     # --- MoE ----------------------------------------------------------------------------------------------
@@ -86,6 +103,15 @@ class MegatronArguments:
     use_distributed_optimizer: bool = field(
         default=False, metadata={"help": "Shard optimizer state across data-parallel ranks (ZeRO-1)."}
     )
+    ddp_bucket_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Parameters per gradient-reduce bucket; default: megatron's max(40M, 1M * dp_size)."},
+    )
+    check_for_nan_in_loss_and_grad: bool = field(
+        default=False,
+        metadata={"help": "Stop at the first step whose loss or gradients are NaN/Inf, naming the step (no checkpoint "
+                          "is written from that state)."},
+    )
     overlap_grad_reduce: bool = field(default=False, metadata={"help": "Overlap gradient reduce with backward."})
     overlap_param_gather: bool = field(
         default=False, metadata={"help": "Overlap parameter all-gather with forward (distributed optimizer)."}
@@ -108,10 +134,13 @@ class MegatronArguments:
     cross_entropy_loss_fusion: bool = field(default=False, metadata={"help": "Fused vocab-parallel cross entropy."})
     attention_backend: Literal["auto", "sdpa", "local", "te"] = field(
         default="auto",
-        metadata={"help": "Core attention: 'auto' (TE if importable, else sdpa), 'sdpa', 'local' or 'te'."},
+        metadata={"help": "Core attention: 'auto' (sdpa; TE's with transformer_impl: transformer_engine), 'sdpa', "
+                          "'local' or 'te' (experimental: the Transformer Engine layer spec)."},
     )
     transformer_impl: Literal["auto", "transformer_engine", "local"] = field(
-        default="auto", metadata={"help": "Layer modules: Transformer Engine if importable ('auto'), or 'local'."}
+        default="auto",
+        metadata={"help": "Layer modules: 'auto' and 'local' use megatron's local modules with our kernels (the tested "
+                          "path); 'transformer_engine' (experimental, opt-in) uses the Transformer Engine layer spec."},
     )
     # --- run ---------------------------------------------------------------------------------------------------
     save_hf_model: bool = field(
@@ -121,13 +150,16 @@ class MegatronArguments:
 
     @property
     def model_parallel_size(self) -> int:
+        """tp * pp * cp: the ranks that hold one model replica."""
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size of `world_size` ranks under this layout."""
         return world_size // self.model_parallel_size
 
 
 def field_names(*dataclass_types: type) -> set[str]:
+    """Every field name of the given dataclass types."""
     return {f.name for dc in dataclass_types for f in fields(dc)}
 
 
@@ -136,326 +168,281 @@ def global_batch_size(mca_args: MegatronArguments, world_size: int, per_device: 
     return mca_args.data_parallel_size(world_size) * per_device * grad_accum
 
 
-def _require(ok: bool, key: str, problem: str, fix: str) -> None:
-    if not ok:
-        raise McaArgumentError(f"`{key}`: {problem}. Fix: {fix}.")
+# --------------------------------------------------------------------------------------------- value types
+
+_TRUE = ("true", "yes", "y", "on", "1")
+_FALSE = ("false", "no", "n", "off", "0")
 
 
-def _local_config(model_path: Optional[str]) -> Optional[dict]:
-    """A local HF config.json (None for hub ids), so layout errors show up before any model is built."""
-    if not model_path:
-        return None
-    path = os.path.join(model_path, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _type_word(tp: Any) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    return "a string"
 
 
-def _num_layers(model_path: Optional[str]) -> Optional[int]:
-    """Layer count from a local HF config.json."""
-    config = _local_config(model_path)
-    if config is None:
-        return None
-    config = config.get("text_config", config)
-    return config.get("num_hidden_layers")
+def coerce_value(key: str, value: Any, annotation: Any) -> Any:
+    """`value` of recipe key `key` as the type `annotation` (int, float, bool, str, Literal, Optional of these;
+    other types pass the value through), or McaArgumentError naming the key, the expected type and the value."""
+    origin, targs = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union:
+        if value is None and type(None) in targs:
+            return None
+        inner = [a for a in targs if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else annotation
+        origin, targs = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        text = value.value if hasattr(value, "value") else value
+        require(text in targs, key, f"{value!r} is not one of {', '.join(repr(c) for c in targs)}",
+                f"set {key}: " + " | ".join(str(c) for c in targs))
+        return text
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise McaArgumentError(f"`{key}`: expects {_type_word(annotation)}, got {value!r}. Fix: set {key}: "
+                           f"<{_type_word(annotation)}>.")
 
 
-def _model_type(model_path: Optional[str]) -> Optional[str]:
-    config = _local_config(model_path)
-    return config.get("model_type") if config else None
+def _recompute_modules_text(value: Any) -> Any:
+    """`recompute_modules` as given in YAML: a list, or a comma-separated string; returned comma-separated."""
+    if isinstance(value, (list, tuple)):
+        require(all(isinstance(v, str) for v in value), "recompute_modules", f"expects module names, got {value!r}",
+                "list module names, e.g. recompute_modules: [core_attn, mlp]")
+        return ",".join(value)
+    return value
 
 
-MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+def recompute_module_list(mca_args: MegatronArguments) -> list[str]:
+    """The modules of `recompute_modules` as a list (empty when unset)."""
+    return [s.strip() for s in (mca_args.recompute_modules or "").split(",") if s.strip()]
 
 
-def validate_megatron_args(m: MegatronArguments, world_size: int, model_path: Optional[str] = None) -> None:
-    """Raise McaArgumentError for the first setting that cannot run; see the class for each key."""
+def dataclass_from_dict(dataclass_type: type, values: dict[str, Any]) -> Any:
+    """An instance of `dataclass_type` from recipe values, every value checked against its field's type.
+
+    `None` for a field that is not Optional means "the default" (mcore_adapter recipes write `null` for sizes)."""
+    try:
+        hints = typing.get_type_hints(dataclass_type)
+    except Exception:  # noqa: BLE001 - a plugin's annotations that do not resolve: values are passed as given
+        hints = {}
+    kwargs: dict[str, Any] = {}
+    for f in fields(dataclass_type):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if f.name == "recompute_modules":
+            value = _recompute_modules_text(value)
+        annotation = hints.get(f.name)
+        if annotation is not None and value is None and type(None) not in typing.get_args(annotation):
+            continue
+        kwargs[f.name] = value if annotation is None else coerce_value(f.name, value, annotation)
+    return dataclass_type(**kwargs)
+
+
+def megatron_args_from_dict(values: dict[str, Any]) -> MegatronArguments:
+    """MegatronArguments from the recipe's Megatron keys, each value type-checked (`two` is an error naming the key)."""
+    return dataclass_from_dict(MegatronArguments, values)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def validate_megatron_args(m: MegatronArguments, world_size: Optional[int], model_path: Optional[str] = None,
+                           config: Optional[dict] = None) -> None:
+    """Raise McaArgumentError for the first setting that cannot run; see the class for each key.
+
+    `world_size` None (not known yet, e.g. GPUs counted by the launcher): the divisibility checks are skipped.
+    The layout is also checked against the model's config.json (given, or read from a local `model_path`)."""
     for key in (
         "tensor_model_parallel_size",
         "pipeline_model_parallel_size",
         "expert_model_parallel_size",
         "context_parallel_size",
     ):
-        _require(getattr(m, key) >= 1, key, f"must be >= 1, got {getattr(m, key)}", f"set {key}: 1 or more")
+        require(getattr(m, key) >= 1, key, f"must be >= 1, got {getattr(m, key)}", f"set {key}: 1 or more")
     tp, pp, cp, ep = (
         m.tensor_model_parallel_size,
         m.pipeline_model_parallel_size,
         m.context_parallel_size,
         m.expert_model_parallel_size,
     )
-    _require(
-        world_size % (tp * pp * cp) == 0,
+    require(
+        world_size is None or world_size % (tp * pp * cp) == 0,
         "tensor_model_parallel_size",
         f"tp*pp*cp = {tp}*{pp}*{cp} = {tp * pp * cp} does not divide the world size {world_size}",
         "choose tensor/pipeline/context_parallel_size whose product divides the number of processes "
         "(NPROC_PER_NODE * NNODES)",
     )
+    if m.expert_tensor_parallel_size is not None:
+        require(m.expert_tensor_parallel_size >= 1, "expert_tensor_parallel_size",
+                f"must be >= 1, got {m.expert_tensor_parallel_size}", "remove it, or set 1 or more")
     etp = m.expert_tensor_parallel_size or tp
-    _require(
-        world_size % (etp * ep * pp) == 0,
+    require(
+        world_size is None or world_size % (etp * ep * pp) == 0,
         "expert_model_parallel_size",
         f"expert_tensor_parallel_size*expert_model_parallel_size*pp = {etp}*{ep}*{pp} does not divide the "
         f"world size {world_size}",
         "choose expert_model_parallel_size so that experts fit inside the data-parallel ranks of each stage",
     )
-    _require(
+    require(
         not m.sequence_parallel or tp > 1,
         "sequence_parallel",
         "needs tensor_model_parallel_size > 1",
         "set sequence_parallel: false, or tensor_model_parallel_size >= 2",
     )
-    _require(
+    require(
         cp == 1 or m.attention_backend != "local",
         "attention_backend",
         "'local' (megatron's DotProductAttention) does not support context parallelism",
         "set attention_backend: auto (or sdpa / te), or context_parallel_size: 1",
     )
-    model_type = _model_type(model_path)
-    _require(
+    vpp = m.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        require(vpp >= 1, "virtual_pipeline_model_parallel_size", f"must be >= 1, got {vpp}", "remove it or set 2+")
+        require(
+            pp > 1 or vpp == 1,
+            "virtual_pipeline_model_parallel_size",
+            "needs pipeline_model_parallel_size > 1",
+            "remove virtual_pipeline_model_parallel_size, or set pipeline_model_parallel_size >= 2",
+        )
+    for key in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+        value = getattr(m, key)
+        require(value is None or value >= 1, key, f"must be >= 1, got {value}", f"remove {key}, or set 1 or more")
+        require(value is None or pp > 1, key, "needs pipeline_model_parallel_size > 1",
+                f"remove {key}, or set pipeline_model_parallel_size >= 2")
+    require(
+        not m.overlap_param_gather or m.use_distributed_optimizer,
+        "overlap_param_gather",
+        "needs the distributed optimizer",
+        "set use_distributed_optimizer: true, or overlap_param_gather: false",
+    )
+    require(
+        not m.overlap_param_gather or m.overlap_grad_reduce,
+        "overlap_param_gather",
+        "needs overlap_grad_reduce",
+        "set overlap_grad_reduce: true as well",
+    )
+    require(
+        m.recompute_granularity is not None or (m.recompute_method is None and m.recompute_num_layers is None),
+        "recompute_method",
+        "has no effect without recompute_granularity",
+        "set recompute_granularity: full, or remove recompute_method / recompute_num_layers",
+    )
+    require(
+        m.recompute_granularity != "selective" or m.recompute_method is None,
+        "recompute_method",
+        "only applies to recompute_granularity: full",
+        "remove recompute_method, or use recompute_granularity: full",
+    )
+    require(m.recompute_num_layers is None or m.recompute_num_layers >= 1, "recompute_num_layers",
+            f"must be >= 1, got {m.recompute_num_layers}", "remove it, or set 1 or more")
+    modules = recompute_module_list(m)
+    unknown = [name for name in modules if name not in RECOMPUTE_MODULES]
+    require(not unknown, "recompute_modules", f"unknown module(s) {', '.join(unknown)}",
+            f"choose from {', '.join(RECOMPUTE_MODULES)} (a YAML list or a comma-separated string)")
+    require(not modules or m.recompute_granularity == "selective", "recompute_modules",
+            "only applies to recompute_granularity: selective",
+            "set recompute_granularity: selective, or remove recompute_modules")
+    require(
+        m.moe_token_dispatcher_type != "flex",
+        "moe_token_dispatcher_type",
+        "'flex' needs DeepEP, which this backend does not support",
+        "use moe_token_dispatcher_type: alltoall",
+    )
+    require(m.moe_router_topk is None or m.moe_router_topk >= 1, "moe_router_topk",
+            f"must be >= 1, got {m.moe_router_topk}", "remove it (the HF config's value is used) or set 1 or more")
+    require(m.moe_expert_capacity_factor is None or m.moe_expert_capacity_factor > 0, "moe_expert_capacity_factor",
+            f"must be > 0, got {m.moe_expert_capacity_factor}", "remove it (no token dropping) or set e.g. 1.25")
+    require(m.ddp_bucket_size is None or m.ddp_bucket_size >= 1, "ddp_bucket_size",
+            f"must be a positive number of parameters, got {m.ddp_bucket_size}",
+            "remove it (megatron's default) or set e.g. 40000000")
+    require(
+        m.distributed_timeout_minutes > 0,
+        "distributed_timeout_minutes",
+        "must be positive",
+        "set it to the number of minutes a collective may wait, e.g. 30",
+    )
+    if config is None:
+        config = model_config.read_local_config(model_path)
+    if config is not None:
+        check_layout_against_model(m, config)
+
+
+def check_layout_against_model(m: MegatronArguments, config: dict) -> None:
+    """Cross-check the layout with a Hugging Face config.json (dict): experts, heads, layers, VL + CP."""
+    text = model_config.text_config(config)
+    model_type = config.get("model_type")
+    tp, pp, cp, ep = (m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size,
+                      m.expert_model_parallel_size)
+    require(
         cp == 1 or model_type not in MULTIMODAL_MODEL_TYPES,
         "context_parallel_size",
         f"context parallelism is not supported for {model_type} models yet (image tokens are merged into the "
         "sequence before it could be split)",
         "set context_parallel_size: 1 (use tensor/pipeline parallelism for long multimodal sequences)",
     )
+    experts = model_config.num_experts(text)
+    require(ep == 1 or experts, "expert_model_parallel_size",
+            f"the model ({model_type}) is dense: it has no experts to spread over {ep} ranks",
+            "set expert_model_parallel_size: 1 (use data/tensor parallelism for dense models)")
+    require(not experts or experts % ep == 0, "expert_model_parallel_size",
+            f"the model's {experts} experts do not split evenly over {ep} ranks",
+            "choose an expert_model_parallel_size that divides the number of experts")
+    heads = text.get("num_attention_heads")
+    if isinstance(heads, int):
+        require(heads % tp == 0, "tensor_model_parallel_size",
+                f"the model's {heads} attention heads do not split evenly over {tp} ranks",
+                "choose a tensor_model_parallel_size that divides num_attention_heads")
+        groups = text.get("num_key_value_heads") or heads
+        require(not isinstance(groups, int) or groups % tp == 0, "tensor_model_parallel_size",
+                f"the model's {groups} key/value heads do not split evenly over {tp} ranks",
+                "choose a tensor_model_parallel_size that divides num_key_value_heads")
+    layers = text.get("num_hidden_layers")
     vpp = m.virtual_pipeline_model_parallel_size
-    if vpp is not None:
-        _require(vpp >= 1, "virtual_pipeline_model_parallel_size", f"must be >= 1, got {vpp}", "remove it or set 2+")
-        _require(
-            pp > 1 or vpp == 1,
-            "virtual_pipeline_model_parallel_size",
-            "needs pipeline_model_parallel_size > 1",
-            "remove virtual_pipeline_model_parallel_size, or set pipeline_model_parallel_size >= 2",
-        )
-    layers = _num_layers(model_path)
-    if layers is not None and m.num_layers_in_first_pipeline_stage is None and m.num_layers_in_last_pipeline_stage is None:
-        chunks = pp * (vpp or 1)
-        _require(
-            layers % chunks == 0,
-            "virtual_pipeline_model_parallel_size" if vpp else "pipeline_model_parallel_size",
-            f"the model's {layers} layers do not split evenly into pp*vpp = {chunks} chunks",
-            "choose pipeline/virtual_pipeline_model_parallel_size whose product divides the layer count, or set "
-            "num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage",
-        )
-    _require(
-        not m.overlap_param_gather or m.use_distributed_optimizer,
-        "overlap_param_gather",
-        "needs the distributed optimizer",
-        "set use_distributed_optimizer: true, or overlap_param_gather: false",
-    )
-    _require(
-        not m.overlap_param_gather or m.overlap_grad_reduce,
-        "overlap_param_gather",
-        "needs overlap_grad_reduce",
-        "set overlap_grad_reduce: true as well",
-    )
-    _require(
-        m.recompute_granularity is not None or (m.recompute_method is None and m.recompute_num_layers is None),
-        "recompute_method",
-        "has no effect without recompute_granularity",
-        "set recompute_granularity: full, or remove recompute_method / recompute_num_layers",
-    )
-    _require(
-        m.recompute_granularity != "selective" or m.recompute_method is None,
-        "recompute_method",
-        "only applies to recompute_granularity: full",
-        "remove recompute_method, or use recompute_granularity: full",
-    )
-    _require(
-        m.moe_token_dispatcher_type != "flex",
-        "moe_token_dispatcher_type",
-        "'flex' needs DeepEP, which this backend does not support",
-        "use moe_token_dispatcher_type: alltoall",
-    )
-    _require(
-        m.distributed_timeout_minutes > 0,
-        "distributed_timeout_minutes",
-        "must be positive",
-        "set it to the number of minutes a collective may wait, e.g. 30",
-    )
-
-
-# --------------------------------------------------------------------------------------------- hooks
-
-
-@hookimpl
-def mca_argument_dataclasses() -> list[type]:
-    return [MegatronArguments]
-
-
-@hookimpl
-def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int) -> None:
-    """What needs LLaMA-Factory's parsed arguments; the Megatron keys were checked before that parse."""
-    _model_args, _data_args, training_args, finetuning_args, _generating_args = lf_args
-    ftype = finetuning_args.finetuning_type
-    _require(
-        ftype in ("full", "freeze", "lora"),
-        "finetuning_type",
-        f"'{ftype}' is not supported by the Megatron backend (supported: full, freeze, lora)",
-        "set finetuning_type: full, freeze or lora, or run without USE_MCA",
-    )
-    if ftype == "lora":
-        for key, bad in (("use_dora", finetuning_args.use_dora), ("pissa_init", finetuning_args.pissa_init),
-                         ("use_llama_pro", finetuning_args.use_llama_pro),
-                         ("additional_target", finetuning_args.additional_target),
-                         ("quantization_bit", getattr(_model_args, "quantization_bit", None))):
-            _require(not bad, key, "is not supported with LoRA by the Megatron backend",
-                     f"remove {key}, or run without USE_MCA")
-        _require(not finetuning_args.create_new_adapter, "create_new_adapter",
-                 "is not supported by the Megatron backend", "remove create_new_adapter")
-        adapters = getattr(_model_args, "adapter_name_or_path", None) or []
-        _require(len(adapters) <= 1, "adapter_name_or_path",
-                 "the Megatron backend resumes one LoRA adapter and merges none",
-                 "merge the other adapters first (llamafactory-cli export) and pass one adapter")
-    data_args = _data_args
-    model_type = _model_type(getattr(_model_args, "model_name_or_path", None))
-    if model_type in MULTIMODAL_MODEL_TYPES:
-        _require(not (data_args.packing or data_args.neat_packing), "packing",
-                 f"packing is not supported for {model_type} by the Megatron backend yet",
-                 "set packing: false and neat_packing: false")
-        _require(ftype == "full", "finetuning_type",
-                 f"only full fine-tuning is supported for {model_type} by the Megatron backend yet",
-                 "set finetuning_type: full (freeze_vision_tower / freeze_multi_modal_projector / "
-                 "freeze_language_model select what trains)")
-    if ftype == "freeze":
-        _require(not finetuning_args.use_llama_pro, "use_llama_pro",
-                 "is not supported by the Megatron backend", "remove use_llama_pro")
-    if finetuning_args.stage == "dpo":
-        _require(finetuning_args.pref_loss in ("sigmoid", "ipo", "orpo", "simpo"), "pref_loss",
-                 f"'{finetuning_args.pref_loss}' is not supported by the Megatron backend",
-                 "use pref_loss: sigmoid, ipo, orpo or simpo")
-        _require(finetuning_args.pref_bco_weight < 1e-6, "pref_bco_weight",
-                 "BCO is not supported by the Megatron backend", "set pref_bco_weight: 0")
-        _require(finetuning_args.ld_alpha is None, "ld_alpha",
-                 "LD-DPO is not supported by the Megatron backend", "remove ld_alpha")
-        _require(not (ftype == "lora" and finetuning_args.ref_model), "ref_model",
-                 "with LoRA the reference model is the base model with the adapter disabled",
-                 "remove ref_model, or use finetuning_type: full/freeze")
-        _require(not finetuning_args.ref_model_adapters, "ref_model_adapters",
-                 "is not supported by the Megatron backend", "merge the adapters into ref_model first")
-    _require(
-        not getattr(training_args, "deepspeed", None),
-        "deepspeed",
-        "DeepSpeed and Megatron parallelism cannot be combined",
-        "remove the deepspeed key (use use_distributed_optimizer for ZeRO-1-like sharding)",
-    )
-    _require(
-        not getattr(training_args, "fsdp", None),
-        "fsdp",
-        "FSDP and Megatron parallelism cannot be combined",
-        "remove the fsdp key",
-    )
-    _check_resume(training_args)
-
-
-def _check_resume(training_args: Any) -> None:
-    """Refuse a save_only_model checkpoint as resume_from_checkpoint (given in the recipe, or picked from output_dir
-    by LLaMA-Factory's automatic resume) now, before any model is built; the trainer's load refuses it too."""
-    path = getattr(training_args, "resume_from_checkpoint", None)
-    if not (getattr(training_args, "do_train", False) and isinstance(path, str) and path):
-        return
-    from llamafactory_mca.checkpoint import check_resumable, is_megatron_checkpoint
-
-    if is_megatron_checkpoint(path):  # anything else gets load_checkpoint's own error, naming its fix
-        check_resumable(path)
-
-
-# --------------------------------------------------------------------------------------------- parsing
-
-
-def _lf_train_dataclasses() -> list[type]:
-    from llamafactory.hparams import parser as lf_parser
-
-    return list(lf_parser._TRAIN_ARGS)
-
-
-def mca_dataclasses() -> list[type]:
-    """Our argument dataclasses and those of every plugin, checked for clashes with LLaMA-Factory's keys."""
-    from llamafactory_mca.plugins import flat, hook
-
-    types = flat(hook().mca_argument_dataclasses())
-    clash = field_names(*types) & field_names(*_lf_train_dataclasses())
-    if clash:
-        raise McaArgumentError(
-            f"argument dataclasses of llamafactory-mca plugins redefine LLaMA-Factory keys: {sorted(clash)}. "
-            "Fix: rename those fields in the plugin."
-        )
-    return types
-
-
-def print_help_and_exit() -> None:
-    """`llamafactory-cli train -h` under USE_MCA: LLaMA-Factory's options followed by ours."""
-    from transformers import HfArgumentParser
-
-    HfArgumentParser(_lf_train_dataclasses() + mca_dataclasses()).parse_args_into_dataclasses(["-h"])
-
-
-def _split(args: dict[str, Any] | list[str], types: list[type]) -> tuple[dict[type, Any], Any]:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(types)
-    if isinstance(args, dict):
-        ours = field_names(*types)
-        known = ours | field_names(*_lf_train_dataclasses())
-        unknown = [k for k in args if k not in known]
-        if unknown and os.environ.get("ALLOW_EXTRA_ARGS", "").lower() not in ("1", "true"):
-            import difflib
-
-            hints = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
-            detail = "; ".join(f"`{k}`" + (f" (did you mean `{h[0]}`?)" if h else "") for k, h in hints.items())
-            raise McaArgumentError(
-                f"unknown key(s) in the training recipe: {detail}. Fix: correct or remove them; "
-                "`llamafactory-cli train -h` lists every key."
+    first, last = m.num_layers_in_first_pipeline_stage, m.num_layers_in_last_pipeline_stage
+    if isinstance(layers, int):
+        require(pp <= layers, "pipeline_model_parallel_size",
+                f"{pp} stages for a model of {layers} layers", "choose at most one stage per layer")
+        if first is None and last is None:
+            chunks = pp * (vpp or 1)
+            require(
+                layers % chunks == 0,
+                "virtual_pipeline_model_parallel_size" if vpp else "pipeline_model_parallel_size",
+                f"the model's {layers} layers do not split evenly into pp*vpp = {chunks} chunks",
+                "choose pipeline/virtual_pipeline_model_parallel_size whose product divides the layer count, or set "
+                "num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage",
             )
-        parsed = parser.parse_dict({k: v for k, v in args.items() if k in ours})
-        rest = {k: v for k, v in args.items() if k not in ours}
-    else:
-        *parsed, rest = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
-    return {type(p): p for p in parsed}, rest
-
-
-def parse_train_args(args: dict[str, Any] | list[str] | None = None) -> tuple[dict[type, Any], tuple]:
-    """Parse a recipe into (our dataclasses by type, LLaMA-Factory's 5-tuple) and validate both.
-
-    Our keys are split off first, the rest goes through LLaMA-Factory's own `get_train_args` untouched.
-    """
-    from llamafactory.hparams import get_train_args, read_args
-
-    from llamafactory_mca.plugins import flat, hook
-
-    args = read_args(args)
-    if isinstance(args, list) and ("-h" in args or "--help" in args):
-        print_help_and_exit()
-    if isinstance(args, dict):
-        args = dict(args)
-    mca_args, rest = _split(args, mca_dataclasses())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Checked on the raw recipe, before LLaMA-Factory's parse (which already sets up torch.distributed and
-    # raises its own stage-specific errors, e.g. for PPO).
-    stage = _raw_value(rest, "stage", "sft")
-    stages = flat(hook().mca_supported_stages())
-    _require(
-        stage in stages,
-        "stage",
-        f"'{stage}' is not supported by the Megatron backend (supported: {', '.join(stages)})",
-        "choose a supported stage, or run without USE_MCA to use LLaMA-Factory's own trainer",
-    )
-    if MegatronArguments in mca_args:
-        validate_megatron_args(mca_args[MegatronArguments], world_size, _raw_value(rest, "model_name_or_path"))
-    lf_args = get_train_args(rest)
-    hook().mca_validate_args(mca_args=mca_args, lf_args=lf_args, world_size=world_size)
-    return mca_args, lf_args
-
-
-def _raw_value(args: dict[str, Any] | list[str], key: str, default: Any = None) -> Any:
-    """A key's value from a recipe dict or a `--key value` / `--key=value` list, before any parsing."""
-    if isinstance(args, dict):
-        return args.get(key, default)
-    flag = f"--{key}"
-    for i, item in enumerate(args):
-        if item == flag and i + 1 < len(args):
-            return args[i + 1]
-        if item.startswith(flag + "="):
-            return item.split("=", 1)[1]
-    return default
+        else:
+            middle = layers - (first or 0) - (last or 0)
+            stages = pp - (first is not None) - (last is not None)
+            require(middle >= 0 and (stages == 0 and middle == 0 or stages > 0 and middle % (stages * (vpp or 1)) == 0),
+                    "num_layers_in_first_pipeline_stage" if first is not None else "num_layers_in_last_pipeline_stage",
+                    f"the {layers} layers minus the first/last stage's do not split evenly over the other stages",
+                    "choose first/last stage sizes that leave a multiple of the remaining stages (times vpp)")

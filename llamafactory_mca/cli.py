@@ -43,7 +43,9 @@ def doctor(argv: list[str]) -> int:
         device = f"torch unusable: {err}"
     from llamafactory_mca.platform import te_available
 
-    rows.append(("transformer_engine", "importable (TE layer spec)" if te_available() else "absent (local spec + sdpa)"))
+    rows.append(("transformer_engine", "importable; not used unless asked: transformer_impl: transformer_engine "
+                 "(EXPERIMENTAL, untested; the default is the local spec + sdpa)" if te_available()
+                 else "absent (the default local spec + sdpa is used)"))
     rows.append(("device", device))
     rows.append(("activation .pth", "installed" if _pth_installed() else "MISSING (reinstall with pip install .)"))
     # Activation is checked the way a user meets it: a fresh interpreter with USE_MCA=1 that imports the tuner.

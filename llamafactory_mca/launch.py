@@ -2,40 +2,89 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Callable, NoReturn
 
-from llamafactory_mca.args import McaArgumentError, parse_train_args, print_help_and_exit
+from llamafactory_mca.args import McaArgumentError
+from llamafactory_mca.parsing import parse_train_args, print_help_and_exit
 from llamafactory_mca.plugins import flat, hook
 
+# where patching.py keeps LLaMA-Factory's own `_training_function` on the tuner module
+UPSTREAM_TRAINING_FUNCTION = "llamafactory_mca_upstream_training_function"
 
-def _lf_callbacks(lf_args: tuple) -> list[Any]:
-    """The callbacks LLaMA-Factory's own `_training_function` adds, where they apply to our trainer."""
-    from llamafactory.train.callbacks import LogCallback, ReporterCallback
-    from transformers import EarlyStoppingCallback
 
-    model_args, data_args, training_args, finetuning_args, generating_args = lf_args
-    callbacks: list[Any] = [LogCallback()]
-    if finetuning_args.early_stopping_steps is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=finetuning_args.early_stopping_steps))
-    callbacks.extend(flat(hook().mca_callbacks(training_args=training_args)))
-    callbacks.append(ReporterCallback(model_args, data_args, finetuning_args, generating_args))  # last, as upstream
-    return callbacks
+class _CallbacksBuilt(Exception):
+    """Raised by the stand-in stage runner once LLaMA-Factory's `_training_function` has built its callbacks."""
+
+    def __init__(self, callbacks: list[Any]) -> None:
+        super().__init__("callbacks built")
+        self.callbacks = callbacks
+
+
+def _stand_in_runner(*args: Any, **kwargs: Any) -> NoReturn:
+    raise _CallbacksBuilt(list(kwargs.get("callbacks", args[-1] if args else [])))
+
+
+def lf_callbacks(lf_args: tuple, callbacks: list[Any]) -> list[Any]:
+    """The callbacks LLaMA-Factory's own `_training_function` builds for these arguments (LogCallback, SwanLab,
+    early stopping, profilers, ReporterCallback last ... whatever the installed version adds), after `callbacks`,
+    with ours (`mca_callbacks`) placed before the reporter, as upstream places its extras.
+
+    Upstream's function runs with its argument parser and stage runners replaced by stand-ins, so the list is
+    exactly the installed version's and nothing of its training starts."""
+    import llamafactory.train.tuner as tuner
+
+    upstream = getattr(tuner, UPSTREAM_TRAINING_FUNCTION)
+    finetuning_args, training_args = lf_args[3], lf_args[2]
+    if getattr(finetuning_args, "use_hyper_parallel", False):
+        raise McaArgumentError("`use_hyper_parallel`: cannot be combined with the Megatron backend. Fix: remove it, "
+                               "or run without USE_MCA.")
+    names = ["get_train_args"] + [n for n in dir(tuner) if n.startswith("run_") and n != "run_exp"]
+    saved = {name: getattr(tuner, name) for name in names}
+    try:
+        tuner.get_train_args = lambda *_a, **_k: lf_args
+        for name in names[1:]:
+            setattr(tuner, name, _stand_in_runner)
+        upstream({"args": None, "callbacks": list(callbacks)})
+    except _CallbacksBuilt as built:
+        built_callbacks = built.callbacks
+    else:
+        raise RuntimeError("LLaMA-Factory's _training_function ran no stage runner; cannot build its callbacks")
+    finally:
+        for name, value in saved.items():
+            setattr(tuner, name, value)
+    ours = flat(hook().mca_callbacks(training_args=training_args))
+    reporter = next((i for i in range(len(built_callbacks) - 1, -1, -1)
+                     if type(built_callbacks[i]).__name__ == "ReporterCallback"), len(built_callbacks))
+    return built_callbacks[:reporter] + ours + built_callbacks[reporter:]
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def training_function(config: dict[str, Any]) -> None:
-    """Replaces `llamafactory.train.tuner._training_function`: parse, validate, run our workflow."""
+    """Replaces `llamafactory.train.tuner._training_function`: parse, validate, run our workflow.
+
+    A bad recipe stops every rank with exit code 2; the message (key and fix) is printed once, by rank 0."""
     import torch.distributed as dist
 
     from llamafactory_mca.activation import is_enabled
 
     if is_enabled("USE_RAY"):  # LLaMA-Factory 0.9.4 runs this very function inside Ray workers
         refuse_ray()
-    mca_args, lf_args = parse_train_args(config.get("args"))
-    stage = lf_args[3].stage
-    workflow = hook().mca_workflow(stage=stage)
-    if workflow is None:  # a plugin announced the stage but returned no workflow
-        raise McaArgumentError(f"`stage`: no workflow registered for '{stage}'. Fix: check installed plugins.")
-    callbacks = list(config.get("callbacks") or []) + _lf_callbacks(lf_args)
+    try:
+        mca_args, lf_args = parse_train_args(config.get("args"))
+        stage = lf_args[3].stage
+        workflow = hook().mca_workflow(stage=stage)
+        if workflow is None:  # a plugin announced the stage but returned no workflow
+            raise McaArgumentError(f"`stage`: no workflow registered for '{stage}'. Fix: check installed plugins.")
+        callbacks = lf_callbacks(lf_args, list(config.get("callbacks") or []))
+    except McaArgumentError as err:
+        if _is_rank0():
+            print(f"llamafactory-mca: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     workflow(mca_args, *lf_args, callbacks)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

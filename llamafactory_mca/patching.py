@@ -6,6 +6,9 @@ Patch points, the same in LLaMA-Factory 0.9.4, 0.9.5 and main (checked at patch 
   (0.9.4 wraps `_training_function` itself in Ray; ours refuses USE_RAY there.)
 - `llamafactory.train.tuner.get_train_args`: run_exp calls it for `-h`; ours lists our keys as well.
 - `llamafactory.train.tuner.export_model`: `llamafactory-cli export` of a Megatron checkpoint.
+- `llamafactory.cli.main` (launching process only): the recipe is checked before the launcher starts torchrun.
+- `llamafactory.launcher.subprocess` (launching process only, unless LLAMAFACTORY_MCA_VERBOSE=1): the torchrun
+  child's stdout passes through our noise filter (gloo's C++ connection lines), see `log.py`.
 - `llamafactory.v1.launcher.launch`: refused, the v1 trainer (USE_V1) is not supported under USE_MCA.
 """
 
@@ -40,12 +43,33 @@ def patch_tuner(tuner: ModuleType) -> None:
         )
     from llamafactory_mca import launch
 
+    setattr(tuner, launch.UPSTREAM_TRAINING_FUNCTION, tuner._training_function)  # its callback list is reused
     tuner._training_function = launch.training_function
     if hasattr(tuner, "_ray_training_function"):
         tuner._ray_training_function = launch.refuse_ray
     tuner.get_train_args = launch.get_train_args_for_help
     tuner.export_model = launch.wrap_export(tuner.export_model)
     tuner._llamafactory_mca_patched = True
+
+
+def patch_cli(cli: ModuleType) -> None:
+    """`llamafactory-cli` checks a training recipe before anything else (see `prelaunch.py`)."""
+    if not hasattr(cli, "main"):
+        raise McaPatchError(
+            f"llamafactory-mca cannot enter LLaMA-Factory {_llamafactory_version()}: llamafactory.cli has no main. "
+            "Supported: llamafactory 0.9.4, 0.9.5; upgrade llamafactory-mca or unset USE_MCA."
+        )
+    from llamafactory_mca.prelaunch import checked_main
+
+    cli.main = checked_main(cli.main)
+
+
+def patch_launcher(launcher: ModuleType) -> None:
+    """The launcher's torchrun call filters the training processes' noise lines (see `log.py`)."""
+    from llamafactory_mca.log import QuietSubprocess
+
+    if hasattr(launcher, "subprocess"):
+        launcher.subprocess = QuietSubprocess()
 
 
 def patch_v1_launcher(v1_launcher: ModuleType) -> None:

@@ -22,6 +22,12 @@ def get_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(PROJECT)
+    # The argument hooks moved out of `args` (now plain data); an installation whose entry-point metadata
+    # predates that still names `llamafactory_mca.args`.
+    import llamafactory_mca.arg_hooks as arg_hooks
+
+    if not pm.is_registered(arg_hooks):
+        pm.register(arg_hooks, name="llamafactory_mca.arg_hooks")
     if os.environ.get("LLAMAFACTORY_MCA_TRACE") == "1":
         pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
         pm.enable_tracing()

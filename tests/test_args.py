@@ -69,7 +69,7 @@ RECIPE = dict(model_name_or_path="none", stage="sft", do_train=True, finetuning_
 
 
 def _parse(tmp_path, **extra):
-    from llamafactory_mca.args import parse_train_args
+    from llamafactory_mca.parsing import parse_train_args
 
     return parse_train_args({**RECIPE, "output_dir": str(tmp_path), **extra})
 
@@ -100,3 +100,115 @@ def test_world_size_is_checked_at_parse_time(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(McaArgumentError, match="world size 3"):
         _parse(tmp_path, tensor_model_parallel_size=2)
+
+
+BLOCKER = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "megatron", "llamafactory", "transformers"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import llamafactory_mca.args, llamafactory_mca.recipe, llamafactory_mca.prelaunch, llamafactory_mca.mcore_adapter_keys
+from llamafactory_mca.recipe import check_recipe
+recipe, notes = check_recipe({"stage": "sft", "finetuning_type": "full", "tensor_model_parallel_size": 2}, 2)
+print("OK", recipe["tensor_model_parallel_size"])
+"""
+
+
+def test_argument_modules_import_without_torch_megatron_or_llamafactory():
+    """The launcher checks recipes before torch is imported: these modules must not need it (a meta-path blocker
+    fails any import of torch, megatron, llamafactory or transformers)."""
+    from conftest import run_py, worktree_env
+
+    proc = run_py(BLOCKER, PYTHONPATH=worktree_env()["PYTHONPATH"])
+    assert proc.returncode == 0, proc.stderr
+    assert "OK 2" in proc.stdout
+
+
+@pytest.mark.parametrize("values,key,words", [
+    (dict(tensor_model_parallel_size="two"), "tensor_model_parallel_size", "expects an integer, got 'two'"),
+    (dict(sequence_parallel="maybe"), "sequence_parallel", "expects true or false"),
+    (dict(moe_aux_loss_coeff="lots"), "moe_aux_loss_coeff", "expects a number"),
+    (dict(recompute_granularity="everything"), "recompute_granularity", "'everything' is not one of 'full', 'selective'"),
+    (dict(recompute_method="recompute", recompute_granularity="full"), "recompute_method", "is not one of"),
+])
+def test_every_value_is_type_checked(values, key, words):
+    from llamafactory_mca.args import megatron_args_from_dict
+
+    with pytest.raises(McaArgumentError) as err:
+        megatron_args_from_dict(values)
+    assert f"`{key}`" in str(err.value) and words in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_values_are_coerced_and_recompute_modules_accepts_a_list():
+    from llamafactory_mca.args import megatron_args_from_dict, recompute_module_list
+
+    m = megatron_args_from_dict(dict(tensor_model_parallel_size="2", sequence_parallel="true", moe_aux_loss_coeff=1,
+                                     recompute_granularity="selective", recompute_modules=["core_attn", "mlp"],
+                                     pipeline_model_parallel_size=None))
+    assert (m.tensor_model_parallel_size, m.sequence_parallel, m.moe_aux_loss_coeff) == (2, True, 1.0)
+    assert m.pipeline_model_parallel_size == 1  # null (as mcore_adapter recipes write it) is the default
+    assert m.recompute_modules == "core_attn,mlp" and recompute_module_list(m) == ["core_attn", "mlp"]
+    validate_megatron_args(m, 2)
+    assert recompute_module_list(megatron_args_from_dict(dict(recompute_modules="core_attn, mlp"))) == ["core_attn",
+                                                                                                       "mlp"]
+
+
+@pytest.mark.parametrize("config,settings,world,key,words", [
+    (dict(num_hidden_layers=4, num_attention_heads=4), dict(expert_model_parallel_size=2), 2,
+     "expert_model_parallel_size", "dense"),
+    (dict(num_hidden_layers=4, num_attention_heads=4, num_experts=6), dict(expert_model_parallel_size=4), 4,
+     "expert_model_parallel_size", "6 experts"),
+    (dict(num_hidden_layers=4, num_attention_heads=6), dict(tensor_model_parallel_size=4), 4,
+     "tensor_model_parallel_size", "6 attention heads"),
+    (dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2), dict(tensor_model_parallel_size=4), 4,
+     "tensor_model_parallel_size", "2 key/value heads"),
+    (dict(num_hidden_layers=6, num_attention_heads=4), dict(pipeline_model_parallel_size=4), 4,
+     "pipeline_model_parallel_size", "6 layers"),
+    (dict(text_config=dict(num_hidden_layers=6, num_attention_heads=4), model_type="qwen2_vl"),
+     dict(context_parallel_size=2), 2, "context_parallel_size", "qwen2_vl"),
+    (dict(num_hidden_layers=5, num_attention_heads=4),
+     dict(pipeline_model_parallel_size=3, num_layers_in_first_pipeline_stage=2), 3,
+     "num_layers_in_first_pipeline_stage", "do not split evenly"),
+])
+def test_layout_is_cross_checked_with_config_json(tmp_path, config, settings, world, key, words):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    with pytest.raises(McaArgumentError) as err:
+        validate_megatron_args(MegatronArguments(**settings), world, str(tmp_path))
+    assert f"`{key}`" in str(err.value) and words in str(err.value), str(err.value)
+
+
+def test_uneven_pipeline_split_that_fits_passes(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 5,
+                                                      "num_attention_heads": 4, "num_experts": 4}))
+    validate_megatron_args(MegatronArguments(pipeline_model_parallel_size=3, num_layers_in_first_pipeline_stage=1,
+                                             expert_model_parallel_size=2), 6, str(tmp_path))
+
+
+def test_upstream_and_llamafactory_keys_reach_the_parsed_arguments(tmp_path, monkeypatch):
+    """mcore_adapter's `sequence_packing` is neat_packing, keys that agree are accepted, `deepspeed` is dropped,
+    `recompute_modules` may be a list; ALLOW_EXTRA_ARGS accepts 'y' like LLaMA-Factory."""
+    mca, lf = _parse(tmp_path, sequence_packing=True, ckpt_format="torch_dist", mtp_num_layers=0,
+                     calculate_per_token_loss=True, deepspeed="examples/deepspeed/ds_z3_config.json",
+                     recompute_granularity="selective", recompute_modules=["core_attn", "mlp"], ddp_bucket_size=1000)
+    assert lf[1].neat_packing and lf[1].packing
+    assert not lf[2].deepspeed
+    assert mca[MegatronArguments].recompute_modules == "core_attn,mlp"
+    assert mca[MegatronArguments].ddp_bucket_size == 1000
+    with pytest.raises(McaArgumentError, match="`optimizer_cpu_offload` .*Fix: remove the key"):
+        _parse(tmp_path, optimizer_cpu_offload=True)
+    with pytest.raises(McaArgumentError, match="`fp8`: FP8 training is not available"):
+        _parse(tmp_path, fp8=True)
+    monkeypatch.setenv("ALLOW_EXTRA_ARGS", "y")
+    _parse(tmp_path, some_extra_key=1)
+
+
+def test_non_finite_step_names_step_and_value():
+    from llamafactory_mca.training.logging import NonFiniteError, check_finite
+
+    check_finite(1, 2.5, 0.3)
+    with pytest.raises(NonFiniteError, match=r"step 7: grad_norm = inf \(check_for_nan_in_loss_and_grad\)"):
+        check_finite(7, 2.5, float("inf"))
+    with pytest.raises(NonFiniteError, match=r"step 2: loss = nan\b"):
+        check_finite(2, float("nan"), None)

@@ -204,7 +204,7 @@ def test_save_only_model_checkpoints_refuse_to_resume(tmp_path):
     """Checked on the parsed arguments (before any model is built) and by the loader; the checkpoint stays."""
     from types import SimpleNamespace
 
-    from llamafactory_mca.args import _check_resume
+    from llamafactory_mca.arg_hooks import check_resume as _check_resume
     from llamafactory_mca.checkpoint import CheckpointError, check_resumable
 
     normal = _fake_checkpoint(tmp_path / "normal" / "checkpoint-1")

@@ -42,7 +42,7 @@ def test_third_party_plugin_is_loaded_through_entry_points(tmp_path):
     code = textwrap.dedent(
         f"""
         from llamafactory_mca.plugins import flat, hook, get_plugin_manager
-        from llamafactory_mca.args import parse_train_args
+        from llamafactory_mca.parsing import parse_train_args
         print("TYPES", flat(hook().mca_supported_model_types()))
         recipe = dict(model_name_or_path="none", stage="sft", do_train=True, finetuning_type="full", dataset="identity",
                       template="default", overwrite_output_dir=True, output_dir={str(tmp_path / 'out')!r})

@@ -1,9 +1,8 @@
-"""Unit tests of the trainer's HF-Trainer semantics that need no model: sample order, sharding, label shift,
-learning-rate schedules. Each is checked against the transformers / accelerate code it mirrors."""
+"""Unit tests of the trainer's HF-Trainer semantics that need no model: sample order, sharding, label shift.
+Each is checked against the transformers / accelerate code it mirrors (learning-rate
+schedules: tests/test_lr_schedule.py)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -60,47 +59,3 @@ def test_steps_per_epoch_like_hf():
     assert mdata.steps_per_epoch(8, 2) == 4
     assert mdata.steps_per_epoch(9, 2) == 5
     assert mdata.steps_per_epoch(1, 4) == 1
-
-
-class _FakeOptimizer:
-    def __init__(self) -> None:
-        self.param_groups = [{"lr": 0.0, "weight_decay": 0.0}]
-
-
-@pytest.mark.parametrize("name,warmup,min_lr_rate", [
-    ("linear", 3, None), ("cosine", 2, None), ("constant", 0, None), ("constant_with_warmup", 4, None),
-    ("cosine_with_min_lr", 2, 0.1), ("linear", 0, None),
-])
-def test_lr_schedule_matches_transformers(name, warmup, min_lr_rate):
-    from types import SimpleNamespace
-
-    from transformers import get_scheduler
-
-    from llamafactory_mca.training import loop
-
-    total, lr = 12, 1e-3
-    kwargs = {"min_lr_rate": min_lr_rate} if min_lr_rate else {}
-    args = SimpleNamespace(lr_scheduler_type=name, lr_scheduler_kwargs=kwargs, learning_rate=lr, weight_decay=0.0,
-                           get_warmup_steps=lambda n: warmup)
-    ours = loop._build_scheduler(_FakeOptimizer(), args, total)
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=lr)
-    theirs = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs)
-    for step in range(total):
-        ours_lr = ours.optimizer.param_groups[0]["lr"]
-        assert math.isclose(ours_lr, theirs.get_last_lr()[0], rel_tol=1e-9, abs_tol=1e-12), (step, ours_lr)
-        ours.step(increment=1)
-        opt.step()
-        theirs.step()
-
-
-def test_unsupported_lr_schedule_names_the_key():
-    from types import SimpleNamespace
-
-    from llamafactory_mca.args import McaArgumentError
-    from llamafactory_mca.training import loop
-
-    args = SimpleNamespace(lr_scheduler_type="polynomial", lr_scheduler_kwargs={}, learning_rate=1e-3,
-                           weight_decay=0.0, get_warmup_steps=lambda n: 0)
-    with pytest.raises(McaArgumentError, match="lr_scheduler_type"):
-        loop._lr_schedule(args, 10)

@@ -127,8 +127,9 @@ def wrap_ddp(mca_args: Any, models: Sequence[torch.nn.Module], ddp_config: Any =
             overlap_grad_reduce=mca_args.overlap_grad_reduce,
             overlap_param_gather=mca_args.overlap_param_gather,
             use_distributed_optimizer=mca_args.use_distributed_optimizer,
-            check_for_nan_in_grad=False,
+            check_for_nan_in_grad=bool(getattr(mca_args, "check_for_nan_in_loss_and_grad", False)),
             average_in_collective=False,  # the loss is token-weighted over all ranks: sum, do not average
+            bucket_size=getattr(mca_args, "ddp_bucket_size", None),
         )
     wrapped = []
     for i, model in enumerate(models):
@@ -297,10 +298,11 @@ class ModelBridge:
         """The megatron TransformerConfig for `hf_config` under the layout and options of `mca_args`."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        from llamafactory_mca.platform import on_gpu, te_available, wgrad_fusion_available
+        from llamafactory_mca.models.spec import use_transformer_engine
+        from llamafactory_mca.platform import on_gpu, wgrad_fusion_available
 
         self.check_config(hf_config)
-        te = te_available()
+        te = use_transformer_engine(mca_args)  # TE kernels only with the (opt-in) TE layer spec
         m = mca_args
         act = getattr(hf_config, "hidden_act", "silu")
         if act not in ("silu", "swish"):

@@ -1,7 +1,7 @@
 """Layer spec choice, in one place.
 
-* Transformer Engine importable and allowed (`transformer_impl` auto/transformer_engine, `attention_backend`
-  auto/te): megatron-core's TE spec.
+* `transformer_impl: transformer_engine` or `attention_backend: te` (opt-in, experimental): megatron-core's TE
+  spec.
 * otherwise megatron-core's local modules, with our pieces: `SDPAttention` (torch SDPA) as core attention
   (`attention_backend: local` keeps megatron's DotProductAttention), `FusedRMSNorm` (torch's fused kernel
   on GPU, Hugging Face's exact arithmetic elsewhere; works under sequence parallelism) and `TorchGroupedMLP`
@@ -44,17 +44,20 @@ class _LocalProvider(LocalSpecProvider):
 
 
 def use_transformer_engine(mca_args) -> bool:
+    """The Transformer Engine layer spec only when asked for (`transformer_impl: transformer_engine` or
+    `attention_backend: te`): experimental, never run by our tests; `auto` stays on the tested local path even
+    where TE imports (NGC containers ship it)."""
     impl = getattr(mca_args, "transformer_impl", "auto")
     if impl == "local":
         return False
-    if impl == "transformer_engine":
-        if not te_available():
-            raise ValueError(
-                "`transformer_impl`: 'transformer_engine' but transformer_engine does not import. "
-                "Fix: install transformer_engine, or set transformer_impl: auto"
-            )
-        return True
-    return te_available() and getattr(mca_args, "attention_backend", "auto") in ("auto", "te")
+    asked = impl == "transformer_engine" or getattr(mca_args, "attention_backend", "auto") == "te"
+    if asked and not te_available():
+        key = "transformer_impl" if impl == "transformer_engine" else "attention_backend"
+        raise ValueError(
+            f"`{key}`: '{getattr(mca_args, key)}' but transformer_engine does not import. "
+            f"Fix: install transformer_engine, or set {key}: auto"
+        )
+    return asked
 
 
 def layer_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False) -> ModuleSpec:

@@ -186,3 +186,46 @@ class _ModelStub:
 
     def __init__(self, config: Any) -> None:
         self.config = config
+
+
+def kernel_summary(mca_args: Any, config: Any) -> str:
+    """One start-up line: the layer implementation, Transformer Engine or not, and the kernels and fusions in use
+    (what megatron's own "falling back" warnings said piecemeal; those are filtered, see `log.py`)."""
+    from llamafactory_mca.models.spec import use_transformer_engine
+    from llamafactory_mca.platform import on_gpu, te_available
+
+    te_spec = use_transformer_engine(mca_args)
+    te = "Transformer Engine spec (experimental)" if te_spec else "local modules"
+    attention = "TE" if te_spec else ("megatron DotProductAttention" if mca_args.attention_backend == "local"
+                                      else "torch SDPA")
+    parts = [f"layers: {te} (TE {'importable' if te_available() else 'absent'})", f"attention: {attention}"]
+    if not te_spec:
+        parts.append("norm: fused RMSNorm")
+    if getattr(config, "num_moe_experts", None):
+        parts.append(f"experts: {'one grouped GEMM' if config.moe_grouped_gemm else 'loop over experts'}, "
+                     f"{config.moe_token_dispatcher_type} dispatch")
+    parts.append("cross entropy: vocab-parallel")
+    fusions = [name.replace("_fusion", "") for name in ("bias_activation_fusion", "gradient_accumulation_fusion",
+                                                        "apply_rope_fusion", "masked_softmax_fusion",
+                                                        "bias_dropout_fusion") if getattr(config, name, False)]
+    parts.append(f"fusions: {', '.join(fusions) or 'none'}")
+    parts.append(f"device: {'cuda (nccl)' if on_gpu() else 'cpu (gloo)'}")
+    return " | ".join(parts)
+
+
+class NonFiniteError(FloatingPointError):
+    """`check_for_nan_in_loss_and_grad`: a step's loss or gradient norm is NaN/Inf; training stops at that step."""
+
+
+def check_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
+    """Raise NonFiniteError naming the step and what was not finite (the loss, the gradient norm or both).
+
+    (megatron's DDP check, on with the same key, stops earlier on a NaN gradient bucket, in the backward pass.)"""
+    bad = [f"{name} = {value}" for name, value in (("loss", loss), ("grad_norm", grad_norm))
+           if value is not None and not math.isfinite(float(value))]
+    if bad:
+        raise NonFiniteError(
+            f"step {step}: {' and '.join(bad)} (check_for_nan_in_loss_and_grad). Training stopped; no checkpoint was "
+            "written from this state. Fix: lower learning_rate, set max_grad_norm, check the data, or resume from "
+            "the last checkpoint."
+        )

@@ -28,19 +28,9 @@ import torch.distributed as dist
 
 from llamafactory_mca.log import get_logger
 from llamafactory_mca.training import data as mdata
-from llamafactory_mca.training.logging import HFTrainerBookkeeping
+from llamafactory_mca.training.logging import HFTrainerBookkeeping, check_finite, kernel_summary
+from llamafactory_mca.training.lr_schedule import build_scheduler
 from transformers.trainer_utils import speed_metrics
-
-_SCHEDULES = {
-    # LLaMA-Factory / HF lr_scheduler_type -> (megatron lr_decay_style, use warmup)
-    "linear": ("linear", True),
-    "cosine": ("cosine", True),
-    "cosine_with_min_lr": ("cosine", True),
-    "constant": ("constant", False),
-    "constant_with_warmup": ("constant", True),
-    "inverse_sqrt": ("inverse-square-root", True),
-}
-
 
 def _log(msg: str) -> None:
     get_logger("trainer").info_rank0(msg)
@@ -88,48 +78,6 @@ def _build_optimizer(m: Any, training_args: Any, models: list, params_dtype: tor
     from llamafactory_mca import platform
 
     return platform.tune_optimizer(get_megatron_optimizer(cfg, models))
-
-
-def _lr_schedule(training_args: Any, max_steps: int) -> tuple[str, int, float]:
-    name = str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type))
-    if name not in _SCHEDULES:
-        from llamafactory_mca.args import McaArgumentError
-
-        raise McaArgumentError(
-            f"`lr_scheduler_type`: '{name}' is not supported by the Megatron backend. "
-            f"Fix: use one of {', '.join(sorted(_SCHEDULES))}."
-        )
-    style, warm = _SCHEDULES[name]
-    warmup = training_args.get_warmup_steps(max_steps) if warm else 0
-    kwargs = training_args.lr_scheduler_kwargs or {}
-    min_lr = 0.0
-    if name == "cosine_with_min_lr":
-        if "min_lr" in kwargs:
-            min_lr = float(kwargs["min_lr"])
-        elif "min_lr_rate" in kwargs:
-            min_lr = float(kwargs["min_lr_rate"]) * training_args.learning_rate
-    return style, warmup, min_lr
-
-
-def _build_scheduler(optimizer: Any, training_args: Any, max_steps: int):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    style, warmup, min_lr = _lr_schedule(training_args, max_steps)
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=training_args.learning_rate,
-        min_lr=min_lr,
-        lr_warmup_steps=warmup,
-        lr_decay_steps=max(max_steps, 1),
-        lr_decay_style=style,
-        start_wd=training_args.weight_decay,
-        end_wd=training_args.weight_decay,
-        wd_incr_steps=max(max_steps, 1),
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
-    )
 
 
 def configure_schedule(models: list, ddp_models: list, optimizer: Any, m: Any, params_dtype: torch.dtype) -> Any:
@@ -472,7 +420,7 @@ def train(run: Run, task: Any) -> None:
         num_train_epochs = math.ceil(training_args.num_train_epochs)
         num_train_samples = int(num_examples * training_args.num_train_epochs)
     run.max_steps = max_steps
-    run.scheduler = _build_scheduler(run.optimizer, training_args, max_steps)
+    run.scheduler = build_scheduler(run.optimizer, training_args, max_steps)
     steps = task.batch_builder(run, run.train_dataset, bs) if run.train_dataset is not None else None
 
     start_step = 0
@@ -487,6 +435,7 @@ def train(run: Run, task: Any) -> None:
          f"{' packed=thd' if run.layout.thd else ''}) *****")
     _log(f"  Num examples = {num_examples:,}  Num epochs = {num_train_epochs:,}  Total optimization steps = "
          f"{max_steps:,}  Global batch size = {run.gbs:,}")
+    _log(f"  {kernel_summary(m, run.config)}")
 
     book.state.global_step = start_step
     book.globalstep_last_logged = start_step
@@ -525,6 +474,8 @@ def train(run: Run, task: Any) -> None:
             run.optimizer.zero_grad()
             loss, metrics = task.train_step(run, mbs)
             ok, grad_norm, _ = run.optimizer.step()
+            if m.check_for_nan_in_loss_and_grad:  # raised before any checkpoint of this state is written
+                check_finite(book.state.global_step + 1, loss, grad_norm)
             if ok:
                 run.scheduler.step(increment=1)
             input_tokens = _sum_all(sum(mb.num_input_tokens for mb in mbs), run.device,

@@ -1,0 +1,103 @@
+"""Checks of LLaMA-Factory's own recipe keys under USE_MCA, on the raw recipe (plain values, no LLaMA-Factory import).
+
+They catch what LLaMA-Factory accepts silently but can only be a mistake (`learning_rate: -1.0`, `cutoff_len: 0`),
+values of the wrong type (our message instead of a TypeError deep inside a worker), and keys the Megatron backend
+cannot honour (`fp8`, `fsdp`). `deepspeed` is dropped with one notice, as LLaMA-Factory's own USE_MCA mode does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from llamafactory_mca.args import coerce_value, require
+
+# key -> (type, test of the value, what a valid value is)
+_Rule = tuple[type, Callable[[Any], bool], str]
+VALUE_RULES: dict[str, _Rule] = {
+    "learning_rate": (float, lambda v: v > 0, "a positive number, e.g. 1.0e-5"),
+    "weight_decay": (float, lambda v: v >= 0, "0 or a positive number"),
+    "adam_beta1": (float, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
+    "adam_beta2": (float, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.999"),
+    "adam_epsilon": (float, lambda v: v > 0, "a small positive number, e.g. 1.0e-8"),
+    "max_grad_norm": (float, lambda v: v >= 0, "0 (no clipping) or a positive number, e.g. 1.0"),
+    "warmup_ratio": (float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "warmup_steps": (float, lambda v: v >= 0, "0 or a positive number of steps"),
+    "max_steps": (int, lambda v: True, "a number of steps (-1: num_train_epochs decides)"),
+    "per_device_train_batch_size": (int, lambda v: v >= 1, "1 or more"),
+    "per_device_eval_batch_size": (int, lambda v: v >= 1, "1 or more"),
+    "gradient_accumulation_steps": (int, lambda v: v >= 1, "1 or more"),
+    "cutoff_len": (int, lambda v: v >= 1, "the maximum sequence length in tokens, e.g. 2048"),
+    "logging_steps": (float, lambda v: v > 0, "a positive number of steps"),
+    "save_steps": (float, lambda v: v > 0, "a positive number of steps"),
+    "seed": (int, lambda v: v >= 0, "0 or a positive integer"),
+    "lora_rank": (int, lambda v: v >= 1, "1 or more, e.g. 8"),
+    "lora_alpha": (int, lambda v: v >= 1, "1 or more (default: 2 * lora_rank)"),
+    "lora_dropout": (float, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "val_size": (float, lambda v: v >= 0, "a fraction in [0, 1) or a number of samples"),
+    "bf16": (bool, lambda v: True, "true or false"),
+    "fp16": (bool, lambda v: True, "true or false"),
+    "do_train": (bool, lambda v: True, "true or false"),
+}
+FINETUNING_TYPES = ("full", "freeze", "lora")
+LF_DEFAULT_FINETUNING_TYPE = "lora"  # LLaMA-Factory's FinetuningArguments default (0.9.4 - 0.9.5)
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "no", "n", "off", "0", "none", "null")
+    return bool(value)
+
+
+def check_stage(stage: Any, stages: list[str]) -> None:
+    """McaArgumentError unless `stage` is one of the `stages` our workflows run."""
+    require(stage in stages, "stage", f"'{stage}' is not supported by the Megatron backend (supported: "
+            f"{', '.join(stages)})", "choose a supported stage, or run without USE_MCA to use LLaMA-Factory's "
+            "own trainer")
+
+
+def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] = None,
+                            schedules: Optional[tuple] = None) -> tuple[dict[str, Any], list[str]]:
+    """(recipe without the keys dropped, notices to print once) or McaArgumentError naming key and fix.
+
+    `stages`: the stages our workflows run (None: not checked); `schedules`: the lr_scheduler_type names we run."""
+    out = dict(recipe)
+    notices: list[str] = []
+    for key, (tp, ok, valid) in VALUE_RULES.items():
+        if key not in out or out[key] is None:
+            continue
+        value = coerce_value(key, out[key], tp)
+        require(ok(value), key, f"{out[key]!r} cannot be right", f"set {key}: {valid}")
+    if out.get("num_train_epochs") is not None and coerce_value("max_steps", out.get("max_steps", -1), int) <= 0:
+        epochs = coerce_value("num_train_epochs", out["num_train_epochs"], float)
+        require(epochs > 0, "num_train_epochs", f"{out['num_train_epochs']!r} cannot be right",
+                "set num_train_epochs: a positive number (or max_steps)")
+    require(not (_truthy(out.get("bf16")) and _truthy(out.get("fp16"))), "fp16",
+            "bf16 and fp16 cannot both be true", "keep one of them")
+    if stages is not None:
+        check_stage(out.get("stage", "sft"), stages)
+    ftype = out.get("finetuning_type")
+    if ftype is None:
+        notices.append(f"`finetuning_type` is not set: LLaMA-Factory's default '{LF_DEFAULT_FINETUNING_TYPE}' runs "
+                       "(LLaMA-Factory's own USE_MCA mode always trains full; set finetuning_type: full for that).")
+    else:
+        require(ftype in FINETUNING_TYPES, "finetuning_type", f"'{ftype}' is not supported by the Megatron backend "
+                f"(supported: {', '.join(FINETUNING_TYPES)})", "set finetuning_type: full, freeze or lora, or run "
+                "without USE_MCA")
+    name = out.get("lr_scheduler_type")
+    if schedules is not None and name is not None:
+        require(name in schedules, "lr_scheduler_type", f"'{name}' cannot be used by the Megatron backend",
+                f"use one of {', '.join(schedules)}")
+    kwargs = out.get("lr_scheduler_kwargs")
+    require(kwargs is None or isinstance(kwargs, (dict, str)), "lr_scheduler_kwargs",
+            f"expects a mapping, got {kwargs!r}", "write it as a YAML mapping, e.g. lr_scheduler_kwargs: {min_lr_rate: 0.1}")
+    require(not _truthy(out.get("fp8")), "fp8", "FP8 training is not available in the Megatron backend yet (the run "
+            "would silently stay in bf16)", "remove fp8 (and fp8_* keys), or run without USE_MCA")
+    require(not _truthy(out.get("fsdp")), "fsdp", "FSDP and Megatron parallelism cannot be combined",
+            "remove the fsdp key (use use_distributed_optimizer: true to shard optimizer state)")
+    if "deepspeed" in out:
+        value = out.pop("deepspeed")
+        if _truthy(value):
+            notices.append(f"`deepspeed: {value}` is ignored under USE_MCA (as in LLaMA-Factory's own Megatron mode): "
+                           "Megatron's use_distributed_optimizer: true replaces DeepSpeed ZeRO (ZeRO-1-like sharding "
+                           "of the optimizer state).")
+    return out, notices
