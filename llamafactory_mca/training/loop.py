@@ -513,12 +513,11 @@ def train(run: Run, task: Any) -> None:
         batches = epoch_batches(epoch)
         book.on_epoch_begin()
         first = steps_skipped if epoch == epochs_trained else 0
-        for update_step in range(first, update_steps_per_epoch):
-            step_batches = batches[update_step * ga : (update_step + 1) * ga]
-            if not step_batches:
-                break
+        # the next steps' microbatches are built in DataLoader workers while this one trains (training/data.py)
+        feed = mdata.prefetch_steps(steps, [batches[u * ga : (u + 1) * ga] for u in range(first, update_steps_per_epoch)],
+                                    workers=max(int(training_args.dataloader_num_workers or 0), 1))
+        for update_step, mbs in zip(range(first, update_steps_per_epoch), feed):
             book.on_step_begin()
-            mbs = steps.build(step_batches)
             lr = run.optimizer.param_groups[0]["lr"]  # HF logs the rate this step used
             for model in run.ddp_models:
                 model.zero_grad_buffer()
