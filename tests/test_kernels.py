@@ -346,3 +346,10 @@ def test_chunk_sort_on_device_equals_megatron():
         assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
     same, same_p = kp.sort_chunks_by_idxs(x, sizes, torch.arange(12), probs=probs)
     assert same is x and same_p is probs
+    # the gather-only row permutation gives index_select's values and gradients
+    src = kp.chunk_sort_rows(sizes, chunks.reshape(-1, local).T.ravel(), x.shape[0])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(x.shape)
+    (kp.permute_rows(a, src) * w).sum().backward()
+    (b.index_select(0, src) * w).sum().backward()
+    assert torch.equal(kp.permute_rows(x, src), x.index_select(0, src)) and torch.equal(a.grad, b.grad)

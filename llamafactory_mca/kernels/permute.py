@@ -16,7 +16,8 @@ The replacements give the same tensors, bit for bit (same order, same ops on the
   or a size already on the host) the expert-major positions come from a cumsum of the routing map and one
   scatter; otherwise megatron's own function;
 - `sort_chunks_by_idxs`: an identity chunk order (EP = TP = 1) returns the input; with device-side sizes, one
-  row permutation computed on the device (cumsums, searchsorted, index_select); else megatron's own;
+  row permutation computed on the device (cumsums, searchsorted), a gather forward and backward
+  (`permute_rows`); else megatron's own;
 - `keep_counts_on_device`: the alltoall dispatcher's DtoH step, except that with EP = TP = 1 nothing moves
   (no copy, no sync), and with EP or TP > 1 the per-local-expert counts stay on the device for the
   device-side chunk sort (the one sync left is the split sizes that `all_to_all` needs on the host).
@@ -98,6 +99,28 @@ def chunk_sort_rows(split_sizes: torch.Tensor, order: torch.Tensor, num_rows: in
     return starts.index_select(0, order.index_select(0, chunk)) + rows - (out_ends - out_sizes).index_select(0, chunk)
 
 
+class _RowPermutation(torch.autograd.Function):
+    """out = x[src] for a permutation `src` of the rows; backward gathers with the inverse permutation
+    (index_select's own backward is an atomic index_add: several times slower for a permutation)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(src)
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (src,) = ctx.saved_tensors
+        inverse = torch.empty_like(src)
+        inverse.scatter_(0, src, torch.arange(src.numel(), device=src.device))
+        return grad.index_select(0, inverse), None
+
+
+def permute_rows(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x[src] where src is a permutation of x's rows; gradients by a gather too."""
+    return _RowPermutation.apply(x, src)
+
+
 def sort_chunks_by_idxs(input: torch.Tensor, split_sizes: torch.Tensor, sorted_idxs: torch.Tensor,
                         probs: Optional[torch.Tensor] = None, fused: bool = False):
     """megatron's `moe_utils.sort_chunks_by_idxs` (same signature and results): identity orders cost
@@ -110,7 +133,7 @@ def sort_chunks_by_idxs(input: torch.Tensor, split_sizes: torch.Tensor, sorted_i
             return input, probs
         if split_sizes.device == input.device and input.device.type != "cpu":
             src = chunk_sort_rows(split_sizes, order, input.shape[0])
-            return input.index_select(0, src), probs.index_select(0, src) if probs is not None else None
+            return permute_rows(input, src), permute_rows(probs, src) if probs is not None else None
     return moe_utils.sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=probs, fused=fused)
 
 
