@@ -4,6 +4,9 @@
     python benchmarks/run.py --scenario s3                 # Qwen3-30B-A3B-shaped MoE (4 layers), 1 GPU
     python benchmarks/run.py --scenario s3x4               # the MoE with 8 layers, 4 GPUs (ours EP=4, HF FSDP)
     python benchmarks/run.py --scenario s2                 # Llama-3-8B, 4 GPUs (ours TP2 + dist. opt., HF FSDP)
+    python benchmarks/run.py --scenario s3x2 --scenario s2x2 --scenario s4x2      # the 2-GPU scenarios
+    python benchmarks/run.py --scenario r_moe2 --scenario r_vl2                   # the recipes on 2 GPUs
+    python benchmarks/run.py --scenario s1 --sides ours,hf,hf_liger,hf_bf16       # + HF in pure bf16 (info)
     python benchmarks/run.py --scenario s1 --tiny          # CPU smoke run (tests/test_benchmark_script.py)
 
 For each scenario it builds, in a temporary folder, a model with the real architecture and size and random
@@ -14,6 +17,14 @@ the scenario has several GPUs). Both recipes share every key (model, data, stage
 cutoff_len blocks, bf16, lr, steps, global batch, no activation recompute on either side); each side adds only
 its own launch keys (Megatron parallelism / HF FSDP), and gradient_accumulation_steps is set per side so that
 the global batch is the same (see README "Global batch size").
+
+Sides (--sides): `ours`; `hf`, LLaMA-Factory's HF path as it is (fp32 master weights under bf16 autocast);
+`hf_liger`, the same with `enable_liger_kernel: true` (liger-kernel's fused linear cross entropy, RMSNorm,
+SwiGLU, RoPE); `hf_bf16`, an information side with `pure_bf16: true` (no fp32 master weights: faster, less
+exact). Ours is reported against the faster of `hf` and `hf_liger` (the "best HF"); `ours_<variant>` runs ours
+with the keys of OURS_VARIANTS added (e.g. `ours_allgather`: the other MoE token dispatcher), for comparisons.
+Every side's per-step training losses are read from its trainer_log.jsonl (`<side>.losses`); the JSON and
+RESULTS.md give the largest relative difference of ours against each HF side over the steps both logged.
 
 Measurement: benchmarks/_hook/sitecustomize.py (put on PYTHONPATH) records, after every optimizer step of
 either backend, a synchronised timestamp and the peak GPU memory of each rank. Warm-up steps are excluded:
@@ -49,13 +60,26 @@ RESULTS_DIR = os.path.join(HERE, "results")
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 
 # ---------------------------------------------------------------------------------------------- scenarios
+
+
+def fsdp(*layer_classes: str, **config) -> dict:
+    """The HF side's launch keys: FSDP full_shard, one unit per instance of the named layer classes."""
+    return dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=list(layer_classes), **config))
+
+
+def expert_parallel(ep: int, dispatcher: str) -> dict:
+    """Our launch keys for the MoE scenarios on several GPUs: EP, grouped-GEMM experts, distributed optimizer."""
+    return dict(expert_model_parallel_size=ep, moe_grouped_gemm=True, moe_token_dispatcher_type=dispatcher,
+                use_distributed_optimizer=True, overlap_grad_reduce=True)
+
+
 # global_batch: sequences per optimizer step, the same on both sides.
 SCENARIOS = {
     "s1": dict(
         title="dense Qwen3 ~1.1B, 1 GPU", gpus=1, global_batch=8, seq=4096,
         ours={},
         hf={},
-        target=dict(ratio=1.15, mem="<=hf"),
+        target=dict(ratio=1.5, mfu=0.45, mem="<=hf"),  # issue 22 (the rows before it: ratio 1.15)
     ),
     "s2": dict(
         title="dense Llama-3-8B, 4 GPUs", gpus=4, global_batch=16, seq=4096,
@@ -65,21 +89,45 @@ SCENARIOS = {
         # an 80 GiB card does not hold 8B bf16 weights + fp32 grads + activations unsharded: TP=2 + SP there
         ours_below_gib=(100, dict(tensor_model_parallel_size=2, sequence_parallel=True, use_distributed_optimizer=True,
                                   overlap_grad_reduce=True, overlap_param_gather=True)),
-        hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=["LlamaDecoderLayer"])),
+        hf=fsdp("LlamaDecoderLayer"),
         target=dict(ratio=1.2, mfu=0.45),
     ),
     "s3": dict(
         title="MoE Qwen3-30B-A3B-shaped, 4 layers, 1 GPU", gpus=1, global_batch=8, seq=4096,
         ours=dict(moe_grouped_gemm=True, moe_token_dispatcher_type="alltoall"),
         hf={},
-        target=dict(ratio=1.1),
+        target=dict(ratio=2.3),  # issue 22 (the rows before it: 1.1)
     ),
     "s3x4": dict(
         title="MoE Qwen3-30B-A3B-shaped, 8 layers, 4 GPUs", gpus=4, global_batch=16, seq=4096,
-        ours=dict(expert_model_parallel_size=4, moe_grouped_gemm=True, moe_token_dispatcher_type="alltoall",
-                  use_distributed_optimizer=True, overlap_grad_reduce=True),
-        hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=["Qwen3MoeDecoderLayer"])),
+        ours=expert_parallel(4, "alltoall"),
+        hf=fsdp("Qwen3MoeDecoderLayer"),
         target=dict(ratio=3.0, mem="<hf"),
+    ),
+    "s3x2": dict(
+        title="MoE Qwen3-30B-A3B-shaped, 8 layers, 2 GPUs", gpus=2, global_batch=8, seq=4096,
+        # allgather: 1.12x the alltoall dispatcher's tokens/s at EP=2, same losses (RESULTS.md, issue 22 runs;
+        # the row of 2026-11-30 ran alltoall as "ours" and allgather as the side ours_allgather)
+        ours=expert_parallel(2, "allgather"),
+        hf=fsdp("Qwen3MoeDecoderLayer"),
+        target=dict(ratio=2.0, mem="<hf"),
+    ),
+    "s2x2": dict(
+        title="dense Llama-3-8B, 2 GPUs", gpus=2, global_batch=8, seq=4096,
+        # as s2: ZeRO-1 over the data-parallel ranks, no tensor parallelism on a 141 GiB card
+        ours=dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True),
+        hf=fsdp("LlamaDecoderLayer"),
+        target=dict(ratio=1.25, mfu=0.45),
+    ),
+    "s4x2": dict(
+        title="dense Llama-3-8B, 32k tokens per sample, 2 GPUs (ours CP=2)", gpus=2, global_batch=2, seq=32768,
+        # 32k tokens of an 8B model do not fit without activation recompute on either side: HF uses
+        # LLaMA-Factory's default gradient checkpointing, ours megatron's full recompute, one layer a unit
+        common=dict(disable_gradient_checkpointing=False),
+        ours=dict(context_parallel_size=2, use_distributed_optimizer=True, recompute_granularity="full",
+                  recompute_method="uniform", recompute_num_layers=1),
+        hf=fsdp("LlamaDecoderLayer"),
+        target=dict(ratio=1.3),
     ),
     # issue 9: the published recipes, scaled from 8 GPUs to 4 (benchmarks/recipes.py); no speed target there
     "r_moe": dict(
@@ -88,19 +136,37 @@ SCENARIOS = {
         scale=dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2),
         # the final HF export of 31 GB repeats what the merge of the last checkpoint measures: skipped for time
         ours_extra=dict(save_hf_model=False),
-        hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(transformer_layer_cls_to_wrap=["Qwen3MoeDecoderLayer"])),
+        hf=fsdp("Qwen3MoeDecoderLayer"),
         target=dict(ratio=None, merged=True),
     ),
     "r_vl": dict(
         title="recipe qwen2_vl_full.yaml on 4 GPUs (Qwen2-VL-7B, TP=2 x PP=2, SP)", gpus=4, global_batch=8, seq=2048,
         recipe="examples/megatron/qwen2_vl_full.yaml", vl=True, scale=dict(tensor_model_parallel_size=2),
-        hf=dict(fsdp="full_shard auto_wrap", fsdp_config=dict(
-            # one FSDP unit per dtype: LLaMA-Factory upcasts trainable params to fp32, the frozen vision tower
-            # (blocks, patch embedding, merger) stays bf16, and FSDP1 flattens each unit into one tensor
-            transformer_layer_cls_to_wrap=["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "PatchEmbed", "PatchMerger"],
-            use_orig_params=True)),
+        # one FSDP unit per dtype: LLaMA-Factory upcasts trainable params to fp32, the frozen vision tower
+        # (blocks, patch embedding, merger) stays bf16, and FSDP1 flattens each unit into one tensor
+        hf=fsdp("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "PatchEmbed", "PatchMerger", use_orig_params=True),
         target=dict(ratio=None, merged=True),
     ),
+}
+# issue 22: the recipes on the lent 2-GPU kind, as r_moe / r_vl otherwise. The MoE recipe keeps pipeline
+# parallelism and full recompute; with EP=1 a stage of 6 layers holds all 128 experts, the expert weights a stage
+# of 12 layers at EP=2 holds on 8 GPUs, so 12 of the 48 layers (shapes.py)
+SCENARIOS["r_moe2"] = dict(
+    SCENARIOS["r_moe"], title="recipe qwen3_moe_full.yaml on 2 GPUs (12 of 48 layers, PP=2, EP=1)", gpus=2,
+    scale=dict(pipeline_model_parallel_size=2, expert_model_parallel_size=1), target=dict(ratio=1.5, merged=True))
+SCENARIOS["r_vl2"] = dict(
+    SCENARIOS["r_vl"], title="recipe qwen2_vl_full.yaml on 2 GPUs (Qwen2-VL-7B, TP=2, SP)", gpus=2,
+    scale=dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1),
+    ours_extra=dict(save_hf_model=False),  # the merge of the last checkpoint is what is checked
+    target=dict(ratio=1.3, merged=True))
+
+# the HF sides: LLaMA-Factory's own path as it is, with Liger kernels, and in pure bf16 (information only)
+HF_SIDES = {"hf": {}, "hf_liger": dict(enable_liger_kernel=True), "hf_bf16": dict(pure_bf16=True)}
+BASELINES = ("hf", "hf_liger")  # ours is reported against the faster of these
+# `ours_<name>` sides: ours with these keys added, for comparisons in one invocation
+OURS_VARIANTS = {
+    "allgather": dict(moe_token_dispatcher_type="allgather"),
+    "alltoall": dict(moe_token_dispatcher_type="alltoall"),
 }
 
 
@@ -135,7 +201,7 @@ def build_model(scenario: str, out_dir: str, tiny: bool, seq: int, device: str) 
     os.makedirs(out_dir, exist_ok=True)
     n_words = 400 if tiny else 32000
     tok = build_tokenizer(out_dir, n_words)
-    cfg = hf_config_for(scenario.replace("x4", "x4"), tiny=tiny, seq=seq, eos_token_id=tok.eos_token_id,
+    cfg = hf_config_for(scenario, tiny=tiny, seq=seq, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -196,6 +262,7 @@ def recipes(sc: dict, model_dir: str, data_dir: str, work: str, steps: int, tiny
         lr_scheduler_type="constant", warmup_steps=0, max_steps=steps, bf16=not tiny,
         disable_gradient_checkpointing=True, flash_attn="sdpa", ddp_timeout=3600, seed=42,
     )
+    common.update(sc.get("common", {}))
     ours = dict(common, output_dir=os.path.join(work, "out_ours"), save_hf_model=False, **sc["ours"])
     hf = dict(common, output_dir=os.path.join(work, "out_hf"), **sc["hf"])
     n = sc["gpus"]
@@ -238,11 +305,11 @@ def run_side(name: str, recipe: dict, sc: dict, work: str, timeout: int, tiny: b
     extra = {"NPROC_PER_NODE": str(sc["gpus"]), **{k: str(v) for k, v in (probe or {}).items()}}
     if os.path.exists(trace + ".profile.json"):
         os.remove(trace + ".profile.json")
-    if name == "ours":
+    if name.startswith("ours"):
         extra["USE_MCA"] = "1"
     elif sc["gpus"] > 1:
         extra["FORCE_TORCHRUN"] = "1"
-    if tiny and name == "hf":
+    if tiny and name.startswith("hf"):
         # CPU smoke runs only: LLaMA-Factory 0.9.5 refuses Conv3D (Qwen2-VL) under torch 2.9 for a GPU speed
         # regression; the tests' start-up shim lifts that guard (it is chained after the probe)
         extra["PYTHONPATH"] = os.pathsep.join([os.path.join(HERE, "_hook"), os.path.join(ROOT, "tests", "hf_conv3d_shim"),
@@ -282,10 +349,56 @@ def run_side(name: str, recipe: dict, sc: dict, work: str, timeout: int, tiny: b
         res["error_lines"] = errs
         log(f"{name}: FAILED rc={rc}; error lines:\n" + "\n".join(errs))
     res["_recs"] = recs
+    res["losses"] = logged_losses(recipe["output_dir"])
     if os.path.exists(trace + ".profile.json"):
         with open(trace + ".profile.json") as f:
             res["profile"] = json.load(f)
     return res
+
+
+def logged_losses(output_dir: str) -> list[float]:
+    """The per-step training losses a side logged (LLaMA-Factory's trainer_log.jsonl, logging_steps 1), in step
+    order; steps without a loss (evaluation lines) are skipped."""
+    path = os.path.join(output_dir, "trainer_log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("loss") is not None and rec.get("current_steps") is not None:
+                by_step[int(rec["current_steps"])] = float(rec["loss"])
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float | None:
+    """Largest |a - b| / |b| over the steps both sides logged (None when they share none)."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return None
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a[:n], b[:n]))
+
+
+def side_recipe(side: str, ours: dict, hf: dict) -> dict:
+    """The recipe of one side: `ours`, `ours_<variant>` (OURS_VARIANTS), or an HF side (HF_SIDES); each writes
+    its own output_dir."""
+    if side == "ours":
+        return ours
+    if side.startswith("ours_"):
+        variant = side[len("ours_"):]
+        if variant not in OURS_VARIANTS:
+            raise ValueError(f"--sides: unknown side '{side}'; ours variants: {', '.join(sorted(OURS_VARIANTS))}")
+        base, keys = ours, OURS_VARIANTS[variant]
+    elif side in HF_SIDES:
+        base, keys = hf, HF_SIDES[side]
+    else:
+        raise ValueError(f"--sides: unknown side '{side}'; use ours, ours_<variant> or one of {', '.join(HF_SIDES)}")
+    if side == "hf":
+        return hf
+    return dict(base, **keys, output_dir=os.path.join(os.path.dirname(base["output_dir"]), "out_" + side))
 
 
 def summarize(res: dict, warmup: int, measured: int, tokens_per_step: int, fpt: float, n_gpus: int,
@@ -385,8 +498,9 @@ def run_scenario(name: str, args) -> dict:
         global_batch=sc["global_batch"], flops_per_token=fpt, peak_bf16_tflops=pk, recipe_common=common,
         target=sc["target"], tiny=tiny, profiled_step=profiled,
     )
-    for side in args.sides.split(","):
-        rec = ours if side == "ours" else hf
+    sides = (args.sides or ("ours,hf" if tiny else "ours,hf,hf_liger")).split(",")
+    for side in sides:
+        rec = side_recipe(side, ours, hf)
         probe = {"MCA_BENCH_PROFILE_STEP": profiled}
         if not (side == "ours" and sc.get("recipe")):  # the recipe's checkpoint is written after the last step
             probe["MCA_BENCH_EXIT_AFTER"] = profiled
@@ -402,8 +516,12 @@ def run_scenario(name: str, args) -> dict:
         if side == "ours" and sc.get("recipe") and r.get("returncode") == 0:
             result["merge"] = rc.merge_and_load(sc, work, ours, tiny)
             log(f"merge: {json.dumps(result['merge'])}")
-    o, h = result.get("ours", {}), result.get("hf", {})
+    compare_sides(result, sides, args.warmup + args.steps)
+    o = result.get("ours", {})
+    best = [result[b] for b in BASELINES if "tokens_per_s" in result.get(b, {})]
+    h = max(best, key=lambda r: r["tokens_per_s"]) if best else {}
     if "tokens_per_s" in o and "tokens_per_s" in h:
+        result["baseline"] = next(b for b in BASELINES if result.get(b) is h)
         result["ratio_tokens_per_s"] = o["tokens_per_s"] / h["tokens_per_s"]
         result["ratio_peak_mem"] = o["peak_mem_gib"] / h["peak_mem_gib"] if h["peak_mem_gib"] else None
         t = sc["target"]
@@ -417,12 +535,28 @@ def run_scenario(name: str, args) -> dict:
         if t.get("merged"):
             met = met and bool(result.get("merge", {}).get("ok"))
         result["target_met"] = bool(met)
-        log(f"{name}: ours/HF tokens/s = {result['ratio_tokens_per_s']:.3f}x, peak mem ratio "
+        log(f"{name}: ours/{result['baseline']} tokens/s = {result['ratio_tokens_per_s']:.3f}x, peak mem ratio "
             f"{_fmt(result['ratio_peak_mem'], '{:.3f}')}; target {'met' if met else 'MISSED'}")
     if not args.keep:
-        for sub in ("model", "out_ours", "out_hf", "merged"):
+        for sub in ["model", "merged"] + [side_recipe(s_, ours, hf)["output_dir"] for s_ in sides]:
             shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
     return result
+
+
+def compare_sides(result: dict, sides: list[str], n_steps: int) -> None:
+    """Per-side losses cut to the steps before the profiled one; ours' largest relative loss difference
+    against every other side (`loss_max_rel_diff`: {side: value}) and each side's speed relative to ours."""
+    ours = result.get("ours", {})
+    for side in sides:
+        r = result.get(side, {})
+        r["losses"] = r.get("losses", [])[:n_steps]
+    diffs = {s_: max_rel_diff(ours.get("losses", []), result[s_]["losses"]) for s_ in sides if s_ != "ours"}
+    result["loss_max_rel_diff"] = {k: v for k, v in diffs.items() if v is not None}
+    if "tokens_per_s" in ours:
+        result["tokens_per_s_vs_ours"] = {s_: result[s_]["tokens_per_s"] / ours["tokens_per_s"] for s_ in sides
+                                          if "tokens_per_s" in result.get(s_, {})}
+    if result["loss_max_rel_diff"]:
+        log("loss max rel. diff of ours vs " + ", ".join(f"{k}: {v:.2e}" for k, v in result["loss_max_rel_diff"].items()))
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -433,11 +567,23 @@ def _fmt(v, f="{:.0f}"):
 
 
 def _met_cell(r: dict) -> str:
-    """The table's "target met" cell; the recipe scenarios have no speed target: there it tells the merge."""
+    """The table's "target met" cell; a recipe scenario without a speed target tells the merge there."""
     if r.get("target", {}).get("merged") and r.get("target", {}).get("ratio") is None:
         return "merged + loaded" if r.get("merge", {}).get("ok") else "**not merged**"
-    o, h = r.get("ours", {}), r.get("hf", {})
-    return {True: "yes", False: "**no**"}.get(r.get("target_met"), "n/a" if not (o.get("error") or h.get("error")) else "failed")
+    failed = any(r.get(s_, {}).get("error") for s_ in ("ours", *BASELINES))
+    cell = {True: "yes", False: "**no**"}.get(r.get("target_met"), "failed" if failed else "n/a")
+    if r.get("target", {}).get("merged"):
+        cell += ", merged + loaded" if r.get("merge", {}).get("ok") else ", **not merged**"
+    return cell
+
+
+def _loss_cell(r: dict) -> str:
+    """Largest relative loss difference of ours against the reported HF side (old results: not recorded)."""
+    diffs = r.get("loss_max_rel_diff") or {}
+    side = r.get("baseline", "hf")
+    if side not in diffs:
+        return "-"
+    return f"{diffs[side] * 100:.2f}% ({r.get('ours', {}).get('measured_steps', 0) + r.get('ours', {}).get('warmup_steps', 0)} steps)"
 
 
 def write_results_md(results_dir: str, md_path: str) -> None:
@@ -447,22 +593,26 @@ def write_results_md(results_dir: str, md_path: str) -> None:
             continue
         with open(os.path.join(results_dir, fn)) as f:
             r = json.load(f)
-        o, h = r.get("ours", {}), r.get("hf", {})
-        rows.append("| {sc} | {card} x{g} | {ot} | {ht} | {ratio} | {om} | {hm} | {op} | {hp} | {os_} | {hs} | {met} | {date} | {commit} |".format(
+        o = r.get("ours", {})
+        h = r.get(r.get("baseline", "hf"), {})
+        rows.append("| {sc} | {card} x{g} | {ot} | {ht} | {lt} | {bt} | {ratio} | {om} | {hm} | {op} | {hp} | {os_} | {hs} | {loss} | {met} | {date} | {commit} |".format(
             sc=f"{r['scenario']}: {r.get('title', '')}", card=r.get("card"), g=r.get("gpus"),
-            ot=_fmt(o.get("tokens_per_s")), ht=_fmt(h.get("tokens_per_s")),
-            ratio=_fmt(r.get("ratio_tokens_per_s"), "{:.2f}x"),
+            ot=_fmt(o.get("tokens_per_s")), ht=_fmt(r.get("hf", {}).get("tokens_per_s")),
+            lt=_fmt(r.get("hf_liger", {}).get("tokens_per_s")), bt=_fmt(r.get("hf_bf16", {}).get("tokens_per_s")),
+            ratio=_fmt(r.get("ratio_tokens_per_s"), "{:.2f}x") + (f" ({r['baseline']})" if r.get("baseline") else ""),
             om=_fmt(o.get("mfu") and o["mfu"] * 100, "{:.1f}%"), hm=_fmt(h.get("mfu") and h["mfu"] * 100, "{:.1f}%"),
             op=_fmt(o.get("peak_mem_gib"), "{:.1f}"), hp=_fmt(h.get("peak_mem_gib"), "{:.1f}"),
             os_=_fmt(o.get("step_time_s", {}).get("median"), "{:.3f}"),
             hs=_fmt(h.get("step_time_s", {}).get("median"), "{:.3f}"),
-            met=_met_cell(r),
+            loss=_loss_cell(r), met=_met_cell(r),
             date=r.get("date", "")[:10], commit=(r.get("commit") or "")[:8] + ("+dirty" if r.get("dirty") in (True, "1", "true") else ""),
         ))
     table = "\n".join([
         "<!-- results:begin (generated by benchmarks/run.py from benchmarks/results/*.json) -->",
-        "| scenario | card | ours tok/s | HF tok/s | ours/HF | ours MFU | HF MFU | ours peak GiB | HF peak GiB | ours step s | HF step s | target met | date | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | card | ours tok/s | HF tok/s | HF+Liger tok/s | HF pure bf16 tok/s (info) | ours / best HF | ours MFU "
+        "| best HF MFU | ours peak GiB | best HF peak GiB | ours step s | best HF step s | loss max rel. diff "
+        "| target met | date | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "<!-- results:end -->",
     ])
@@ -485,7 +635,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="repeatable; default s1")
     ap.add_argument("--steps", type=int, default=5, help="measured optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="optimizer steps excluded from the numbers")
-    ap.add_argument("--sides", default="ours,hf")
+    ap.add_argument("--sides", default=None, help="comma-separated: ours, ours_<variant>, hf, hf_liger, hf_bf16; "
+                    "default ours,hf,hf_liger (--tiny: ours,hf: Liger and pure bf16 need a GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU, fp32 (keeps the script working)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results-dir", default=RESULTS_DIR)

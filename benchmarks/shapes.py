@@ -8,6 +8,11 @@ s3x4 the same MoE with 8 layers, 4 GPUs
 r_moe examples/megatron/qwen3_moe_full.yaml's Qwen3-30B-A3B with 24 of its 48 layers (half the GPUs: each
      pipeline stage keeps the 12 layers it has in the 8-GPU recipe)
 r_vl examples/megatron/qwen2_vl_full.yaml's Qwen2-VL-7B at full size
+s3x2 the MoE with 8 layers, 2 GPUs
+s2x2 Llama-3-8B on 2 GPUs; s4x2 the same model at 32k tokens per sample, 2 GPUs
+r_moe2 qwen3_moe_full.yaml's model with 12 of its 48 layers on 2 GPUs (PP=2 at EP=1: a stage of 6 layers holds
+     all 128 experts, the expert weights of the 12-layer stage at EP=2 of the 8-GPU recipe)
+r_vl2 r_vl's model on 2 GPUs
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ SCENARIO_SHAPES = {
     ),
     "s3": dict(QWEN3_30B_A3B, num_hidden_layers=4),
     "s3x4": dict(QWEN3_30B_A3B, num_hidden_layers=8),
+    "s3x2": dict(QWEN3_30B_A3B, num_hidden_layers=8),
     "r_moe": dict(QWEN3_30B_A3B, num_hidden_layers=24),
+    "r_moe2": dict(QWEN3_30B_A3B, num_hidden_layers=12),
     "r_vl": dict(
         family="qwen2_vl", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
@@ -38,6 +45,8 @@ SCENARIO_SHAPES = {
                     temporal_patch_size=2, in_channels=3),
     ),
 }
+
+SCENARIO_SHAPES.update(s2x2=SCENARIO_SHAPES["s2"], s4x2=SCENARIO_SHAPES["s2"], r_vl2=SCENARIO_SHAPES["r_vl"])
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
             moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, vocab_size=512)

@@ -390,6 +390,10 @@ def setup_platform() -> None:
         from llamafactory_mca.kernels.optim import install_fast_multi_tensor
 
         install_fast_multi_tensor()
+        # megatron's TE-less MoE token permutation syncs the host in every layer and micro-batch
+        from llamafactory_mca.kernels.permute import install as install_sync_free_permute
+
+        install_sync_free_permute()
     if on_gpu():
         return
     for name in _MEGATRON_MODULES:

@@ -296,3 +296,60 @@ def test_wgrad_accumulation_adds_into_main_grad_and_stays_off_without_cuda():
 
         assert wgrad.install_wgrad_accumulation() is False
         assert not getattr(layers, "_grad_accum_fusion_available", False)
+
+
+@pytest.mark.parametrize("tokens,experts,topk", [(37, 8, 2), (64, 16, 4), (5, 4, 4)])
+def test_sync_free_permute_equals_megatron(tokens, experts, topk):
+    """kernels.permute.permute gives megatron's permute results bit for bit (tokens, probs, indices), and the
+    gradients flow the same way."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from llamafactory_mca.kernels import permute as kp
+
+    g = torch.Generator().manual_seed(tokens)
+    scores = torch.randn(tokens, experts, generator=g)
+    top = scores.topk(topk, dim=-1).indices
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool).scatter_(1, top, True)
+    probs = torch.softmax(scores, -1) * routing_map
+    x = torch.randn(tokens, 6, generator=g)
+    results = []
+    for fn in (moe_utils.permute, kp.permute):
+        xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
+        out, p_out, idx = fn(xi, routing_map, probs=pi, num_out_tokens=tokens * topk)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        (p_out * torch.arange(p_out.numel())).sum().backward()
+        results.append((out, p_out, idx, xi.grad, pi.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    # a host-side count (the allgather dispatcher's) takes the sync-free path too; a device count would not
+    out, _, idx = kp.permute(x, routing_map, num_out_tokens=torch.tensor(tokens * topk))
+    assert torch.equal(idx, results[0][2]) and torch.equal(out, results[0][0])
+
+
+def test_chunk_sort_on_device_equals_megatron():
+    """The alltoall dispatcher's permutation 2 (chunks of (rank, local expert) sorted by local expert): the
+    device-side row permutation equals megatron's split + cat; identity orders return the input itself."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from llamafactory_mca.kernels import permute as kp
+
+    ep, local = 3, 4
+    sizes = torch.tensor([3, 0, 2, 5, 1, 1, 0, 4, 2, 2, 3, 1])
+    x = torch.randn(int(sizes.sum()), 5)
+    probs = torch.rand(int(sizes.sum()))
+    chunks = torch.arange(ep * local)
+    for order in (chunks.reshape(-1, local).T.ravel(), chunks.reshape(local, -1).T.ravel()):
+        ref, ref_p = moe_utils.sort_chunks_by_idxs(x, sizes, order, probs=probs)
+        src = kp.chunk_sort_rows(sizes, order, x.shape[0])
+        assert torch.equal(x.index_select(0, src), ref) and torch.equal(probs.index_select(0, src), ref_p)
+        out, out_p = kp.sort_chunks_by_idxs(x, sizes, order, probs=probs)
+        assert torch.equal(out, ref) and torch.equal(out_p, ref_p)
+    same, same_p = kp.sort_chunks_by_idxs(x, sizes, torch.arange(12), probs=probs)
+    assert same is x and same_p is probs
+    # the gather-only row permutation gives index_select's values and gradients
+    src = kp.chunk_sort_rows(sizes, chunks.reshape(-1, local).T.ravel(), x.shape[0])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(x.shape)
+    (kp.permute_rows(a, src) * w).sum().backward()
+    (b.index_select(0, src) * w).sum().backward()
+    assert torch.equal(kp.permute_rows(x, src), x.index_select(0, src)) and torch.equal(a.grad, b.grad)

@@ -59,3 +59,35 @@ def test_steps_per_epoch_like_hf():
     assert mdata.steps_per_epoch(8, 2) == 4
     assert mdata.steps_per_epoch(9, 2) == 5
     assert mdata.steps_per_epoch(1, 4) == 1
+
+
+class _PidBuilder:
+    """A step builder that records which process built each step."""
+
+    def build(self, batches):
+        import os
+
+        return [mdata.MicroBatch(tokens=torch.tensor(idx), position_ids=torch.tensor([[0]]),
+                                 labels=torch.tensor([[0]]), loss_mask=torch.ones(1, 1),
+                                 num_label_tokens=torch.tensor(1), num_input_tokens=1,
+                                 extra={"pid": os.getpid()}) for idx in batches]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_prefetch_steps_keeps_order_and_builds_elsewhere(workers):
+    """The prefetched steps are the steps in order, up to the first empty one; with workers they are built in
+    other processes (off the training process' path), without workers in this one."""
+    import os
+
+    steps = [[[1, 2], [3]], [[4]], [[5, 6]], [], [[7]]]
+    got = list(mdata.prefetch_steps(_PidBuilder(), steps, workers=workers))
+    assert [[mb.tokens.tolist() for mb in mbs] for mbs in got] == [[[1, 2], [3]], [[4]], [[5, 6]]]
+    pids = {mb.extra["pid"] for mbs in got for mb in mbs}
+    assert (pids == {os.getpid()}) == (workers == 0), pids
+
+
+def test_prefetch_steps_stops_early_without_error():
+    """The loop may stop before the epoch ends (max_steps): leaving the generator half-read is fine."""
+    feed = mdata.prefetch_steps(_PidBuilder(), [[[i]] for i in range(10)], workers=1)
+    assert [mbs[0].tokens.tolist() for _, mbs in zip(range(3), feed)] == [[0], [1], [2]]
+    feed.close()

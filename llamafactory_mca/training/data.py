@@ -15,11 +15,14 @@ What this module adds around them:
   (`models.packing.cp_split`, causal load balancing); token and sample counts stay on CP rank 0 only, so that
   sums over the data-parallel group with CP count them once;
 * multimodal models (Qwen2-VL): pixel values / grid sizes pass to the model, mRoPE position ids [3, b, s] are
-  computed as Hugging Face computes them (LLaMA-Factory's collator only does so when it holds the HF model).
+  computed as Hugging Face computes them (LLaMA-Factory's collator only does so when it holds the HF model);
+* prefetch (`prefetch_steps`): the microbatches of the next optimizer steps are built in DataLoader worker
+  processes while the current step trains, so collation (images included) is off the training process' path.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -161,6 +164,23 @@ class MicroBatch:
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
+
+    def pin_memory(self) -> "MicroBatch":
+        """A copy whose tensors live in pinned host memory, so that their copies to the GPU run asynchronously
+        (a pageable copy makes the host wait for the GPU). torch's DataLoader calls this in its pin thread."""
+        import dataclasses
+
+        def pin(x: Any) -> Any:
+            if torch.is_tensor(x):
+                return x.pin_memory()
+            if isinstance(x, dict):
+                return {k: pin(v) for k, v in x.items()}
+            if dataclasses.is_dataclass(x) and not isinstance(x, type):  # PackedSeqParams: its cu_seqlens
+                return dataclasses.replace(x, **{f.name: pin(getattr(x, f.name)) for f in dataclasses.fields(x)
+                                                 if torch.is_tensor(getattr(x, f.name))})
+            return x
+
+        return dataclasses.replace(self, **{f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int, segments: bool = False,
@@ -386,6 +406,47 @@ class StepBatches:
                 mb.carry_nothing()
             mbs.append(mb)
         return lay_out(mbs, self.layout, self.pad_token_id, self.uniform_shapes, self.micro_batch_size)
+
+
+class _StepsDataset(torch.utils.data.Dataset):
+    """Item i = the microbatches of optimizer step i, built by `builder` (in a DataLoader worker)."""
+
+    def __init__(self, builder: Any, steps: list[list[Optional[list[int]]]]) -> None:
+        self.builder = builder
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> list[MicroBatch]:
+        return self.builder.build(self.steps[i])
+
+
+def _as_built(item: list[MicroBatch]) -> list[MicroBatch]:
+    return item
+
+
+def prefetch_steps(builder: Any, steps: list[list[Optional[list[int]]]], workers: int = 1,
+                   ahead: int = 2) -> Iterator[list[MicroBatch]]:
+    """The microbatches of each step of `steps` (up to the first empty one), in order, built by `builder.build`.
+
+    workers > 0: built in that many forked DataLoader worker processes, each up to `ahead` steps in advance,
+    while the training process runs the current step (the builder only touches CPU tensors, the dataset and
+    the collator, which the fork shares), and, where CUDA is present, pinned by the DataLoader's pin thread
+    (`MicroBatch.pin_memory`) so that the copies to the GPU do not stop the host; workers = 0: built in this
+    process when asked for, as before.
+    The numbers are the same either way (building is deterministic); only where and when it runs changes.
+    """
+    steps = list(itertools.takewhile(bool, steps))
+    if workers <= 0 or len(steps) <= 1:
+        for step in steps:
+            yield builder.build(step)
+        return
+    loader = torch.utils.data.DataLoader(
+        _StepsDataset(builder, steps), batch_size=None, shuffle=False, num_workers=min(workers, len(steps)),
+        collate_fn=_as_built, prefetch_factor=ahead, multiprocessing_context="fork", persistent_workers=False,
+        pin_memory=torch.cuda.is_available())
+    yield from loader
 
 
 def microbatch_iterator(mbs: list[MicroBatch]) -> Iterator[MicroBatch]:

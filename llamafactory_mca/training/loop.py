@@ -111,29 +111,35 @@ def configure_schedule(models: list, ddp_models: list, optimizer: Any, m: Any, p
 
 def model_kwargs(mb: mdata.MicroBatch, device: torch.device) -> dict:
     """Keyword inputs of the model besides tokens / positions: THD packing params, multimodal inputs."""
-    kwargs = {key: value.to(device) for key, value in mb.model_inputs.items()}
+    kwargs = {key: _to(value, device) for key, value in mb.model_inputs.items()}
     p = mb.packed_seq_params
     if p is not None:
         from megatron.core.packed_seq_params import PackedSeqParams
 
         kwargs["packed_seq_params"] = PackedSeqParams(
-            qkv_format=p.qkv_format, cu_seqlens_q=p.cu_seqlens_q.to(device), cu_seqlens_kv=p.cu_seqlens_kv.to(device),
-            cu_seqlens_q_padded=p.cu_seqlens_q_padded.to(device), cu_seqlens_kv_padded=p.cu_seqlens_kv_padded.to(device),
+            qkv_format=p.qkv_format, cu_seqlens_q=_to(p.cu_seqlens_q, device), cu_seqlens_kv=_to(p.cu_seqlens_kv, device),
+            cu_seqlens_q_padded=_to(p.cu_seqlens_q_padded, device),
+            cu_seqlens_kv_padded=_to(p.cu_seqlens_kv_padded, device),
             max_seqlen_q=p.max_seqlen_q, max_seqlen_kv=p.max_seqlen_kv)
     return kwargs
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without making the host wait for the GPU (the prefetcher pins the batches)."""
+    return t.to(device, non_blocking=True)
 
 
 def _forward_step(data_iterator: Any, model: Any):
     mb: mdata.MicroBatch = next(data_iterator)
     device = next(model.parameters()).device
     output = model(
-        mb.tokens.to(device),
-        mb.position_ids.to(device),
+        _to(mb.tokens, device),
+        _to(mb.position_ids, device),
         None,
-        labels=mb.labels.to(device),
+        labels=_to(mb.labels, device),
         **model_kwargs(mb, device),
     )
-    return output, partial(_loss_func, mb.loss_mask.to(device), mb.num_label_tokens.to(device), mb.num_samples)
+    return output, partial(_loss_func, _to(mb.loss_mask, device), _to(mb.num_label_tokens, device), mb.num_samples)
 
 
 def _loss_func(loss_mask: torch.Tensor, num_tokens: torch.Tensor, num_samples: int, output_tensor: torch.Tensor):
@@ -462,12 +468,11 @@ def train(run: Run, task: Any) -> None:
         batches = epoch_batches(epoch)
         book.on_epoch_begin()
         first = steps_skipped if epoch == epochs_trained else 0
-        for update_step in range(first, update_steps_per_epoch):
-            step_batches = batches[update_step * ga : (update_step + 1) * ga]
-            if not step_batches:
-                break
+        # the next steps' microbatches are built in DataLoader workers while this one trains (training/data.py)
+        feed = mdata.prefetch_steps(steps, [batches[u * ga : (u + 1) * ga] for u in range(first, update_steps_per_epoch)],
+                                    workers=max(int(training_args.dataloader_num_workers or 0), 1))
+        for update_step, mbs in zip(range(first, update_steps_per_epoch), feed):
             book.on_step_begin()
-            mbs = steps.build(step_batches)
             lr = run.optimizer.param_groups[0]["lr"]  # HF logs the rate this step used
             for model in run.ddp_models:
                 model.zero_grad_buffer()
