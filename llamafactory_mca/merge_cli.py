@@ -140,9 +140,9 @@ def _layout_args(ns: argparse.Namespace, source: str):
 
     layout = {k: getattr(ns, k) for k in LAYOUT_KEYS if getattr(ns, k) is not None}
     m = MegatronArguments(**layout, moe_grouped_gemm=bool(ns.moe_grouped_gemm))
-    world = os.environ.get("WORLD_SIZE")
-    validate_megatron_args(m, int(world) if world else m.model_parallel_size * m.expert_model_parallel_size,
-                           source)
+    # one process builds the model with tp=pp=ep=1 and records the layout: check it as if launched to fit
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    validate_megatron_args(m, world if world > 1 else m.model_parallel_size * m.expert_model_parallel_size, source)
     return m
 
 
