@@ -80,12 +80,13 @@ def build_parser(prog: str, convert: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=what + ". As LLaMA-Factory's scripts/megatron_merge.py, a Hugging Face model "
         "directory as input is converted the other way. Boolean flags also take a value (--bf16 True).")
-    p.add_argument("path", nargs="?", default=None, help="the input directory (or --checkpoint_path / "
-                   "--model_name_or_path)")
+    p.add_argument("paths", nargs="*", default=[], metavar="PATH", help="the input directory (or --checkpoint_path "
+                   "/ --model_name_or_path), then optionally the output directory (or --output_path), as fire "
+                   "passes upstream's positional arguments")
     p.add_argument("--checkpoint_path", default=None, help="a checkpoint-N directory, or a Hugging Face model "
                    "directory to convert into a Megatron checkpoint")
     p.add_argument("--model_name_or_path", default=None, help="same as --checkpoint_path")
-    p.add_argument("--output_path", default="./output", help="a new (or empty) output directory (default ./output)")
+    p.add_argument("--output_path", default=None, help="a new (or empty) output directory (default ./output)")
     p.add_argument("--bf16", action="store_true", help="save bfloat16 weights")
     p.add_argument("--fp16", action="store_true", help="save float16 weights")
     p.add_argument("--fp32", action="store_true", help="save float32 weights")
@@ -111,6 +112,21 @@ def _dtype(ns: argparse.Namespace):
     if len(chosen) > 1:
         raise MergeUsageError(f"choose one of --bf16/--fp16/--fp32, got {', '.join('--' + c for c in chosen)}")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[chosen[0]] if chosen else None
+
+
+def _resolve_positionals(ns: argparse.Namespace) -> None:
+    """fire's positional order of upstream's `convert(checkpoint_path, output_path, ...)`."""
+    if len(ns.paths) > 2:
+        raise MergeUsageError(f"too many positional arguments {ns.paths}. Fix: pass the input directory and at most "
+                              "the output directory positionally, everything else as --flags.")
+    ns.path = ns.paths[0] if ns.paths else None
+    if len(ns.paths) == 2:
+        if ns.output_path not in (None, ns.paths[1]):
+            raise MergeUsageError(f"two different outputs {[ns.paths[1], ns.output_path]}. Fix: pass one (positionally "
+                                  "or as --output_path).")
+        ns.output_path = ns.paths[1]
+    if ns.output_path is None:
+        ns.output_path = "./output"
 
 
 def _input_path(ns: argparse.Namespace) -> str:
@@ -201,6 +217,7 @@ def main(argv: list[str], convert: bool = False) -> int:
     parser = build_parser(prog, convert)
     try:
         ns = parser.parse_args(normalize_fire_argv(list(argv)))
+        _resolve_positionals(ns)
         print(run(ns, convert))
     except (MergeUsageError, CheckpointError, McaArgumentError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -101,3 +101,15 @@ def test_merge_script_positional_and_hyphen_forms(tmp_path):
     run_checked([sys.executable, os.path.join(REPO, "scripts", "megatron_merge.py"),
                  os.path.join(DATA, "qwen3_moe_legacy_ep2"), "--output-path", str(out), "--fp16", "False"])
     assert_same_weights(HF_MOE, str(out))
+
+
+def test_output_path_as_second_positional(tmp_path, capsys):
+    """fire passes upstream's `convert(checkpoint_path, output_path, ...)` positionally too."""
+    from llamafactory_mca.merge_cli import main
+
+    assert main([os.path.join(DATA, "qwen3_legacy_tp2_pp2"), str(tmp_path / "hf"), "--bf16"]) == 0
+    assert_same_weights(HF, str(tmp_path / "hf"))
+    assert main([HF, str(tmp_path / "x"), "--output_path", str(tmp_path / "y")]) == 1
+    assert "two different outputs" in capsys.readouterr().err
+    assert main([HF, str(tmp_path / "x"), "extra"]) == 1
+    assert "too many positional arguments" in capsys.readouterr().err
