@@ -48,6 +48,11 @@ def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int
         "remove the fsdp key",
     )
     check_resume(training_args)
+    from llamafactory_mca.upstream_checkpoint import check_training_paths
+
+    check_training_paths(model_args.model_name_or_path,
+                         training_args.resume_from_checkpoint if training_args.do_train else None,
+                         training_args.output_dir)
 
 
 def check_lora(model_args: Any, finetuning_args: Any) -> None:

@@ -1,8 +1,12 @@
-"""Merge a llamafactory-mca Megatron checkpoint into a Hugging Face model (the script LLaMA-Factory users know).
+"""Merge a Megatron checkpoint into a Hugging Face model: LLaMA-Factory's script, with all of its forms.
 
-    python scripts/megatron_merge.py --checkpoint_path saves/mca/run/checkpoint-50 --output_path saves/hf --bf16
+    python scripts/megatron_merge.py saves/mca/run/checkpoint-50 --output_path saves/hf --bf16
+    python scripts/megatron_merge.py --checkpoint_path CKPT --bf16 True --convert_model_max_length 8192   # -> ./output
+    python scripts/megatron_merge.py --checkpoint_path HF_DIR --output_path MCA_DIR --tensor_model_parallel_size 2
 
-Same as `llamafactory-mca merge ...`: any tp/pp/vpp/ep layout, one process, no GPU; `-h` lists every option.
+Same as `llamafactory-mca merge ...` (llamafactory_mca/merge_cli.py): checkpoints of llamafactory-mca and of
+LLaMA-Factory's own USE_MCA mode (any tp/pp/vpp/ep layout, one process, no GPU); a Hugging Face model directory
+is converted the other way, into a llamafactory-mca checkpoint. `-h` lists every option.
 """
 
 from __future__ import annotations
@@ -10,6 +14,6 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":
-    from llamafactory_mca.export import merge_command
+    from llamafactory_mca.merge_cli import main
 
-    raise SystemExit(merge_command(sys.argv[1:]))
+    raise SystemExit(main(sys.argv[1:]))
