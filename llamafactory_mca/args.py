@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
 from llamafactory_mca.hookspecs import hookimpl
+from llamafactory_mca.training.loss_weighting import check_loss_weighting
 
 
 class McaArgumentError(ValueError):
@@ -118,6 +119,11 @@ class MegatronArguments:
         default=True, metadata={"help": "Write a Hugging Face model into output_dir when training ends."}
     )
     distributed_timeout_minutes: int = field(default=30, metadata={"help": "Timeout of collective operations."})
+    loss_weighting: Literal["auto", "token", "micro_batch", "sample"] = field(
+        default="auto",
+        metadata={"help": "How the token losses of a global batch are weighted: 'auto' (the Hugging Face Trainer's "
+                          "rule for the model class), 'token', 'micro_batch' or 'sample'."},
+    )
 
     @property
     def model_parallel_size(self) -> int:
@@ -346,6 +352,10 @@ def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int
         "FSDP and Megatron parallelism cannot be combined",
         "remove the fsdp key",
     )
+    try:
+        check_loss_weighting(mca_args[MegatronArguments].loss_weighting, finetuning_args.stage)
+    except ValueError as e:
+        raise McaArgumentError(str(e)) from None
     _check_resume(training_args)
 
 
