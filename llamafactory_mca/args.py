@@ -147,6 +147,11 @@ class MegatronArguments:
         default=True, metadata={"help": "Write a Hugging Face model into output_dir when training ends."}
     )
     distributed_timeout_minutes: int = field(default=30, metadata={"help": "Timeout of collective operations."})
+    loss_weighting: Literal["auto", "token", "micro_batch", "sample"] = field(
+        default="auto",
+        metadata={"help": "How the token losses of a global batch are weighted: 'auto' (as LLaMA-Factory's HF path "
+                          "for this model), 'token', 'micro_batch' or 'sample'."},
+    )
 
     @property
     def model_parallel_size(self) -> int:

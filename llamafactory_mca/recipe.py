@@ -13,6 +13,7 @@ from typing import Any, Optional
 from llamafactory_mca.args import MegatronArguments, field_names, megatron_args_from_dict, validate_megatron_args
 from llamafactory_mca.mcore_adapter_keys import translate_upstream_keys
 from llamafactory_mca.recipe_checks import check_llamafactory_keys
+from llamafactory_mca.training.loss_weighting import check_loss_weighting
 
 # set by the launching process for its torchrun children once the recipe passed and its notices were printed
 CHECKED_MARKER = "LLAMAFACTORY_MCA_RECIPE_CHECKED"
@@ -34,4 +35,5 @@ def check_recipe(recipe: dict[str, Any], world_size: Optional[int]) -> tuple[dic
     ours = field_names(MegatronArguments)
     m = megatron_args_from_dict({k: v for k, v in recipe.items() if k in ours})
     validate_megatron_args(m, world_size, recipe.get("model_name_or_path"))
+    check_loss_weighting(m.loss_weighting, recipe.get("stage", "sft"))
     return recipe, notices

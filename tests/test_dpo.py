@@ -92,6 +92,14 @@ def test_dpo_sigmoid_parallel(models, dpo_data, hf_sigmoid, tmp_path, layout):
     assert_dpo_parity(hf_sigmoid, out)
 
 
+def test_dpo_sample_weighting_on_equal_micro_batches(models, dpo_data, hf_sigmoid, tmp_path):
+    """`loss_weighting: sample` sums the pairs and divides by the pairs of the global batch; with micro-batches of
+    equal size (2 x 2 here) that is the HF path's mean of micro-batch means, so loss and metrics match it."""
+    out = train(tmp_path, "mca_dpo_sample", _dpo(models, dpo_data, str(tmp_path / "out"), save_hf_model=False,
+                                                 loss_weighting="sample", **SIGMOID))
+    assert_dpo_parity(hf_sigmoid, out)
+
+
 @pytest.mark.parametrize("loss", ["orpo", "simpo"])
 def test_dpo_reference_free_losses(models, dpo_data, tmp_path, loss):
     hf = train(tmp_path, "hf", _dpo(models, dpo_data, str(tmp_path / "hf"), pref_loss=loss), mca=False)

@@ -73,7 +73,7 @@ def test_cp_split_of_a_microbatch_keeps_counts_on_rank0():
     assert [p.seq_length for p in parts] == [6, 6] and parts[0].schedule_seq_length == 12
     # rank 0: chunks 0 and 3 of 4 (length 3 each), rank 1: chunks 1 and 2
     assert parts[0].tokens.tolist() == [[0, 1, 2, 9, 0, 0]] and parts[1].tokens.tolist() == [[3, 4, 5, 6, 7, 8]]
-    assert int(parts[0].num_label_tokens) == 8 and int(parts[1].num_label_tokens) == 0
+    assert int(parts[0].loss_denominator) == 8 and int(parts[1].loss_denominator) == 0
     assert parts[0].num_samples == 1 and parts[1].num_samples == 0
     # the shifted labels travel with their tokens: together they hold every target once
     assert float(parts[0].loss_mask.sum() + parts[1].loss_mask.sum()) == float(mb.loss_mask.sum()) == 8

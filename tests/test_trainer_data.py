@@ -49,7 +49,7 @@ def test_label_shift_and_hf_token_count():
     assert mb.loss_mask.tolist() == [[0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
     assert mb.labels[0, 1:3].tolist() == [7, 8] and mb.labels[1, :5].tolist() == [10, 11, 12, 13, 14]
     # HF divides by labels != -100 before the shift (the 2nd row's first token counts too)
-    assert int(mb.num_label_tokens) == 8
+    assert int(mb.loss_denominator) == 8
     assert mb.num_input_tokens == 10
     padded = mdata.pad_microbatch(mb, 8, 3, pad_token_id=0)
     assert padded.tokens.shape == (3, 8) and padded.loss_mask.sum() == mb.loss_mask.sum()
@@ -69,7 +69,7 @@ class _PidBuilder:
 
         return [mdata.MicroBatch(tokens=torch.tensor(idx), position_ids=torch.tensor([[0]]),
                                  labels=torch.tensor([[0]]), loss_mask=torch.ones(1, 1),
-                                 num_label_tokens=torch.tensor(1), num_input_tokens=1,
+                                 loss_denominator=torch.tensor(1), num_input_tokens=1,
                                  extra={"pid": os.getpid()}) for idx in batches]
 
 

@@ -78,7 +78,7 @@ def test_neat_packing_becomes_thd():
     assert p.qkv_format == "thd" and p.cu_seqlens_q_padded.tolist() == [0, 3, 7, 9, 12, 15]
     assert out.tokens.tolist() == [[10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 21, 22, 23, 24, 25]]
     # shifted targets stay with their tokens; the padding token of row 0 is gone
-    assert out.loss_mask.sum() == mb.loss_mask.sum() and int(out.num_label_tokens) == 9
+    assert out.loss_mask.sum() == mb.loss_mask.sum() and int(out.loss_denominator) == 9
     assert out.schedule_seq_length == 15 and out.batch_size == 1
 
 
@@ -93,4 +93,4 @@ def test_neat_packing_alignment_and_pipeline_shapes():
         assert out.schedule_seq_length % 4 == 0  # local length (T / cp) divisible by tp
         assert out.seq_length * 2 == out.schedule_seq_length  # this CP rank's half
     assert a.schedule_seq_length == b.schedule_seq_length  # uniform p2p shapes under PP
-    assert int(a.num_label_tokens) == 0  # counted on CP rank 0 only
+    assert int(a.loss_denominator) == 0  # counted on CP rank 0 only

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from llamafactory_mca.models import packing
+from llamafactory_mca.training.loss_weighting import apply_loss_weighting
 
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -135,7 +136,9 @@ class MicroBatch:
     position_ids: torch.Tensor  # [b, s]
     labels: torch.Tensor  # [b, s] next-token targets (ignored positions hold 0)
     loss_mask: torch.Tensor  # [b, s] float, 1 where the target counts
-    num_label_tokens: torch.Tensor  # int: the HF Trainer's token count (see `to_microbatch`)
+    loss_denominator: torch.Tensor  # int: what the step's summed, weighted loss is divided by, summed over the
+    # micro-batches and data-parallel ranks of a step (token weighting: the label tokens, the HF Trainer's
+    # `num_items_in_batch`; see training/loss_weighting.py for the others)
     num_input_tokens: int  # non-padding input tokens (throughput)
     num_samples: int = 0  # real samples (eval loss weighting)
     extra: dict = field(default_factory=dict)  # stage-specific data (e.g. DPO: pairs, sample ids, reference logps)
@@ -157,7 +160,7 @@ class MicroBatch:
         """Make this a filler micro-batch (a step with fewer batches than its peers): shapes stay, loss, token
         and sample counts are zero."""
         self.loss_mask.zero_()
-        self.num_label_tokens = torch.tensor(0, dtype=torch.int)
+        self.loss_denominator = torch.tensor(0, dtype=torch.int)
         self.num_input_tokens = 0
         self.num_samples = 0
 
@@ -187,7 +190,7 @@ def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int, segments
                   rope_fn: Optional[Any] = None) -> MicroBatch:
     """One collated HF batch -> megatron inputs (right padding, causal attention).
 
-    `num_label_tokens` is what the HF Trainer divides the summed loss by (`num_items_in_batch`): labels
+    `loss_denominator` starts as what the HF Trainer divides the summed loss by (`num_items_in_batch`): labels
     != -100 counted *before* the shift. For sft the first label is always a prompt token (-100), so this
     equals the number of predicted tokens; for pt it counts each sequence's first token too, exactly as HF.
 
@@ -227,7 +230,7 @@ def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int, segments
         position_ids=position_ids,
         labels=shifted.masked_fill(shifted == IGNORE_INDEX, 0).long(),
         loss_mask=loss_mask,
-        num_label_tokens=torch.tensor(int((labels != IGNORE_INDEX).sum()), dtype=torch.int),
+        loss_denominator=torch.tensor(int((labels != IGNORE_INDEX).sum()), dtype=torch.int),
         num_input_tokens=int((attention_mask > 0).sum()) if attention_mask is not None else b * s,
         num_samples=b,
         segment_ids=attention_mask.long() if segments and attention_mask is not None else None,
@@ -255,7 +258,7 @@ def pad_microbatch(mb: MicroBatch, seq_length: int, batch_size: int, pad_token_i
         position_ids=position_ids,
         labels=pad(mb.labels, 0),
         loss_mask=pad(mb.loss_mask, 0.0),
-        num_label_tokens=mb.num_label_tokens,
+        loss_denominator=mb.loss_denominator,
         num_input_tokens=mb.num_input_tokens,
         num_samples=mb.num_samples,
         extra=mb.extra,
@@ -295,7 +298,7 @@ def to_thd(mb: MicroBatch, layout: SeqLayout, pad_token_id: int) -> MicroBatch:
                                          pad_values={"tokens": pad_token_id, "labels": 0, "loss_mask": 0.0})
     return MicroBatch(
         tokens=packed["tokens"], position_ids=packed["position_ids"], labels=packed["labels"],
-        loss_mask=packed["loss_mask"], num_label_tokens=mb.num_label_tokens, num_input_tokens=mb.num_input_tokens,
+        loss_mask=packed["loss_mask"], loss_denominator=mb.loss_denominator, num_input_tokens=mb.num_input_tokens,
         num_samples=mb.num_samples, extra=mb.extra, segment_ids=None, packed_seq_params=params,
         model_inputs=mb.model_inputs,
     )
@@ -324,7 +327,7 @@ def extend_thd(mb: MicroBatch, total: int, pad_token_id: int) -> MicroBatch:
     positions = torch.cat([mb.position_ids, torch.arange(extra).expand(*mb.position_ids.shape[:-1], extra)], -1)
     return MicroBatch(
         tokens=cat(mb.tokens, pad_token_id), position_ids=positions, labels=cat(mb.labels, 0),
-        loss_mask=cat(mb.loss_mask, 0.0), num_label_tokens=mb.num_label_tokens,
+        loss_mask=cat(mb.loss_mask, 0.0), loss_denominator=mb.loss_denominator,
         num_input_tokens=mb.num_input_tokens, num_samples=mb.num_samples, extra=mb.extra,
         packed_seq_params=params, model_inputs=mb.model_inputs,
     )
@@ -346,7 +349,7 @@ def split_for_cp(mb: MicroBatch, layout: SeqLayout) -> MicroBatch:
     return MicroBatch(
         tokens=local["tokens"], position_ids=local["position_ids"], labels=local["labels"],
         loss_mask=local["loss_mask"],
-        num_label_tokens=mb.num_label_tokens if first else torch.zeros_like(mb.num_label_tokens),
+        loss_denominator=mb.loss_denominator if first else torch.zeros_like(mb.loss_denominator),
         num_input_tokens=mb.num_input_tokens if first else 0, num_samples=mb.num_samples if first else 0,
         extra=extra, packed_seq_params=mb.packed_seq_params, model_inputs=mb.model_inputs,
         full_seq_length=mb.tokens.shape[-1],
@@ -382,8 +385,9 @@ class StepBatches:
     """Builds the microbatches of one optimizer step for this data-parallel rank."""
 
     def __init__(self, dataset: Any, collator: Any, pad_token_id: int, layout: SeqLayout, uniform_shapes: bool,
-                 micro_batch_size: int, rope_fn: Optional[Any] = None) -> None:
+                 micro_batch_size: int, rope_fn: Optional[Any] = None, loss_weighting: str = "token") -> None:
         self.dataset = dataset
+        self.loss_weighting = loss_weighting  # training/loss_weighting.py; evaluation keeps "token"
         self.collator = collator
         self.pad_token_id = pad_token_id
         self.layout = layout
@@ -404,6 +408,7 @@ class StepBatches:
             mb = to_microbatch(features, self.pad_token_id, segments=self.layout.thd, rope_fn=self.rope_fn)
             if idx is None:
                 mb.carry_nothing()
+            apply_loss_weighting(mb, self.loss_weighting)
             mbs.append(mb)
         return lay_out(mbs, self.layout, self.pad_token_id, self.uniform_shapes, self.micro_batch_size)
 
@@ -464,10 +469,6 @@ def eval_batches(num_samples: int, batch_size: int, num_processes: int, process_
     per_rank = math.ceil(len(batches) / num_processes)
     mine: list[Optional[list[int]]] = batches[process_index::num_processes]
     return mine + [None] * (per_rank - len(mine))
-
-
-def count_label_tokens(mbs: list[MicroBatch]) -> int:
-    return int(sum(int(mb.num_label_tokens) for mb in mbs))
 
 
 def maybe(x: Optional[Any], default: Any) -> Any:

@@ -136,7 +136,9 @@ class DPOTask(SupervisedTask):
             **run.tokenizer_module,
         )
 
-    def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int) -> Any:
+    def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int, training: bool = False) -> Any:
+        """Pair micro-batches; their loss masks stay unweighted (the pair loss is weighted in the loss function,
+        see `loss_weighting`)."""
         return PairBatches(dataset, run.collator, run.pad_id, run.layout, uniform_shapes=run.pp > 1,
                            micro_batch_size=micro_batch_size)
 
@@ -299,31 +301,36 @@ class DPOTask(SupervisedTask):
         sft_loss = -chosen_avg
         if fa.pref_ftx > 1e-6:
             losses = losses + fa.pref_ftx * sft_loss
-        loss = losses.mean()
+        # loss_weighting: micro_batch (the HF path) averages the pairs of each micro-batch and the micro-batches;
+        # sample sums the pairs, and megatron divides by the pairs of the global batch. Evaluation averages batches.
+        per_pair = mode == "train" and run.loss_weighting == "sample"
+        agg = torch.sum if per_pair else torch.mean
+        count = n if per_pair else 1
+        loss = agg(losses)
         values = {
             "loss": loss.detach(),
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen.detach().mean(),
-            "logps/rejected": rejected.detach().mean(),
-            "logits/chosen": logits_c,
-            "logits/rejected": logits_r,
+            "rewards/chosen": agg(chosen_rewards),
+            "rewards/rejected": agg(rejected_rewards),
+            "rewards/accuracies": agg((chosen_rewards > rejected_rewards).float()),
+            "rewards/margins": agg(chosen_rewards - rejected_rewards),
+            "logps/chosen": agg(chosen.detach()),
+            "logps/rejected": agg(rejected.detach()),
+            "logits/chosen": logits_c * count,
+            "logits/rejected": logits_r * count,
         }
         if loss_type == "orpo":
-            values["sft_loss"] = sft_loss.detach().mean()
-            values["odds_ratio_loss"] = ((losses.detach() - sft_loss.detach()) / beta).mean()
+            values["sft_loss"] = agg(sft_loss.detach())
+            values["odds_ratio_loss"] = agg((losses.detach() - sft_loss.detach()) / beta)
         for i, key in enumerate(METRICS):
             if key in values:
                 report[i] = values[key].double()
-        report[-1] = 1.0  # this microbatch counts once
+        report[-1] = float(count)  # this microbatch's weight in the step's mean
         from megatron.core import parallel_state as ps
 
         if ps.get_context_parallel_rank() != 0:  # the CP group computed one loss: count it once
             report.zero_()
             return loss, torch.tensor(0, dtype=torch.int, device=logits.device), {"dpo": report}
-        return loss, torch.tensor(1, dtype=torch.int, device=logits.device), {"dpo": report}
+        return loss, torch.tensor(count, dtype=torch.int, device=logits.device), {"dpo": report}
 
     def _reduce(self, run: Run, losses: list) -> torch.Tensor:
         """Sum of the microbatch reports over microbatches and data-parallel ranks, on every rank."""
@@ -351,7 +358,7 @@ class DPOTask(SupervisedTask):
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
         self._attach_reference(run, mbs, "train")
         losses = _run_schedule(run.ddp_models, mbs, forward_only=False,
-                               forward_step=partial(self._forward_step, run, "policy"))
+                               forward_step=partial(self._forward_step, run, "train"))
         return self._metrics(run, self._reduce(run, losses))
 
     def evaluate(self, run: Run, name: str, dataset: Any) -> dict[str, float]:

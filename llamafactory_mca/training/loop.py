@@ -6,11 +6,13 @@ stage's collator, batches, loss and metrics (`SupervisedTask` here, `training.dp
 Per optimizer step (one "global step" as LLaMA-Factory users know it):
   this rank's `gradient_accumulation_steps` microbatches (the HF Trainer's batches for this data-parallel rank)
   -> `get_forward_backward_func()` (no pipelining / 1F1B / interleaved 1F1B)
-  -> per-token loss mode: each microbatch returns (sum of token CE, label tokens, ...); megatron's
-     `finalize_model_grads` divides the gradients by the label tokens of the whole global batch (all
-     microbatches, all data-parallel ranks), which is exactly the HF Trainer's `num_items_in_batch` scaling
+  -> per-token loss mode: each microbatch returns (sum of its weighted token CE, its loss denominator, ...);
+     megatron's `finalize_model_grads` divides the gradients by the denominators of the whole global batch (all
+     microbatches, all data-parallel ranks). With `loss_weighting` token (text models) the weights are 1 and the
+     denominators the label tokens: exactly the HF Trainer's `num_items_in_batch` scaling; the other weightings
+     (micro_batch for vision-language models, as LLaMA-Factory's HF path) are in training/loss_weighting.py
   -> megatron optimizer (grad clipping, AdamW) and `OptimizerParamScheduler` (HF schedule shapes)
-  -> loss = global token CE sum / global label tokens, broadcast to every rank, logged by global rank 0
+  -> loss = global weighted CE sum / global denominator, broadcast to every rank, logged by global rank 0
      through LLaMA-Factory's callbacks.
 """
 
@@ -139,14 +141,14 @@ def _forward_step(data_iterator: Any, model: Any):
         labels=_to(mb.labels, device),
         **model_kwargs(mb, device),
     )
-    return output, partial(_loss_func, _to(mb.loss_mask, device), _to(mb.num_label_tokens, device), mb.num_samples)
+    return output, partial(_loss_func, _to(mb.loss_mask, device), _to(mb.loss_denominator, device), mb.num_samples)
 
 
 def _loss_func(loss_mask: torch.Tensor, num_tokens: torch.Tensor, num_samples: int, output_tensor: torch.Tensor):
-    """Per-token loss mode: (sum of token CE, label tokens, report).
+    """Per-token loss mode: (sum of weighted token CE, loss denominator, report).
 
-    The schedule may scale the returned loss in place, so the report holds a clone:
-    [token CE sum, label tokens, samples].
+    `loss_mask` carries the token weights of the run's `loss_weighting` (training/loss_weighting.py). The schedule
+    may scale the returned loss in place, so the report holds a clone: [weighted CE sum, denominator, samples].
     """
     losses = output_tensor.float().reshape(-1)
     loss_sum = torch.sum(losses * loss_mask.reshape(-1))
@@ -242,6 +244,7 @@ class Run:
     lora: Any = None  # models.lora.LoraState under finetuning_type: lora
     book: Optional[HFTrainerBookkeeping] = None
     max_steps: int = 0
+    loss_weighting: str = "token"  # resolved `loss_weighting` (training/loss_weighting.py)
 
 
 class SupervisedTask:
@@ -253,9 +256,12 @@ class SupervisedTask:
         return mdata.build_collator(run.stage, run.template, run.model_args, run.data_args, run.training_args,
                                     run.tokenizer_module, run.multiple)
 
-    def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int) -> Any:
+    def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int, training: bool = False) -> Any:
+        """Micro-batches of `dataset`; for training weighted by the run's `loss_weighting`, for evaluation
+        token-weighted per eval step (the HF evaluation loop's per-batch mean)."""
         return mdata.StepBatches(dataset, run.collator, run.pad_id, run.layout, uniform_shapes=run.pp > 1,
-                                 micro_batch_size=micro_batch_size, rope_fn=run.rope_fn)
+                                 micro_batch_size=micro_batch_size, rope_fn=run.rope_fn,
+                                 loss_weighting=run.loss_weighting if training else "token")
 
     def prepare(self, run: Run) -> None:
         """After the model, optimizer and bookkeeping exist, before the first step."""
@@ -347,6 +353,12 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     from llamafactory_mca.training import multimodal
 
     run.rope_fn = multimodal.rope_fn(run.hf_config)
+    from llamafactory_mca.training.loss_weighting import resolve_loss_weighting
+
+    run.loss_weighting = resolve_loss_weighting(m.loss_weighting, run.stage, run.hf_config,
+                                                has_processor=run.tokenizer_module.get("processor") is not None)
+    _log(f"loss weighting: {run.loss_weighting}" + (" (as LLaMA-Factory's HF path weights this model)"
+                                                     if m.loss_weighting == "auto" else ""))
     run.params_dtype = _params_dtype(training_args)
     run.bridge = _get_bridge(run.hf_config)
     # No random init: every weight is overwritten by the HF checkpoint (the bridge marks TP-split weights).
@@ -427,7 +439,7 @@ def train(run: Run, task: Any) -> None:
         num_train_samples = int(num_examples * training_args.num_train_epochs)
     run.max_steps = max_steps
     run.scheduler = build_scheduler(run.optimizer, training_args, max_steps)
-    steps = task.batch_builder(run, run.train_dataset, bs) if run.train_dataset is not None else None
+    steps = task.batch_builder(run, run.train_dataset, bs, training=True) if run.train_dataset is not None else None
 
     start_step = 0
     resume = getattr(training_args, "resume_from_checkpoint", None)
