@@ -118,6 +118,7 @@ class MegatronArguments:
         default=True, metadata={"help": "Write a Hugging Face model into output_dir when training ends."}
     )
     distributed_timeout_minutes: int = field(default=30, metadata={"help": "Timeout of collective operations."})
+    save_on_signal: str = field(default="SIGTERM,SIGUSR1", metadata={"help": "Signals (comma-separated; 'none': off) on which every rank finishes the step, saves a checkpoint and exits 0."})
 
     @property
     def model_parallel_size(self) -> int:
@@ -268,12 +269,24 @@ def validate_megatron_args(m: MegatronArguments, world_size: int, model_path: Op
         "'flex' needs DeepEP, which this backend does not support",
         "use moe_token_dispatcher_type: alltoall",
     )
+    _require(_signals_ok(m.save_on_signal), "save_on_signal", f"{m.save_on_signal!r} names a signal that cannot trigger a save",
+             "list some of SIGTERM, SIGUSR1, SIGUSR2, SIGHUP (comma-separated), or none")
     _require(
         m.distributed_timeout_minutes > 0,
         "distributed_timeout_minutes",
         "must be positive",
         "set it to the number of minutes a collective may wait, e.g. 30",
     )
+
+
+def _signals_ok(value: Any) -> bool:
+    from llamafactory_mca.training.preemption import signal_names
+
+    try:
+        signal_names(value)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- hooks

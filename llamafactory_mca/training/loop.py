@@ -475,6 +475,9 @@ def train(run: Run, task: Any) -> None:
     run.scheduler = _build_scheduler(run.optimizer, training_args, max_steps)
     steps = task.batch_builder(run, run.train_dataset, bs) if run.train_dataset is not None else None
 
+    from llamafactory_mca.training.preemption import PreemptionWatch, exit_after_save
+
+    watch = PreemptionWatch(m.save_on_signal, run.device)  # before the (long) resume load: signals are kept
     start_step = 0
     resume = getattr(training_args, "resume_from_checkpoint", None)
     if resume:
@@ -541,6 +544,8 @@ def train(run: Run, task: Any) -> None:
             last_grad_norm = float(grad_norm) if grad_norm is not None else None
             last_lr = lr
             book.maybe_log(last_grad_norm, lr, extra)
+            if watch.stop_requested():  # collective: a signal on any rank -> all save this step, then stop
+                book.control.should_save = book.control.should_training_stop = True
             after_step()
             if book.control.should_epoch_stop or book.control.should_training_stop:
                 break
@@ -550,6 +555,9 @@ def train(run: Run, task: Any) -> None:
         if book.control.should_training_stop:
             break
 
+    if watch.triggered:  # the checkpoint is published: exit 0 without the final export
+        exit_after_save(watch, os.path.join(training_args.output_dir, f"checkpoint-{book.state.global_step}"))
+    watch.close()
     metrics = book.final_metrics(num_train_samples)
     book.on_train_end()
     book.save_metrics("train", metrics)
