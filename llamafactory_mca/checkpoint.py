@@ -109,9 +109,13 @@ def checkpoint_info(path: str) -> dict[str, Any]:
     marker = os.path.join(path, MARKER_FILE)
     if not os.path.isfile(marker):
         if os.path.isfile(os.path.join(path, "metadata.json")) or any(f.endswith(".distcp") for f in os.listdir(path)):
+            previous = get_last_checkpoint(os.path.dirname(path))
+            use = (f"resume_from_checkpoint: {previous} (the newest complete one next to it)" if previous else
+                   "an older complete checkpoint-N")
             raise CheckpointError(
-                f"{path} is an incomplete Megatron checkpoint (no {MARKER_FILE}: it was not finished). Fix: use an "
-                f"older complete checkpoint-N, and delete {path}."
+                f"{path} is an incomplete Megatron checkpoint (no {MARKER_FILE}: it was not finished, or the marker "
+                f"was deleted). Fix: delete or move {path} (LLaMA-Factory's automatic resume from output_dir picks "
+                f"the newest checkpoint-N directory), or set {use}."
             )
         if os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(
@@ -242,6 +246,45 @@ def model_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict[str, Any
         f"model{i}": unwrap_model(m).sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
         for i, m in enumerate(models)
     }
+
+
+# A rank's RNG streams depend on these coordinates only: every rank is seeded with `seed`, megatron's tracker
+# adds tp_rank (model-parallel stream) and ep/etp ranks (expert stream), and each pipeline stage / context chunk
+# draws for its own layers and tokens. Data-parallel replicas draw the same numbers.
+_RNG_LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "virtual_pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
+                    "expert_tensor_parallel_size")
+
+
+def rank_coordinates() -> list[int]:
+    """This rank's [tp, pp, cp, ep, etp, dp] ranks (megatron's parallel_state)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return [0, 0, 0, 0, 0, _rank()]
+    return [ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_context_parallel_rank(), ps.get_expert_model_parallel_rank(),
+            ps.get_expert_tensor_parallel_rank(), ps.get_data_parallel_rank()]
+
+
+def rng_source_rank(info: dict[str, Any]) -> Optional[int]:
+    """The rank of the checkpoint whose RNG state this rank continues, or None.
+
+    Same layout: this rank's own. Only the data-parallel size (world size) changed: the rank at the same
+    tp/pp/cp/ep/etp coordinates with this data-parallel rank, or data-parallel rank 0 where the checkpoint has
+    fewer replicas (replicas draw the same numbers, so that is exactly the state an uninterrupted run would have
+    had). Tensor/pipeline/context/expert layout changed: None (no rank's stream corresponds to this one's).
+    """
+    saved, now = info.get("layout") or {}, _layout()
+    if saved == now:
+        return _rank()
+    coords = info.get("rank_coordinates")
+    if not coords or any(saved.get(k, 1) != now.get(k, 1) for k in _RNG_LAYOUT_KEYS):
+        return None
+    mine = rank_coordinates()
+    same = [(c[5], r) for r, c in enumerate(coords) if list(c[:5]) == mine[:5]]
+    exact = [r for dp, r in same if dp == mine[5]]
+    return exact[0] if exact else (min(same)[1] if same else None)
 
 
 def _layout() -> dict[str, int]:
@@ -666,8 +709,8 @@ def write_checkpoint(
                 shutil.rmtree(tmp_dir)
             os.makedirs(tmp_dir)
     with _phase(final_dir, tmp_dir):
-        _write_state(tmp_dir, rank, models, optimizer, scheduler, save_rng, trainer_state, mca_args, hf_config,
-                     tokenizer)
+        coordinates = _write_state(tmp_dir, rank, models, optimizer, scheduler, save_rng, trainer_state, mca_args,
+                                   hf_config, tokenizer)
     if extra_files is not None:
         with _phase(final_dir, tmp_dir):
             _write_extra_files(tmp_dir, extra_files, rank)
@@ -684,6 +727,7 @@ def write_checkpoint(
                 "has_optimizer": optimizer is not None,
                 "has_scheduler": scheduler is not None,
                 "has_rng": save_rng,
+                "rank_coordinates": coordinates,  # [tp, pp, cp, ep, etp, dp] of every rank: `rng_source_rank`
                 "save_only_model": save_only_model,  # `check_resumable` refuses to resume from it
                 "sharded_state_dict_metadata": SHARDED_STATE_DICT_METADATA,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -696,8 +740,9 @@ def write_checkpoint(
 
 def _write_state(tmp_dir: str, rank: int, models: Sequence[torch.nn.Module], optimizer: Any, scheduler: Any,
                  save_rng: bool, trainer_state: Optional[dict[str, Any]], mca_args: Any, hf_config: Any,
-                 tokenizer: Any) -> None:
-    """Everything but the extra files and the marker, into `tmp_dir` (collective: torch_dist)."""
+                 tokenizer: Any) -> list[list[int]]:
+    """Everything but the extra files and the marker, into `tmp_dir` (collective: torch_dist); returns every
+    rank's `rank_coordinates()`."""
     from megatron.core import dist_checkpointing
 
     sharded_sd: dict[str, Any] = model_sharded_state_dict(models)
@@ -716,6 +761,11 @@ def _write_state(tmp_dir: str, rank: int, models: Sequence[torch.nn.Module], opt
             hf_config.save_pretrained(tmp_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp_dir)
+    coordinates = [rank_coordinates()] * _world_size()
+    d = _dist()
+    if d is not None:
+        d.all_gather_object(coordinates, rank_coordinates())
+    return coordinates
 
 
 def _publish(tmp_dir: str, final_dir: str) -> None:
@@ -884,16 +934,17 @@ def load_checkpoint(
             scheduler.load_state_dict(_load_weights_only(legacy))
 
     rng_restored = False
-    same_layout = info.get("layout") == _layout()
-    rng_path = os.path.join(path, RNG_FILE.format(rank=_rank()))
-    if load_rng and info.get("has_rng") and os.path.isfile(rng_path):
-        if same_layout:
+    if load_rng and info.get("has_rng"):
+        source = rng_source_rank(info)
+        rng_path = os.path.join(path, RNG_FILE.format(rank=source)) if source is not None else None
+        if rng_path and os.path.isfile(rng_path):
             set_rng_state(read_rng_state(rng_path))
             rng_restored = True
         elif _rank() == 0:
             logger.warning(
-                "%s was saved with layout %s, now %s: RNG states are not restored (dropout masks differ from "
-                "an uninterrupted run)", path, info.get("layout"), _layout()
+                "%s was saved with layout %s, now %s: RNG states are not restored, the RNGs stay seeded from `seed` "
+                "(dropout masks differ from an uninterrupted run; README: Preemption and resume)", path,
+                info.get("layout"), _layout()
             )
 
     trainer_state: dict[str, Any] = {}

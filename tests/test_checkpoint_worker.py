@@ -8,14 +8,15 @@ Rank 0 writes DIR/losses.json ({step: loss}) with the loss of every optimizer st
 when resumed). The data of step k depends only on k (its "data position"), as with a resumed dataloader.
 `--resume auto`: the newest complete checkpoint in DIR, if any (as LLaMA-Factory's automatic resume).
 Faults: `--signal_at K --signal_rank R` (rank R sends itself SIGUSR1 during step K: every rank saves checkpoint-K
-through training.preemption and exits 0), `--kill_during_save K` (rank 1 SIGKILLs itself in the middle of the save
-of checkpoint-K), `--enospc_at K --enospc_rank R` (the torch_dist writer of rank R fails with ENOSPC at step K).
+through training.preemption and exits 0), `--kill_during_save K` (the last rank SIGKILLs itself in the middle of
+the save of checkpoint-K), `--enospc_at K --enospc_rank R` (the torch_dist writer of rank R fails with ENOSPC at step K).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -217,8 +218,10 @@ def main() -> int:
         res["distinct_step_tensors"] = len({id(t) for t in steps})
         res["num_step_tensors"] = len(steps)
         res["step_values"] = sorted({float(t) for t in steps})
+        res["torch_rng_sha"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
         if torch.distributed.get_rank() == 0:
-            keys = ("step", "rng_restored", "optimizer_loaded", "distinct_step_tensors", "num_step_tensors", "step_values")
+            keys = ("step", "rng_restored", "optimizer_loaded", "distinct_step_tensors", "num_step_tensors",
+                    "step_values", "torch_rng_sha")
             print("RESUMED", json.dumps({k: res[k] for k in keys}), flush=True)
         if args.resave:
             save_checkpoint(args.resave, start, models, optimizer, scheduler,
@@ -261,7 +264,7 @@ def inject_faults(args, step: int, rank: int) -> None:
     import llamafactory_mca.checkpoint as ckpt
     from torch.distributed.checkpoint import FileSystemWriter
 
-    if step == args.kill_during_save and rank == 1:
+    if step == args.kill_during_save and rank == torch.distributed.get_world_size() - 1:
         def die(state):  # after the torch_dist shards, before the RNG files and the marker
             os.kill(os.getpid(), signal.SIGKILL)
 
