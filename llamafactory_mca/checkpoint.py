@@ -506,21 +506,30 @@ def read_rng_state(path: str) -> dict[str, Any]:
     return rng_state_from_tensors(_load_weights_only(path))
 
 
-def _load_weights_only(path: str) -> Any:
-    """torch.load(weights_only=True); numpy arrays (RNG files of earlier versions) are allowed, nothing else.
-    CheckpointError naming the file when it is damaged or holds other objects."""
+def _load_weights_only(source: Union[str, io.BytesIO], name: str = "") -> Any:
+    """torch.load(weights_only=True) of a file path (or bytes named `name`); numpy arrays (RNG files of earlier
+    versions) are allowed, nothing else. CheckpointError naming the file when it is damaged or holds other
+    objects."""
+    import warnings
+
     import numpy as np
 
-    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), getattr(np.core.multiarray, "_reconstruct")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 renamed numpy.core (the alias still works)
+        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.core.multiarray._reconstruct]
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - reported with the file's name
-        raise CheckpointError(
-            f"{path} cannot be read safely ({type(e).__name__}: {str(e).splitlines()[0][:300]}): the file is damaged "
-            "or holds pickled objects other than tensors and numbers, which are never executed. Fix: resume from "
-            "another checkpoint (an earlier checkpoint-N), or re-create this one with this version."
-        ) from None
+        raise _unreadable(name or str(source), e, "tensors and numbers") from None
+
+
+def _unreadable(name: str, error: BaseException, allowed: str) -> CheckpointError:
+    return CheckpointError(
+        f"{name} cannot be read safely ({type(error).__name__}: {str(error).splitlines()[0][:300]}): it is "
+        f"truncated, corrupted, or holds pickled objects other than {allowed}, which are never executed. Fix: "
+        "resume from an earlier checkpoint-N (or copy this one again)."
+    )
 
 
 # --------------------------------------------------------------------------------------------- verify
@@ -559,11 +568,7 @@ def read_dcp_metadata(path: str) -> Any:
         with open(meta_path, "rb") as f:
             md = _MetadataUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - reported with the file's name
-        raise CheckpointError(
-            f"{meta_path} cannot be read safely ({type(e).__name__}: {e}): the checkpoint's tensor index is missing, "
-            "truncated, corrupted or holds objects that are not checkpoint metadata (never executed). Fix: resume "
-            "from an earlier checkpoint-N (or copy this one again)."
-        ) from None
+        raise _unreadable(meta_path, e, "torch DCP's metadata classes") from None
     from torch.distributed.checkpoint.metadata import Metadata
 
     if not isinstance(md, Metadata):
@@ -606,14 +611,7 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
         with open(file, "rb") as f:
             f.seek(item.offset)
             data = f.read(item.length)
-        try:
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - reported with the file's name
-            raise CheckpointError(
-                f"{file}: the object {index.fqn} cannot be read safely ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:300]}); it is damaged or holds pickled code (never executed). Fix: "
-                "resume from an earlier checkpoint-N."
-            ) from None
+        _load_weights_only(io.BytesIO(data), f"{file} (object {index.fqn})")
     common = os.path.join(path, "common.pt")
     if os.path.isfile(common):
         _load_weights_only(common)

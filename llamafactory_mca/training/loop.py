@@ -506,7 +506,7 @@ def train(run: Run, task: Any) -> None:
         if book.control.should_save:
             # (under LoRA the PEFT adapter is written into the checkpoint before it is published)
             _save_checkpoint(book, run.ddp_models, run.optimizer, run.scheduler, training_args, m, saved_tokenizer(run),
-                             run.hf_config)
+                             run.hf_config, resumable=watch.triggered)
             book.on_save()
 
     last_grad_norm, last_lr = None, run.optimizer.param_groups[0]["lr"]
@@ -682,12 +682,13 @@ def _moe_metrics(config: Any, num_microbatches: int) -> dict[str, float]:
 
 
 def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: Any, scheduler: Any,
-                     training_args: Any, m: Any, tokenizer: Any, hf_config: Any) -> None:
+                     training_args: Any, m: Any, tokenizer: Any, hf_config: Any, resumable: bool = False) -> None:
     """The one call site of checkpoint saving: output_dir/checkpoint-{global_step} (collective).
 
     Under LoRA the PEFT adapter (what the HF Trainer's LoRA checkpoints hold) is written into the checkpoint
     before it is published, and the marker records the base model (merge needs it). `save_only_model` (HF's key)
-    leaves the optimizer, scheduler and RNG state out, for full, freeze and LoRA alike."""
+    leaves the optimizer, scheduler and RNG state out, for full, freeze and LoRA alike, except with `resumable`
+    (the checkpoint of a preempted run, which exists to be resumed from)."""
     import dataclasses
 
     from llamafactory_mca import checkpoint
@@ -713,7 +714,7 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
         save_total_limit=training_args.save_total_limit,
         extra_files=extra_files,
         extra_info=extra_info,
-        save_only_model=bool(getattr(training_args, "save_only_model", False)),
+        save_only_model=bool(getattr(training_args, "save_only_model", False)) and not resumable,
     )
 
 
