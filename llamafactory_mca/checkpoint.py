@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import logging
 import errno
 import io
+import json
+import logging
 import os
 import pickle
 import random
@@ -248,9 +248,10 @@ def model_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict[str, Any
     }
 
 
-# A rank's RNG streams depend on these coordinates only: every rank is seeded with `seed`, megatron's tracker
-# adds tp_rank (model-parallel stream) and ep/etp ranks (expert stream), and each pipeline stage / context chunk
-# draws for its own layers and tokens. Data-parallel replicas draw the same numbers.
+# What a rank's RNG streams are made of: every rank is seeded with `seed` (platform.seed_everything), megatron's
+# tracker adds tp_rank (model-parallel stream) and ep/etp ranks (expert stream), and each pipeline stage / context
+# chunk draws for its own layers and tokens. Data-parallel replicas start from the same seeds (they drift apart
+# only as far as their batches' shapes differ).
 _RNG_LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                     "virtual_pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
                     "expert_tensor_parallel_size")
@@ -270,10 +271,11 @@ def rank_coordinates() -> list[int]:
 def rng_source_rank(info: dict[str, Any]) -> Optional[int]:
     """The rank of the checkpoint whose RNG state this rank continues, or None.
 
-    Same layout: this rank's own. Only the data-parallel size (world size) changed: the rank at the same
-    tp/pp/cp/ep/etp coordinates with this data-parallel rank, or data-parallel rank 0 where the checkpoint has
-    fewer replicas (replicas draw the same numbers, so that is exactly the state an uninterrupted run would have
-    had). Tensor/pipeline/context/expert layout changed: None (no rank's stream corresponds to this one's).
+    Same layout: this rank's own. Only the data-parallel size (world size) changed: the saved rank at the same
+    tp/pp/cp/ep/etp coordinates and data-parallel rank, or data-parallel rank 0 of those coordinates where the new
+    layout has more replicas (replicas start from the same seeds): every stream continues one of the saved run
+    instead of starting again from `seed`. Tensor/pipeline/context/expert layout changed: None (no saved stream
+    draws for the same weights and tokens as this rank's).
     """
     saved, now = info.get("layout") or {}, _layout()
     if saved == now:
@@ -697,7 +699,7 @@ def write_checkpoint(
     parent = os.path.dirname(final_dir) or "."
     tmp_dir = _tmp_dir(final_dir)
     t0 = time.time()
-    # Every phase ends with all ranks agreeing whether it worked anywhere (`_all_ranks_ok`), so a failure on one
+    # Every phase ends with all ranks agreeing whether it worked anywhere (`_phase`), so a failure on one
     # rank (disk full, permissions) stops every rank with the same message instead of leaving the others waiting
     # in a barrier; nothing is published then, and earlier checkpoints are not touched.
     with _phase(final_dir, tmp_dir):

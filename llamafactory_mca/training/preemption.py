@@ -10,14 +10,17 @@ way (an all-gather of each rank's flag per iteration).
 
 from __future__ import annotations
 
-import logging
 import signal
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 if TYPE_CHECKING:  # this module imports without torch: args.py validates `save_on_signal` with it
     import torch
 
-logger = logging.getLogger(__name__)
+
+def _logger() -> Any:
+    from llamafactory_mca.log import get_logger  # LLaMA-Factory's handlers (imported only once training runs)
+
+    return get_logger("preemption")
 
 # Signals that may trigger a save. SIGKILL / SIGSTOP cannot be caught; SIGINT stays Ctrl-C's (stop now).
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
@@ -65,8 +68,8 @@ class PreemptionWatch:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
-            logger.warning("received %s: the run saves a checkpoint after this optimizer step and stops",
-                           self.received)
+            _logger().warning("received %s: the run saves a checkpoint after this optimizer step and stops",
+                              self.received)
 
     def stop_requested(self) -> bool:
         """True on every rank once any rank got a signal (collective: one all-reduce of one element)."""
@@ -90,14 +93,14 @@ class PreemptionWatch:
 def exit_after_save(watch: PreemptionWatch, checkpoint_dir: str) -> None:
     """After the checkpoint of a signalled run is published: tear down torch.distributed and exit 0 (a job
     that restarts then resumes from `output_dir`)."""
-    from llamafactory_mca import platform
-
     import torch.distributed as dist
 
+    from llamafactory_mca import platform
+
     if not dist.is_initialized() or dist.get_rank() == 0:
-        logger.warning("preempted (%s): saved %s; exiting with status 0. Restart the same recipe (without "
-                       "overwrite_output_dir) to resume from it.", watch.received or "signal on another rank",
-                       checkpoint_dir)
+        _logger().warning("preempted (%s): saved %s; exiting with status 0. Restart the same recipe (without "
+                          "overwrite_output_dir) to resume from it.", watch.received or "signal on another rank",
+                          checkpoint_dir)
     watch.close()
     if dist.is_initialized():
         dist.barrier()
