@@ -32,9 +32,9 @@ from llamafactory_mca.checkpoint import (
     MARKER_FILE,
     SHARDED_STATE_DICT_METADATA,
     CheckpointError,
-    checkpoint_info,
     checkpoint_tensor_meta,
     unwrap_model,
+    verify_checkpoint,
 )
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -330,7 +330,7 @@ def merge_checkpoint(
 
     checkpoint_path = os.path.normpath(checkpoint_path)
     output_path = os.path.normpath(output_path)
-    info = checkpoint_info(checkpoint_path)  # raises for anything but a complete checkpoint
+    info = verify_checkpoint(checkpoint_path)  # a complete, undamaged checkpoint; nothing pickled is executed
     check_output_dir(output_path, overwrite)
     hf_config = _hf_config_of(checkpoint_path)
     bridge = _get_bridge(hf_config, checkpoint_path)
@@ -533,7 +533,7 @@ def merge_lora_checkpoint(
 
     checkpoint_path = os.path.normpath(checkpoint_path)
     output_path = os.path.normpath(output_path)
-    info = checkpoint_info(checkpoint_path)
+    info = verify_checkpoint(checkpoint_path)
     check_output_dir(output_path, overwrite)
     hf_config = _hf_config_of(checkpoint_path)
     adapter = adapter_from_checkpoint(checkpoint_path, _get_bridge(hf_config, checkpoint_path))
