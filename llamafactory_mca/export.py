@@ -32,6 +32,7 @@ from llamafactory_mca.checkpoint import (
     MARKER_FILE,
     SHARDED_STATE_DICT_METADATA,
     CheckpointError,
+    checkpoint_info,
     checkpoint_tensor_meta,
     unwrap_model,
     verify_checkpoint,
@@ -330,10 +331,11 @@ def merge_checkpoint(
 
     checkpoint_path = os.path.normpath(checkpoint_path)
     output_path = os.path.normpath(output_path)
-    info = verify_checkpoint(checkpoint_path)  # a complete, undamaged checkpoint; nothing pickled is executed
+    info = checkpoint_info(checkpoint_path)  # raises for anything but a complete checkpoint
     check_output_dir(output_path, overwrite)
     hf_config = _hf_config_of(checkpoint_path)
     bridge = _get_bridge(hf_config, checkpoint_path)
+    verify_checkpoint(checkpoint_path)  # before any tensor is read: undamaged, nothing pickled is executed
     tensor_meta = checkpoint_tensor_meta(checkpoint_path)
     if is_lora_checkpoint(info, tensor_meta):
         return merge_lora_checkpoint(checkpoint_path, output_path, merge_lora=merge_lora, base_model=base_model,
