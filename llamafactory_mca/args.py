@@ -147,6 +147,11 @@ class MegatronArguments:
         default=True, metadata={"help": "Write a Hugging Face model into output_dir when training ends."}
     )
     distributed_timeout_minutes: int = field(default=30, metadata={"help": "Timeout of collective operations."})
+    save_on_signal: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={"help": "Signals (a comma-separated string or a YAML list; 'none': off) on which every rank finishes "
+                          "the step, saves a checkpoint and exits 0."},
+    )
     loss_weighting: Literal["auto", "token", "micro_batch", "sample"] = field(
         default="auto",
         metadata={"help": "How the token losses of a global batch are weighted: 'auto' (as LLaMA-Factory's HF path "
@@ -235,11 +240,15 @@ def coerce_value(key: str, value: Any, annotation: Any) -> Any:
                            f"<{_type_word(annotation)}>.")
 
 
-def _recompute_modules_text(value: Any) -> Any:
-    """`recompute_modules` as given in YAML: a list, or a comma-separated string; returned comma-separated."""
+# keys given in YAML as a list or as a comma-separated string (kept comma-separated), with an example of each
+LIST_TEXT_FIELDS = {"recompute_modules": "[core_attn, mlp]", "save_on_signal": "[SIGTERM, SIGUSR1]"}
+
+
+def _list_text(key: str, value: Any) -> Any:
+    """A LIST_TEXT_FIELDS value as given in YAML: a list, or a comma-separated string; returned comma-separated."""
     if isinstance(value, (list, tuple)):
-        require(all(isinstance(v, str) for v in value), "recompute_modules", f"expects module names, got {value!r}",
-                "list module names, e.g. recompute_modules: [core_attn, mlp]")
+        require(all(isinstance(v, str) for v in value), key, f"expects names, got {value!r}",
+                f"list names, e.g. {key}: {LIST_TEXT_FIELDS[key]}")
         return ",".join(value)
     return value
 
@@ -262,13 +271,24 @@ def dataclass_from_dict(dataclass_type: type, values: dict[str, Any]) -> Any:
         if f.name not in values:
             continue
         value = values[f.name]
-        if f.name == "recompute_modules":
-            value = _recompute_modules_text(value)
+        if f.name in LIST_TEXT_FIELDS:
+            value = _list_text(f.name, value)
         annotation = hints.get(f.name)
         if annotation is not None and value is None and type(None) not in typing.get_args(annotation):
             continue
         kwargs[f.name] = value if annotation is None else coerce_value(f.name, value, annotation)
     return dataclass_type(**kwargs)
+
+
+def signals_ok(value: Any) -> bool:
+    """Whether `save_on_signal` names only signals that can trigger a save (training/preemption.py)."""
+    from llamafactory_mca.training.preemption import signal_names
+
+    try:
+        signal_names(value)
+    except ValueError:
+        return False
+    return True
 
 
 def megatron_args_from_dict(values: dict[str, Any]) -> MegatronArguments:
@@ -375,6 +395,9 @@ def validate_megatron_args(m: MegatronArguments, world_size: Optional[int], mode
     require(not modules or m.recompute_granularity == "selective", "recompute_modules",
             "only applies to recompute_granularity: selective",
             "set recompute_granularity: selective, or remove recompute_modules")
+    require(signals_ok(m.save_on_signal), "save_on_signal",
+            f"{m.save_on_signal!r} names a signal that cannot trigger a save",
+            "list some of SIGTERM, SIGUSR1, SIGUSR2, SIGHUP (comma-separated), or none")
     require(
         m.moe_token_dispatcher_type != "flex",
         "moe_token_dispatcher_type",

@@ -4,8 +4,9 @@ Layout of `output_dir/checkpoint-N/` (a directory is complete exactly when MARKE
 
     *.distcp, .metadata, common.pt, metadata.json   megatron-core dist_checkpointing, `torch_dist` format:
                                                      `model{i}` (one per VPP chunk) and `optimizer`
-    rng_state_{rank}.pth                             python / numpy / torch / megatron RNG state of every rank
-    scheduler.pt                                     the LR scheduler's state_dict (rank 0)
+    rng_state_{rank}.pth                             python / numpy / torch / megatron RNG state of every rank (tensors
+                                                     and numbers only: read with torch.load(weights_only=True))
+    scheduler.json                                   the LR scheduler's state_dict (rank 0; JSON)
     trainer_state.json                               the trainer's state (global step, data position, logs)
     mca_args.json                                    our MegatronArguments at save time
     config.json, tokenizer files                     the Hugging Face config and tokenizer (merge reads them)
@@ -15,7 +16,7 @@ Layout of `output_dir/checkpoint-N/` (a directory is complete exactly when MARKE
                                                      `extra_info`, e.g. the LoRA base model); written last
 
 With `save_only_model` (the Hugging Face TrainingArguments key) the torch_dist tensors hold `model{i}` only and
-`rng_state_*.pth` / `scheduler.pt` are not written: such a checkpoint merges and loads as weights, but training
+`rng_state_*.pth` / `scheduler.json` are not written: such a checkpoint merges and loads as weights, but training
 cannot resume from it (`check_resumable`).
 
 Writing is atomic: every rank writes into the sibling `.checkpoint-N.tmp` (a name that transformers'
@@ -25,15 +26,25 @@ with one rename. A published checkpoint is never written to again.
 Sharded tensors use global names (`decoder.layers.{global_layer}.…`, one key per layer: metadata
 `non_homogeneous_layers=True`), so a checkpoint loads into any tp/pp/vpp/ep/dp layout and `export.py` can
 stream it layer by layer. The distributed optimizer is saved `fully_reshardable` (model-space tensors).
+
+Loading runs no pickled code from checkpoint files (`verify_checkpoint`, before anything is read): torch DCP's
+`.metadata` (a pickle) is read with an unpickler that knows only DCP's metadata classes, the pickled objects
+stored inside the shards and `common.pt` must load with `torch.load(weights_only=True)`, RNG state loads with
+weights_only=True, the scheduler and trainer state are JSON. Shards shorter than the metadata says (a truncated
+copy) are refused, naming the file. (`scheduler.pt` and numpy RNG arrays of earlier versions still load, with
+weights_only=True and numpy's array classes allowed.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -49,7 +60,8 @@ FORMAT = "llamafactory-mca/torch_dist"
 FORMAT_VERSION = 1
 PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 TRAINER_STATE_FILE = "trainer_state.json"
-SCHEDULER_FILE = "scheduler.pt"
+SCHEDULER_FILE = "scheduler.json"
+LEGACY_SCHEDULER_FILE = "scheduler.pt"  # earlier versions: torch.save of the same dict
 MCA_ARGS_FILE = "mca_args.json"
 RNG_FILE = "rng_state_{rank}.pth"
 _CHECKPOINT_RE = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
@@ -97,9 +109,13 @@ def checkpoint_info(path: str) -> dict[str, Any]:
     marker = os.path.join(path, MARKER_FILE)
     if not os.path.isfile(marker):
         if os.path.isfile(os.path.join(path, "metadata.json")) or any(f.endswith(".distcp") for f in os.listdir(path)):
+            previous = get_last_checkpoint(os.path.dirname(path))
+            use = (f"resume_from_checkpoint: {previous} (the newest complete one next to it)" if previous else
+                   "an older complete checkpoint-N")
             raise CheckpointError(
-                f"{path} is an incomplete Megatron checkpoint (no {MARKER_FILE}: it was not finished). Fix: use an "
-                f"older complete checkpoint-N, and delete {path}."
+                f"{path} is an incomplete Megatron checkpoint (no {MARKER_FILE}: it was not finished, or the marker "
+                f"was deleted). Fix: delete or move {path} (LLaMA-Factory's automatic resume from output_dir picks "
+                f"the newest checkpoint-N directory), or set {use}."
             )
         if os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(
@@ -230,6 +246,47 @@ def model_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict[str, Any
         f"model{i}": unwrap_model(m).sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
         for i, m in enumerate(models)
     }
+
+
+# What a rank's RNG streams are made of: every rank is seeded with `seed` (platform.seed_everything), megatron's
+# tracker adds tp_rank (model-parallel stream) and ep/etp ranks (expert stream), and each pipeline stage / context
+# chunk draws for its own layers and tokens. Data-parallel replicas start from the same seeds (they drift apart
+# only as far as their batches' shapes differ).
+_RNG_LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "virtual_pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
+                    "expert_tensor_parallel_size")
+
+
+def rank_coordinates() -> list[int]:
+    """This rank's [tp, pp, cp, ep, etp, dp] ranks (megatron's parallel_state)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return [0, 0, 0, 0, 0, _rank()]
+    return [ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_context_parallel_rank(), ps.get_expert_model_parallel_rank(),
+            ps.get_expert_tensor_parallel_rank(), ps.get_data_parallel_rank()]
+
+
+def rng_source_rank(info: dict[str, Any]) -> Optional[int]:
+    """The rank of the checkpoint whose RNG state this rank continues, or None.
+
+    Same layout: this rank's own. Only the data-parallel size (world size) changed: the saved rank at the same
+    tp/pp/cp/ep/etp coordinates and data-parallel rank, or data-parallel rank 0 of those coordinates where the new
+    layout has more replicas (replicas start from the same seeds): every stream continues one of the saved run
+    instead of starting again from `seed`. Tensor/pipeline/context/expert layout changed: None (no saved stream
+    draws for the same weights and tokens as this rank's).
+    """
+    saved, now = info.get("layout") or {}, _layout()
+    if saved == now:
+        return _rank()
+    coords = info.get("rank_coordinates")
+    if not coords or any(saved.get(k, 1) != now.get(k, 1) for k in _RNG_LAYOUT_KEYS):
+        return None
+    mine = rank_coordinates()
+    same = [(c[5], r) for r, c in enumerate(coords) if list(c[:5]) == mine[:5]]
+    exact = [r for dp, r in same if dp == mine[5]]
+    return exact[0] if exact else (min(same)[1] if same else None)
 
 
 def _layout() -> dict[str, int]:
@@ -420,6 +477,149 @@ def set_rng_state(state: dict[str, Any]) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
 
 
+def rng_state_to_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """`get_rng_state()` with the python and numpy states as tensors and numbers, so that the file loads with
+    torch.load(weights_only=True) (no numpy classes, no pickled code)."""
+    out = dict(state)
+    version, internal, gauss = state["python"]
+    out["python"] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    out["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return out
+
+
+def rng_state_from_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `rng_state_to_tensors` (states saved by earlier versions pass through unchanged)."""
+    import numpy as np
+
+    out = dict(state)
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        out["python"] = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"])
+    if isinstance(npy, dict):
+        out["numpy"] = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                        npy["cached_gaussian"])
+    return out
+
+
+def read_rng_state(path: str) -> dict[str, Any]:
+    """A `rng_state_{rank}.pth` file as `get_rng_state()` returns it, read with weights_only=True."""
+    return rng_state_from_tensors(_load_weights_only(path))
+
+
+def _load_weights_only(source: Union[str, io.BytesIO], name: str = "") -> Any:
+    """torch.load(weights_only=True) of a file path (or bytes named `name`); numpy arrays (RNG files of earlier
+    versions) are allowed, nothing else. CheckpointError naming the file when it is damaged or holds other
+    objects."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 renamed numpy.core (the alias still works)
+        allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - reported with the file's name
+        raise _unreadable(name or str(source), e, "tensors and numbers") from None
+
+
+def _unreadable(name: str, error: BaseException, allowed: str) -> CheckpointError:
+    return CheckpointError(
+        f"{name} cannot be read safely ({type(error).__name__}: {str(error).splitlines()[0][:300]}): it is "
+        f"truncated, corrupted, or holds pickled objects other than {allowed}, which are never executed. Fix: "
+        "resume from an earlier checkpoint-N (or copy this one again)."
+    )
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+# The classes torch DCP's `.metadata` pickle is made of; anything else (e.g. `os.system`) is refused.
+_DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "TensorStorageMetadata",
+                                              "ChunkStorageMetadata", "BytesStorageMetadata", "StorageMeta",
+                                              "TensorProperties", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"WriteItemType", "LoadItemType"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle's documented "restricting globals" recipe, for DCP metadata: only the classes above, torch
+    dtypes and builtin containers."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
+
+
+def read_dcp_metadata(path: str) -> Any:
+    """torch DCP's `Metadata` of a torch_dist checkpoint, unpickled without running any other code;
+    CheckpointError naming the file if it is missing, damaged or holds anything else."""
+    meta_path = os.path.join(path, ".metadata")
+    try:
+        with open(meta_path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - reported with the file's name
+        raise _unreadable(meta_path, e, "torch DCP's metadata classes") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{meta_path} is not torch DCP metadata. Fix: resume from an earlier checkpoint-N.")
+    return md
+
+
+def verify_checkpoint(path: str) -> dict[str, Any]:
+    """Check a checkpoint before anything of it is loaded; return its marker (see `checkpoint_info`).
+
+    Raises CheckpointError naming the file and the fix when the metadata cannot be read safely, a shard file is
+    missing or shorter than the metadata says (truncated), or a pickled object stored in a shard or in
+    `common.pt` needs more than torch.load(weights_only=True) allows. Nothing in the checkpoint is executed.
+    Reads the metadata and the (small) pickled objects; the tensors' bytes are not read (there are no
+    checksums: bit flips inside tensor data go unnoticed, as with torch DCP).
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    info = checkpoint_info(path)
+    md = read_dcp_metadata(path)
+    needed: dict[str, int] = {}
+    for item in (md.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        actual = os.path.getsize(file) if os.path.isfile(file) else None
+        if actual is None or actual < size:
+            raise CheckpointError(
+                f"{file} is {'missing' if actual is None else f'truncated ({actual} of {size} bytes)'}: this "
+                f"checkpoint is damaged. Fix: resume from an earlier checkpoint-N in {os.path.dirname(path)} "
+                f"(resume_from_checkpoint, or delete or move {path} so the automatic resume picks the one before)."
+            )
+    for index, item in (md.storage_data or {}).items():
+        if not isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        file = os.path.join(path, item.relative_path)
+        if getattr(item, "transform_descriptors", None):
+            raise CheckpointError(f"{file}: {index.fqn} is stored with transforms {item.transform_descriptors}, "
+                                  "which this version does not read. Fix: re-save the checkpoint uncompressed.")
+        with open(file, "rb") as f:
+            f.seek(item.offset)
+            data = f.read(item.length)
+        _load_weights_only(io.BytesIO(data), f"{file} (object {index.fqn})")
+    common = os.path.join(path, "common.pt")
+    if os.path.isfile(common):
+        _load_weights_only(common)
+    return info
+
+
 # --------------------------------------------------------------------------------------------- save
 
 
@@ -490,8 +690,6 @@ def write_checkpoint(
     (and the files above) but not the optimizer, scheduler or RNG state; the marker records it and
     `load_checkpoint` refuses to resume from it.
     """
-    from megatron.core import dist_checkpointing
-
     if save_only_model:
         # The distributed optimizer's state alone is ~6x the bf16 weights (fp32 main params + two Adam moments):
         # model-only checkpoints leave it out, with the scheduler and RNG state that only matter for a resume.
@@ -500,24 +698,62 @@ def write_checkpoint(
     final_dir = os.path.normpath(final_dir)
     parent = os.path.dirname(final_dir) or "."
     tmp_dir = _tmp_dir(final_dir)
-    if rank == 0:
-        os.makedirs(parent, exist_ok=True)
-        if os.path.exists(tmp_dir):  # left by a run that died while saving
-            shutil.rmtree(tmp_dir)
-        os.makedirs(tmp_dir)
-    _barrier()
-
     t0 = time.time()
+    # Every phase ends with all ranks agreeing whether it worked anywhere (`_phase`), so a failure on one
+    # rank (disk full, permissions) stops every rank with the same message instead of leaving the others waiting
+    # in a barrier; nothing is published then, and earlier checkpoints are not touched.
+    with _phase(final_dir, tmp_dir):
+        if rank == 0:
+            os.makedirs(parent, exist_ok=True)
+            if os.path.exists(tmp_dir):  # left by a run that died while saving
+                shutil.rmtree(tmp_dir)
+            os.makedirs(tmp_dir)
+    with _phase(final_dir, tmp_dir):
+        coordinates = _write_state(tmp_dir, rank, models, optimizer, scheduler, save_rng, trainer_state, mca_args,
+                                   hf_config, tokenizer)
+    if extra_files is not None:
+        with _phase(final_dir, tmp_dir):
+            _write_extra_files(tmp_dir, extra_files, rank)
+    with _phase(final_dir, tmp_dir):
+        if rank == 0:
+            marker = {
+                **_to_jsonable(extra_info or {}),
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "step": step,
+                "model_type": getattr(hf_config, "model_type", None),
+                "num_model_chunks": len(models),
+                "layout": _layout(),
+                "has_optimizer": optimizer is not None,
+                "has_scheduler": scheduler is not None,
+                "has_rng": save_rng,
+                "rank_coordinates": coordinates,  # [tp, pp, cp, ep, etp, dp] of every rank: `rng_source_rank`
+                "save_only_model": save_only_model,  # `check_resumable` refuses to resume from it
+                "sharded_state_dict_metadata": SHARDED_STATE_DICT_METADATA,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            _write_json(os.path.join(tmp_dir, MARKER_FILE), marker)  # last file: the checkpoint is complete
+            _publish(tmp_dir, final_dir)
+            logger.info("saved %s in %.1fs", final_dir, time.time() - t0)
+    return final_dir
+
+
+def _write_state(tmp_dir: str, rank: int, models: Sequence[torch.nn.Module], optimizer: Any, scheduler: Any,
+                 save_rng: bool, trainer_state: Optional[dict[str, Any]], mca_args: Any, hf_config: Any,
+                 tokenizer: Any) -> list[list[int]]:
+    """Everything but the extra files and the marker, into `tmp_dir` (collective: torch_dist); returns every
+    rank's `rank_coordinates()`."""
+    from megatron.core import dist_checkpointing
+
     sharded_sd: dict[str, Any] = model_sharded_state_dict(models)
     if optimizer is not None:
         sharded_sd["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded_sd, is_loading=False)
     dist_checkpointing.save(sharded_sd, tmp_dir, sharded_strategy=_save_strategy(), async_sharded_save=False)
-
     if save_rng:
-        torch.save(get_rng_state(), os.path.join(tmp_dir, RNG_FILE.format(rank=rank)))
+        torch.save(rng_state_to_tensors(get_rng_state()), os.path.join(tmp_dir, RNG_FILE.format(rank=rank)))
     if rank == 0:
         if scheduler is not None:
-            torch.save(scheduler.state_dict(), os.path.join(tmp_dir, SCHEDULER_FILE))
+            _write_json(os.path.join(tmp_dir, SCHEDULER_FILE), scheduler.state_dict())
         _write_json(os.path.join(tmp_dir, TRAINER_STATE_FILE), _to_jsonable(trainer_state or {}))
         if mca_args is not None:
             _write_json(os.path.join(tmp_dir, MCA_ARGS_FILE), _to_jsonable(mca_args))
@@ -525,42 +761,71 @@ def write_checkpoint(
             hf_config.save_pretrained(tmp_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp_dir)
-    _barrier()  # every rank's files are in tmp_dir
+    coordinates = [rank_coordinates()] * _world_size()
+    d = _dist()
+    if d is not None:
+        d.all_gather_object(coordinates, rank_coordinates())
+    return coordinates
 
-    if extra_files is not None:
-        _write_extra_files(tmp_dir, extra_files, rank)
-        _barrier()
 
-    if rank == 0:
-        marker = {
-            **_to_jsonable(extra_info or {}),
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "step": step,
-            "model_type": getattr(hf_config, "model_type", None),
-            "num_model_chunks": len(models),
-            "layout": _layout(),
-            "has_optimizer": optimizer is not None,
-            "has_scheduler": scheduler is not None,
-            "has_rng": save_rng,
-            "save_only_model": save_only_model,  # `check_resumable` refuses to resume from it
-            "sharded_state_dict_metadata": SHARDED_STATE_DICT_METADATA,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        _write_json(os.path.join(tmp_dir, MARKER_FILE), marker)  # last file: the checkpoint is complete
-        old = None
-        if os.path.exists(final_dir):  # the same step saved again (e.g. after a resume): replace it
-            old = os.path.join(parent, f".{os.path.basename(final_dir)}.replaced")
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.rename(final_dir, old)
-        os.rename(tmp_dir, final_dir)  # publish
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(parent)
-        logger.info("saved %s in %.1fs", final_dir, time.time() - t0)
-    _barrier()
-    return final_dir
+def _publish(tmp_dir: str, final_dir: str) -> None:
+    """Rank 0: one rename makes the complete `tmp_dir` the checkpoint `final_dir`."""
+    parent = os.path.dirname(final_dir) or "."
+    old = None
+    if os.path.exists(final_dir):  # the same step saved again (e.g. after a resume): replace it
+        old = os.path.join(parent, f".{os.path.basename(final_dir)}.replaced")
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(final_dir, old)
+    os.rename(tmp_dir, final_dir)  # publish
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(parent)
+
+
+@contextlib.contextmanager
+def _phase(final_dir: str, tmp_dir: str):
+    """Run one phase of a save on every rank, then agree (collective) on whether it failed anywhere: if so,
+    rank 0 removes `tmp_dir` and every rank raises the same CheckpointError, naming the rank, the error and
+    the fix."""
+    error: Optional[BaseException] = None
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch DCP's CheckpointException is a BaseException
+        error = e
+    failures = _gather_failures(error)
+    if not failures:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    disk_full = any("No space left on device" in m or f"[Errno {errno.ENOSPC}]" in m for m in failures.values())
+    parent = os.path.dirname(final_dir) or "."
+    fix = (f"free disk space under {parent} (each checkpoint needs about the size of the last one; lower "
+           "save_total_limit to keep fewer)" if disk_full else f"check that {parent} is writable from every rank")
+    detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items())[:4])
+    raise CheckpointError(
+        f"saving {final_dir} failed ({detail}). Nothing was published and earlier checkpoints are untouched. "
+        f"Fix: {fix}, then restart: the run resumes from the last complete checkpoint-N."
+    ) from error
+
+
+def _gather_failures(error: Optional[BaseException]) -> dict[int, str]:
+    """{rank: error} of the ranks whose phase failed (collective; the same on every rank). A torch DCP error
+    that every rank re-raises counts for the ranks it names (`CheckpointException.failures`)."""
+    mine: dict[int, str] = {}
+    if error is not None:
+        ranks = list(getattr(error, "failures", None) or [_rank()])
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        text = lines[-1].strip() if len(lines) > 1 else f"{type(error).__name__}: {error}"  # DCP: the cause
+        mine = {int(r): text for r in ranks}
+    d = _dist()
+    if d is None:
+        return mine
+    everyone: list[Optional[dict[int, str]]] = [None] * d.get_world_size()
+    d.all_gather_object(everyone, mine)
+    return {r: m for part in everyone for r, m in (part or {}).items()}
 
 
 def _write_extra_files(tmp_dir: str, extra_files: ExtraFiles, rank: int) -> None:
@@ -629,6 +894,7 @@ def load_checkpoint(
     info = checkpoint_info(path)
     if optimizer is not None and load_optimizer:
         check_resumable(path, info)
+    verify_checkpoint(path)  # nothing of the checkpoint is read before this, nothing pickled is executed
     sharded_sd: dict[str, Any] = model_sharded_state_dict(models)
     _check_model_tensors(path, info, sharded_sd, models)
     want_optimizer = optimizer is not None and load_optimizer and info.get("has_optimizer", False)
@@ -660,21 +926,25 @@ def load_checkpoint(
         # No reload_model_params(): it copies model params (bf16) over the loaded fp32 main params.
 
     if scheduler is not None and want_optimizer:
-        sched_path = os.path.join(path, SCHEDULER_FILE)
+        sched_path, legacy = os.path.join(path, SCHEDULER_FILE), os.path.join(path, LEGACY_SCHEDULER_FILE)
         if os.path.isfile(sched_path):
-            scheduler.load_state_dict(torch.load(sched_path, weights_only=False))
+            with open(sched_path, encoding="utf-8") as f:
+                scheduler.load_state_dict(json.load(f))
+        elif os.path.isfile(legacy):
+            scheduler.load_state_dict(_load_weights_only(legacy))
 
     rng_restored = False
-    same_layout = info.get("layout") == _layout()
-    rng_path = os.path.join(path, RNG_FILE.format(rank=_rank()))
-    if load_rng and info.get("has_rng") and os.path.isfile(rng_path):
-        if same_layout:
-            set_rng_state(torch.load(rng_path, weights_only=False))
+    if load_rng and info.get("has_rng"):
+        source = rng_source_rank(info)
+        rng_path = os.path.join(path, RNG_FILE.format(rank=source)) if source is not None else None
+        if rng_path and os.path.isfile(rng_path):
+            set_rng_state(read_rng_state(rng_path))
             rng_restored = True
         elif _rank() == 0:
             logger.warning(
-                "%s was saved with layout %s, now %s: RNG states are not restored (dropout masks differ from "
-                "an uninterrupted run)", path, info.get("layout"), _layout()
+                "%s was saved with layout %s, now %s: RNG states are not restored, the RNGs stay seeded from `seed` "
+                "(dropout masks differ from an uninterrupted run; README: Preemption and resume)", path,
+                info.get("layout"), _layout()
             )
 
     trainer_state: dict[str, Any] = {}
@@ -694,10 +964,9 @@ def load_checkpoint(
 
 def checkpoint_tensor_meta(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
     """{sharded key: (global shape, dtype)} of every tensor stored in a torch_dist checkpoint (metadata only)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    md = FileSystemReader(path).read_metadata()
+    md = read_dcp_metadata(path)
     return {
         k: (tuple(v.size), v.properties.dtype)
         for k, v in md.state_dict_metadata.items()

@@ -34,6 +34,7 @@ from llamafactory_mca.checkpoint import (
     checkpoint_info,
     checkpoint_tensor_meta,
     unwrap_model,
+    verify_checkpoint,
 )
 
 _ST_DTYPE = {
@@ -332,6 +333,7 @@ def merge_checkpoint(
     check_output_dir(output_path, overwrite)
     hf_config = _hf_config_of(checkpoint_path)
     bridge = _get_bridge(hf_config, checkpoint_path)
+    verify_checkpoint(checkpoint_path)  # before any tensor is read: undamaged, nothing pickled is executed
     tensor_meta = checkpoint_tensor_meta(checkpoint_path)
     if is_lora_checkpoint(info, tensor_meta):
         return merge_lora_checkpoint(checkpoint_path, output_path, merge_lora=merge_lora, base_model=base_model,
@@ -531,7 +533,7 @@ def merge_lora_checkpoint(
 
     checkpoint_path = os.path.normpath(checkpoint_path)
     output_path = os.path.normpath(output_path)
-    info = checkpoint_info(checkpoint_path)
+    info = verify_checkpoint(checkpoint_path)
     check_output_dir(output_path, overwrite)
     hf_config = _hf_config_of(checkpoint_path)
     adapter = adapter_from_checkpoint(checkpoint_path, _get_bridge(hf_config, checkpoint_path))

@@ -64,7 +64,8 @@ def make_recipe(model: str, output_dir: str, **overrides) -> dict:
     return recipe
 
 
-def _run_train(tmp_path, name: str, recipe: dict, nproc: int, mca: bool) -> subprocess.CompletedProcess:
+def train_command(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -> tuple[list[str], dict]:
+    """(argv, environment) of `llamafactory-cli train` on `recipe`, written to tmp_path/{name}.yaml."""
     import yaml
 
     path = tmp_path / f"{name}.yaml"
@@ -74,8 +75,12 @@ def _run_train(tmp_path, name: str, recipe: dict, nproc: int, mca: bool) -> subp
         env["USE_MCA"] = "1"
     elif nproc > 1:
         env["FORCE_TORCHRUN"] = "1"  # the HF path on CPU: torchrun + gloo
-    return subprocess.run(["llamafactory-cli", "train", str(path)], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=str(tmp_path))
+    return ["llamafactory-cli", "train", str(path)], env
+
+
+def _run_train(tmp_path, name: str, recipe: dict, nproc: int, mca: bool) -> subprocess.CompletedProcess:
+    cmd, env = train_command(tmp_path, name, recipe, nproc, mca)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
 
 
 def train(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -> str:

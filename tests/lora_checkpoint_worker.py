@@ -147,8 +147,10 @@ def main() -> int:
         try:
             checkpoint.save_checkpoint(run_dir, 2, models, extra_files=broken)
             res["failed_save"] = "no error"
-        except RuntimeError:
+        except checkpoint.CheckpointError as e:  # every rank raises it, naming the failed rank's error
             res["failed_save"] = sorted(s for s, _ in checkpoint.list_checkpoints(run_dir))
+            res["failed_save_reported"] = "rank 0: RuntimeError: disk full" in str(e)
+            res["failed_save_leftovers"] = sorted(n for n in os.listdir(run_dir) if n.startswith("."))
         # dict form of extra_files
         dict_dir = checkpoint.save_checkpoint(os.path.join(a.out, "dict"), 3, models, extra_files={
             "notes/readme.txt": "hello", "extra.json": {"a": 1}, "raw.bin": b"\x00\x01",

@@ -1,15 +1,18 @@
-"""End to end through `USE_MCA=1 llamafactory-cli train`: save_steps, kill, resume_from_checkpoint, merge, and
-save_only_model (weights-only checkpoints that merge but refuse to resume)."""
+"""End to end through `USE_MCA=1 llamafactory-cli train`: save_steps, kill, resume_from_checkpoint, merge,
+save_only_model (weights-only checkpoints that merge but refuse to resume), and preemption (a signal saves a
+checkpoint and exits 0; the restarted recipe resumes from output_dir by itself)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, clean_env
-from lf_runs import log_records, make_models, make_recipe, train, train_fails
+from lf_runs import log_records, make_models, make_recipe, train, train_command, train_fails
 
 # 4 steps, a checkpoint after each, dp=2 with the distributed optimizer (its state is what save_only_model drops)
 COMMON = dict(max_steps=4, save_strategy="steps", save_steps=1, use_distributed_optimizer=True,
@@ -52,6 +55,43 @@ def test_resume_through_llamafactory_cli_is_bit_exact(models, full_run, tmp_path
     assert [b[3], b[4]] == [a[3], a[4]], (a, b)  # bit for bit
 
 
+def _workers(pid: int) -> list:
+    """The torchrun workers (LLaMA-Factory's launcher.py) under the `llamafactory-cli` process `pid`."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True) if "LOCAL_RANK" in p.environ()]
+
+
+@pytest.mark.slow
+def test_preemption_signal_saves_and_the_restart_resumes_bit_exactly(models, full_run, tmp_path):
+    from llamafactory_mca.checkpoint import list_checkpoints
+
+    out = str(tmp_path / "preempted")
+    recipe = make_recipe(models["dense"], out, **{**COMMON, "save_steps": 100})  # no checkpoint but the signal's
+    cmd, env = train_command(tmp_path, "preempted", recipe, nproc=2)
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log = os.path.join(out, "trainer_log.jsonl")
+    deadline = time.time() + 600
+    while not (os.path.isfile(log) and log_records(out)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2, proc.communicate()[0][-3000:] if proc.poll() is not None else workers
+    workers[-1].send_signal(signal.SIGUSR1)  # one rank only: the ranks agree on the step to stop after
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-5000:]  # workers, torchrun and llamafactory-cli exit 0
+    saved = [s for s, _ in list_checkpoints(out)]
+    assert len(saved) == 1 and saved[0] < COMMON["max_steps"], (saved, output[-3000:])
+    assert set(_losses(out)) == set(range(1, saved[0] + 1))
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))  # no final export: the run is not over
+
+    # the same recipe again (a scheduler's restart): LLaMA-Factory resumes from output_dir by itself
+    train(tmp_path, "restarted", make_recipe(models["dense"], out, overwrite_output_dir=False,
+                                             **{**COMMON, "save_steps": 100}), nproc=2)
+    assert _losses(out) == _losses(full_run)  # steps before and after the preemption, bit for bit
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
 def _tree(path: str) -> dict[str, tuple[int, int]]:
     """{relative path: (size, mtime_ns)} of every file under `path`."""
     out = {}
@@ -87,15 +127,15 @@ def test_save_only_model_writes_weights_that_merge_but_do_not_resume(models, ful
 
     # against the normal checkpoint of the same step: exactly the scheduler and RNG files are missing ...
     ours, theirs = set(os.listdir(ckpt)), set(os.listdir(normal))
-    assert theirs - ours == {"scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"}, theirs ^ ours
+    assert theirs - ours == {"scheduler.json", "rng_state_0.pth", "rng_state_1.pth"}, theirs ^ ours
     assert ours <= theirs and {"trainer_state.json", "config.json", "tokenizer.json", "mca_args.json"} <= ours
     # ... the torch_dist tensors are the model's, without any optimizer entry (nor in common.pt) ...
     keys = set(FileSystemReader(ckpt).read_metadata().state_dict_metadata)
     normal_keys = set(FileSystemReader(normal).read_metadata().state_dict_metadata)
     assert any(k.startswith("optimizer.") for k in normal_keys)
     assert keys == {k for k in normal_keys if not k.startswith("optimizer.")}
-    assert "optimizer" in torch.load(os.path.join(normal, "common.pt"), weights_only=False)
-    assert "optimizer" not in torch.load(os.path.join(ckpt, "common.pt"), weights_only=False)
+    assert "optimizer" in torch.load(os.path.join(normal, "common.pt"), weights_only=True)
+    assert "optimizer" not in torch.load(os.path.join(ckpt, "common.pt"), weights_only=True)
     assert _distcp_bytes(ckpt) * 3 < _distcp_bytes(normal)  # fp32 Adam: param + 2 moments = 3x the weights
     # ... and the weights are those of the normal run at that step, bit for bit
     a, b = read_all_tensors(ckpt), read_all_tensors(normal)

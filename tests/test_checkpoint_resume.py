@@ -1,8 +1,10 @@
 """Checkpoints: exact resume (distributed optimizer, CPU, 2 gloo ranks), resharding, the AdamW shared-step trap,
-atomic publishing and the errors for paths that are not (complete) checkpoints."""
+atomic publishing, the errors for paths that are not (complete) checkpoints, and faults: a full disk, SIGKILL
+in the middle of a save, a preemption signal, truncated and tampered files, a deleted marker."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,11 +17,13 @@ from conftest import REPO, worktree_env
 WORKER = os.path.join(REPO, "tests", "test_checkpoint_worker.py")
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> str:
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300, ok: bool = True) -> str:
+    """Run the worker on `nproc` gloo ranks; its stdout (`ok`: it must succeed), else stdout + stderr of a run
+    that must fail."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER, *args]
     proc = subprocess.run(cmd, env=worktree_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout if ok else proc.stdout + proc.stderr
 
 
 def losses(out: str, resumed: bool = False) -> dict[int, float]:
@@ -103,6 +107,112 @@ def test_adamw_shared_step_trap_is_fixed(uninterrupted, tmp_path):
     broken = losses(str(tmp_path), resumed=True)
     assert broken[4] == full[4]  # the first step after the resume still uses the right step ...
     assert broken[5] != full[5]  # ... then bias correction runs ahead: silent divergence
+
+
+FAULT_RUN = ("--steps", "6", "--save_steps", "2", "--distopt", "--dropout", "0.1")  # as `uninterrupted`
+
+
+@pytest.mark.slow
+def test_faults_never_lose_the_run(uninterrupted, tmp_path):
+    """One output_dir through a full disk, a SIGKILL mid-save, a preemption signal, a truncated shard and a
+    deleted marker: nothing incomplete is ever published or picked, and the restart after the first two faults
+    resumes from the checkpoint before them bit for bit (the restart from a preemption checkpoint, through the
+    trainer and LLaMA-Factory's automatic resume: test_checkpoint_e2e)."""
+    from transformers.trainer_utils import get_last_checkpoint as hf_get_last_checkpoint
+
+    from llamafactory_mca.checkpoint import (
+        MARKER_FILE,
+        CheckpointError,
+        checkpoint_info,
+        get_last_checkpoint,
+        list_checkpoints,
+        read_rng_state,
+        verify_checkpoint,
+    )
+
+    out, full = str(tmp_path), losses(uninterrupted)
+    ckpt = {k: os.path.join(out, f"checkpoint-{k}") for k in range(1, 7)}
+
+    # disk full on rank 1 while checkpoint-4 is written: every rank stops with one message, nothing is published
+    log = torchrun("--out", out, *FAULT_RUN, "--enospc_at", "4", "--enospc_rank", "1", ok=False)
+    assert (f"saving {ckpt[4]} failed (rank 1: OSError: [Errno 28] No space left on device" in log
+            and f"Fix: free disk space under {out}" in log), log[-3000:]
+    assert os.listdir(out) == ["checkpoint-2"]  # the temporary directory is removed too
+
+    # SIGKILL in the middle of the save of checkpoint-4, in a run restarted on one rank (data-parallel size 2 -> 1:
+    # the RNG state of data-parallel rank 0 is restored): only a hidden temporary directory remains
+    log = torchrun("--out", out, *FAULT_RUN, "--resume", "auto", "--kill_during_save", "4", nproc=1, ok=False)
+    info = resumed_info(log)
+    assert info["step"] == 2 and info["rng_restored"]
+    assert info["torch_rng_sha"] == hashlib.sha256(
+        read_rng_state(os.path.join(ckpt[2], "rng_state_0.pth"))["torch"].numpy().tobytes()).hexdigest()
+    assert sorted(os.listdir(out)) == [".checkpoint-4.tmp", "checkpoint-2"]
+    assert get_last_checkpoint(out) == hf_get_last_checkpoint(out) == ckpt[2]  # ours and LLaMA-Factory's pick
+
+    # SIGUSR1 to rank 1 alone during step 5: all ranks finish the step, save checkpoint-5 and exit 0
+    stdout = torchrun("--out", out, *FAULT_RUN, "--resume", "auto", "--signal_at", "5", "--signal_rank", "1")
+    assert resumed_info(stdout)["step"] == 2 and resumed_info(stdout)["rng_restored"]
+    assert losses(out, resumed=True) == {k: full[k] for k in (3, 4, 5)}  # bit for bit after the SIGKILL
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4, 5] and checkpoint_info(ckpt[5])["step"] == 5
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+    # a truncated shard of the newest checkpoint: refused before anything is loaded, naming the file; the
+    # checkpoint before it still passes
+    shard = os.path.join(ckpt[5], "__0_0.distcp")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CheckpointError) as err:
+        verify_checkpoint(ckpt[5])
+    assert f"{shard} is truncated ({size // 2} of" in str(err.value) and "Fix:" in str(err.value)
+    assert verify_checkpoint(ckpt[4])["step"] == 4
+
+    # its marker deleted: checkpoint-5 is not complete any more, the error names the one to use instead
+    os.remove(os.path.join(ckpt[5], MARKER_FILE))
+    assert get_last_checkpoint(out) == ckpt[4]
+    with pytest.raises(CheckpointError) as err:
+        checkpoint_info(ckpt[5])
+    assert f"resume_from_checkpoint: {ckpt[4]}" in str(err.value)
+
+
+class _Exploit:
+    """A pickle that creates a directory when it is unpickled (stands for any code in a tampered file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.slow
+def test_tampered_files_are_refused_and_never_executed(uninterrupted, tmp_path):
+    import pickle
+    import shutil
+
+    import torch
+
+    from llamafactory_mca.checkpoint import CheckpointError, read_rng_state, verify_checkpoint
+
+    src = os.path.join(uninterrupted, "checkpoint-6")
+    verify_checkpoint(src)
+    sentinel = str(tmp_path / "code-ran")
+    for name, write in ((".metadata", lambda f: pickle.dump(_Exploit(sentinel), f)),
+                        ("common.pt", lambda f: torch.save({"x": _Exploit(sentinel)}, f)),
+                        (".metadata", lambda f: f.write(b"\x80\x04garbage"))):
+        ckpt = str(tmp_path / "checkpoint-6")
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.copytree(src, ckpt)
+        with open(os.path.join(ckpt, name), "wb") as f:
+            write(f)
+        with pytest.raises(CheckpointError) as err:
+            verify_checkpoint(ckpt)
+        assert os.path.join(ckpt, name) in str(err.value) and "Fix:" in str(err.value), str(err.value)
+    rng = str(tmp_path / "rng_state_0.pth")
+    torch.save({"python": _Exploit(sentinel)}, rng)
+    with pytest.raises(CheckpointError, match="rng_state_0.pth cannot be read safely"):
+        read_rng_state(rng)
+    assert not os.path.exists(sentinel)
 
 
 def _resharded(tmp_path, src: str, *new_layout: str) -> tuple[str, dict]:

@@ -1,17 +1,25 @@
 """Worker for the checkpoint tests (no tests here): a tiny GPT trained with megatron-core on CPU gloo ranks.
 
     torchrun --nproc_per_node 2 tests/test_checkpoint_worker.py --out DIR --steps 6 --save_steps 3 [--tp 2]
-        [--pp 2] [--resume DIR/checkpoint-3] [--stop_after 3] [--distopt] [--dropout 0.1]
+        [--pp 2] [--resume DIR/checkpoint-3 | --resume auto] [--stop_after 3] [--distopt] [--dropout 0.1]
+        [--signal_at 5 --signal_rank 1] [--kill_during_save 4] [--enospc_at 4 --enospc_rank 1]
 
-Rank 0 writes DIR/losses.json ({step: loss}) with the loss of every optimizer step it ran. The data of step k
-depends only on k (its "data position"), as with a resumed dataloader.
+Rank 0 writes DIR/losses.json ({step: loss}) with the loss of every optimizer step it ran (losses_resumed.json
+when resumed). The data of step k depends only on k (its "data position"), as with a resumed dataloader.
+`--resume auto`: the newest complete checkpoint in DIR, if any (as LLaMA-Factory's automatic resume).
+Faults: `--signal_at K --signal_rank R` (rank R sends itself SIGUSR1 during step K: every rank saves checkpoint-K
+through training.preemption and exits 0), `--kill_during_save K` (the last rank SIGKILLs itself in the middle of
+the save of checkpoint-K), `--enospc_at K --enospc_rank R` (the torch_dist writer of rank R fails with ENOSPC at step K).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -107,7 +115,7 @@ def batch_for_step(step: int, dp_rank: int, dp_size: int):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def train_step(cfg, models, optimizer, step: int) -> float | None:
+def train_step(cfg, models, optimizer, step: int, signal_now: bool = False) -> float | None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -142,6 +150,8 @@ def train_step(cfg, models, optimizer, step: int) -> float | None:
         micro_batch_size=micro,
         forward_only=False,
     )
+    if signal_now:  # in the middle of the step, as a scheduler's signal would come
+        os.kill(os.getpid(), signal.SIGUSR1)
     optimizer.step()
     loss = None
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -167,6 +177,11 @@ def main() -> int:
     p.add_argument("--save_total_limit", type=int, default=None)
     p.add_argument("--resave", default=None, help="after loading --resume, save it again into this output_dir")
     p.add_argument("--no_untie", action="store_true", help="disable the shared-step fix (shows the trap)")
+    p.add_argument("--signal_at", type=int, default=0)
+    p.add_argument("--signal_rank", type=int, default=0)
+    p.add_argument("--kill_during_save", type=int, default=0)
+    p.add_argument("--enospc_at", type=int, default=0)
+    p.add_argument("--enospc_rank", type=int, default=0)
     args = p.parse_args()
 
     from llamafactory_mca import platform
@@ -188,6 +203,13 @@ def main() -> int:
         import llamafactory_mca.checkpoint as ckpt
 
         ckpt.untie_optimizer_steps = lambda optimizer: 0
+    from llamafactory_mca.checkpoint import get_last_checkpoint
+    from llamafactory_mca.training.preemption import PreemptionWatch, exit_after_save
+
+    watch = PreemptionWatch("SIGTERM,SIGUSR1")
+    rank = torch.distributed.get_rank()
+    if args.resume == "auto":
+        args.resume = get_last_checkpoint(args.out)
     start = 0
     if args.resume:
         res = load_checkpoint(args.resume, models, optimizer, scheduler)
@@ -196,34 +218,62 @@ def main() -> int:
         res["distinct_step_tensors"] = len({id(t) for t in steps})
         res["num_step_tensors"] = len(steps)
         res["step_values"] = sorted({float(t) for t in steps})
+        res["torch_rng_sha"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
         if torch.distributed.get_rank() == 0:
-            keys = ("step", "rng_restored", "optimizer_loaded", "distinct_step_tensors", "num_step_tensors", "step_values")
+            keys = ("step", "rng_restored", "optimizer_loaded", "distinct_step_tensors", "num_step_tensors",
+                    "step_values", "torch_rng_sha")
             print("RESUMED", json.dumps({k: res[k] for k in keys}), flush=True)
         if args.resave:
             save_checkpoint(args.resave, start, models, optimizer, scheduler,
                             trainer_state=res["trainer_state"], mca_args=m)
     losses = {}
+
+    def report() -> None:  # the last pipeline stage of DP rank 0 / TP rank 0 reports
+        if (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_rank() == 0
+                and ps.get_tensor_model_parallel_rank() == 0):
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"losses{'_resumed' if args.resume else ''}.json"), "w") as f:
+                json.dump(losses, f)
+
     for step in range(start, args.steps):
-        loss = train_step(cfg, models, optimizer, step)
+        done = step + 1
+        loss = train_step(cfg, models, optimizer, step, signal_now=done == args.signal_at and rank == args.signal_rank)
         scheduler.step()
         if loss is not None:
-            losses[step + 1] = loss
-        done = step + 1
-        if args.save_steps and done % args.save_steps == 0:
-            save_checkpoint(
+            losses[done] = loss
+        preempted = watch.stop_requested()  # the trainer's per-step check (collective)
+        if (args.save_steps and done % args.save_steps == 0) or preempted:
+            inject_faults(args, done, rank)
+            path = save_checkpoint(
                 args.out, done, models, optimizer, scheduler,
                 trainer_state={"global_step": done, "data_position": {"step": done}},
                 mca_args=m, save_total_limit=args.save_total_limit,
             )
+            if preempted:
+                report()
+                exit_after_save(watch, path)
         if args.stop_after and done >= args.stop_after:
             break
-    # the last pipeline stage of DP rank 0 / TP rank 0 reports
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"losses{'_resumed' if args.resume else ''}.json"), "w") as f:
-            json.dump(losses, f)
+    report()
     platform.destroy_parallel()
     return 0
+
+
+def inject_faults(args, step: int, rank: int) -> None:
+    """Arm the faults asked for at this step's save: a SIGKILL in the middle of it, a full disk on one rank."""
+    import llamafactory_mca.checkpoint as ckpt
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    if step == args.kill_during_save and rank == torch.distributed.get_world_size() - 1:
+        def die(state):  # after the torch_dist shards, before the RNG files and the marker
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        ckpt.rng_state_to_tensors = die
+    if step == args.enospc_at and rank == args.enospc_rank:
+        def full(self, plan, planner):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(str(self.path), "__1_0.distcp"))
+
+        FileSystemWriter.write_data = full
 
 
 if __name__ == "__main__":

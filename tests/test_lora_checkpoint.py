@@ -39,6 +39,7 @@ def test_adapter_is_written_before_publishing(worker):
     assert res["hidden_left"] == []
     assert res["published_adapter_unchanged"] is True  # a published checkpoint is never written again
     assert res["failed_save"] == [1]  # the save that failed while writing extra files published nothing
+    assert res["failed_save_reported"] and res["failed_save_leftovers"] == []  # said why, removed its files
     assert res["dict_files"] == {"notes/readme.txt": "hello", "raw.bin": "\x00\x01", "made_by_callable.txt": "made",
                                  "extra.json": {"a": 1}}
 

@@ -441,6 +441,9 @@ def train(run: Run, task: Any) -> None:
     run.scheduler = build_scheduler(run.optimizer, training_args, max_steps)
     steps = task.batch_builder(run, run.train_dataset, bs, training=True) if run.train_dataset is not None else None
 
+    from llamafactory_mca.training.preemption import PreemptionWatch, exit_after_save
+
+    watch = PreemptionWatch(m.save_on_signal, run.device)  # before the (long) resume load: signals are kept
     start_step = 0
     resume = getattr(training_args, "resume_from_checkpoint", None)
     if resume:
@@ -470,7 +473,7 @@ def train(run: Run, task: Any) -> None:
         if book.control.should_save:
             # (under LoRA the PEFT adapter is written into the checkpoint before it is published)
             _save_checkpoint(book, run.ddp_models, run.optimizer, run.scheduler, training_args, m, saved_tokenizer(run),
-                             run.hf_config)
+                             run.hf_config, resumable=watch.triggered)
             book.on_save()
 
     last_grad_norm, last_lr = None, run.optimizer.param_groups[0]["lr"]
@@ -509,6 +512,8 @@ def train(run: Run, task: Any) -> None:
             last_grad_norm = float(grad_norm) if grad_norm is not None else None
             last_lr = lr
             book.maybe_log(last_grad_norm, lr, extra)
+            if watch.stop_requested():  # collective: a signal on any rank -> all save this step, then stop
+                book.control.should_save = book.control.should_training_stop = True
             after_step()
             if book.control.should_epoch_stop or book.control.should_training_stop:
                 break
@@ -518,6 +523,9 @@ def train(run: Run, task: Any) -> None:
         if book.control.should_training_stop:
             break
 
+    if watch.triggered:  # the checkpoint is published: exit 0 without the final export
+        exit_after_save(watch, os.path.join(training_args.output_dir, f"checkpoint-{book.state.global_step}"))
+    watch.close()
     metrics = book.final_metrics(num_train_samples)
     book.on_train_end()
     book.save_metrics("train", metrics)
@@ -642,12 +650,13 @@ def _moe_metrics(config: Any, num_microbatches: int) -> dict[str, float]:
 
 
 def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: Any, scheduler: Any,
-                     training_args: Any, m: Any, tokenizer: Any, hf_config: Any) -> None:
+                     training_args: Any, m: Any, tokenizer: Any, hf_config: Any, resumable: bool = False) -> None:
     """The one call site of checkpoint saving: output_dir/checkpoint-{global_step} (collective).
 
     Under LoRA the PEFT adapter (what the HF Trainer's LoRA checkpoints hold) is written into the checkpoint
     before it is published, and the marker records the base model (merge needs it). `save_only_model` (HF's key)
-    leaves the optimizer, scheduler and RNG state out, for full, freeze and LoRA alike."""
+    leaves the optimizer, scheduler and RNG state out, for full, freeze and LoRA alike, except with `resumable`
+    (the checkpoint of a preempted run, which exists to be resumed from)."""
     import dataclasses
 
     from llamafactory_mca import checkpoint
@@ -673,7 +682,7 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
         save_total_limit=training_args.save_total_limit,
         extra_files=extra_files,
         extra_info=extra_info,
-        save_only_model=bool(getattr(training_args, "save_only_model", False)),
+        save_only_model=bool(getattr(training_args, "save_only_model", False)) and not resumable,
     )
 
 
