@@ -64,6 +64,29 @@ def test_third_party_bridge_wins(fresh_hooks):
     assert isinstance(get_bridge(_cfg("llama")), MyBridge)
 
 
+def test_third_party_bridge_wins_when_registered_first():
+    """The built-in bridges are `trylast`: the order plugins were registered in does not matter."""
+    from llamafactory_mca import hookspecs
+    from llamafactory_mca.hookspecs import hookimpl
+    from llamafactory_mca.models.llama import LlamaBridge
+    from llamafactory_mca.models import registry
+
+    class MyBridge(LlamaBridge):
+        pass
+
+    class Plugin:
+        @hookimpl
+        def mca_model_bridge(self, hf_config):
+            return MyBridge() if hf_config.model_type == "llama" else None
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(Plugin())
+    pm.register(registry)
+    assert isinstance(pm.hook.mca_model_bridge(hf_config=_cfg("llama")), MyBridge)
+    assert type(pm.hook.mca_model_bridge(hf_config=_cfg("qwen3"))).__name__ == "Qwen3Bridge"
+
+
 def test_transformer_config_mapping():
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
