@@ -166,7 +166,7 @@ def _model_type(model_path: Optional[str]) -> Optional[str]:
     return config.get("model_type") if config else None
 
 
-MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+from llamafactory_mca.models.model_state import MULTIMODAL_MODEL_TYPES  # noqa: E402  (the one list)
 
 
 def validate_megatron_args(m: MegatronArguments, world_size: int, model_path: Optional[str] = None) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import random
 import re
@@ -42,7 +41,18 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-logger = logging.getLogger(__name__)
+from llamafactory_mca.models.lora import is_adapter_key
+from llamafactory_mca.models.model_state import model_state, unwrap_model
+
+
+
+def _logger() -> Any:
+    """LLaMA-Factory's logger `llamafactory.mca.checkpoint` (a plain `llamafactory_mca.*` logger has no handler:
+    its INFO lines never showed, see log.py); imported on first use, as merge runs without LLaMA-Factory's
+    logging set up."""
+    from llamafactory_mca.log import get_logger
+
+    return get_logger("checkpoint")
 
 MARKER_FILE = "mca_checkpoint.json"
 FORMAT = "llamafactory-mca/torch_dist"
@@ -211,17 +221,6 @@ def _barrier() -> None:
     d = _dist()
     if d:
         d.barrier()
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Peel megatron's DDP / Float16Module wrappers off a model chunk."""
-    while hasattr(model, "module") and type(model).__name__ in (
-        "DistributedDataParallel",
-        "Float16Module",
-        "FullyShardedDataParallel",
-    ):
-        model = model.module
-    return model
 
 
 def model_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict[str, Any]:
@@ -558,7 +557,7 @@ def write_checkpoint(
         if old:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(parent)
-        logger.info("saved %s in %.1fs", final_dir, time.time() - t0)
+        _logger().info("saved %s in %.1fs", final_dir, time.time() - t0)
     _barrier()
     return final_dir
 
@@ -633,7 +632,7 @@ def load_checkpoint(
     _check_model_tensors(path, info, sharded_sd, models)
     want_optimizer = optimizer is not None and load_optimizer and info.get("has_optimizer", False)
     if optimizer is not None and load_optimizer and not info.get("has_optimizer", False):
-        logger.warning("%s has no optimizer state: the optimizer starts fresh", path)
+        _logger().warning("%s has no optimizer state: the optimizer starts fresh", path)
     if want_optimizer:
         init_optimizer_state(optimizer)
         sharded_sd["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded_sd, is_loading=True)
@@ -647,7 +646,7 @@ def load_checkpoint(
             model.load_state_dict(loaded[f"model{i}"], strict=strict)
             continue
         result = model.load_state_dict(loaded[f"model{i}"], strict=False)
-        not_loaded = [k for k in result.missing_keys if _is_adapter_key(k)]
+        not_loaded = [k for k in result.missing_keys if is_adapter_key(k)]
         if strict and (not_loaded or result.unexpected_keys):
             raise CheckpointError(
                 f"{path}: LoRA adapter tensors not loaded {not_loaded[:3]}, unexpected {result.unexpected_keys[:3]}. "
@@ -672,7 +671,7 @@ def load_checkpoint(
             set_rng_state(torch.load(rng_path, weights_only=False))
             rng_restored = True
         elif _rank() == 0:
-            logger.warning(
+            _logger().warning(
                 "%s was saved with layout %s, now %s: RNG states are not restored (dropout masks differ from "
                 "an uninterrupted run)", path, info.get("layout"), _layout()
             )
@@ -706,11 +705,8 @@ def checkpoint_tensor_meta(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
 
 
 def _adapter_only(model: torch.nn.Module) -> bool:
-    return bool(getattr(model, "_lora_adapter_only", False))
-
-
-def _is_adapter_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
+    state = model_state(model)
+    return bool(state is not None and state.adapter_only)
 
 
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -728,7 +724,7 @@ def _check_model_tensors(path: str, info: dict[str, Any], sharded_sd: dict[str, 
     stored = checkpoint_tensor_meta(path)
     lora_run = any(_adapter_only(unwrap_model(m)) for m in models)
     lora_ckpt = bool(info.get("adapter_only")) or (
-        bool(stored) and all(_is_adapter_key(k) for k in stored if not k.startswith("optimizer")))
+        bool(stored) and all(is_adapter_key(k) for k in stored if not k.startswith("optimizer")))
     if lora_run and not lora_ckpt:
         raise CheckpointError(
             f"{path} holds full model weights, but this run trains LoRA adapters (finetuning_type: lora). Fix: resume "

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llamafactory_mca.training import data as mdata
-from llamafactory_mca.training.loop import Run, SupervisedTask, _run_schedule, _warn
+from llamafactory_mca.training.loop import Run, SupervisedTask, run_schedule, warn
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected", "logits/chosen", "logits/rejected", "sft_loss", "odds_ratio_loss")
@@ -195,7 +195,7 @@ class DPOTask(SupervisedTask):
         with torch.no_grad():
             for i in range(0, len(mine), step):
                 mbs = builder.build(mine[i : i + step])
-                _run_schedule(run.ddp_models, mbs, forward_only=True,
+                run_schedule(run.ddp_models, mbs, forward_only=True,
                               forward_step=partial(self._forward_step, run, "ref_table"))
         for model in run.ddp_models:
             model.train()
@@ -224,7 +224,7 @@ class DPOTask(SupervisedTask):
             for model in run.ddp_models:
                 model.eval()  # no LoRA dropout in the reference pass (the HF reference forward runs under no_grad)
             with torch.no_grad(), lora.disabled(run.lora):
-                _run_schedule(run.ddp_models, mbs, forward_only=True,
+                run_schedule(run.ddp_models, mbs, forward_only=True,
                               forward_step=partial(self._forward_step, run, "ref_step"))
             for model, flag in zip(run.ddp_models, was_training):
                 model.train(flag)
@@ -350,7 +350,7 @@ class DPOTask(SupervisedTask):
     # ---------------------------------------------------------------------------------------- task API
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
         self._attach_reference(run, mbs, "train")
-        losses = _run_schedule(run.ddp_models, mbs, forward_only=False,
+        losses = run_schedule(run.ddp_models, mbs, forward_only=False,
                                forward_step=partial(self._forward_step, run, "policy"))
         return self._metrics(run, self._reduce(run, losses))
 
@@ -366,7 +366,7 @@ class DPOTask(SupervisedTask):
             mbs = builder.build(batches[i : i + chunk])
             self._attach_reference(run, mbs, f"eval:{name}")
             with torch.no_grad():
-                losses = _run_schedule(run.ddp_models, mbs, forward_only=True,
+                losses = run_schedule(run.ddp_models, mbs, forward_only=True,
                                        forward_step=partial(self._forward_step, run, "policy"))
             total += self._reduce(run, losses)
         prefix = f"eval_{name}_" if name else "eval_"
@@ -380,7 +380,7 @@ def run_dpo(mca_args: dict, model_args: Any, data_args: Any, training_args: Any,
 
     if training_args.do_eval and not training_args.do_train and finetuning_args.use_ref_model \
             and finetuning_args.finetuning_type != "lora":
-        _warn("dpo evaluation without training: the reference model is the model itself, rewards are zero")
+        warn("dpo evaluation without training: the reference model is the model itself, rewards are zero")
     run_task(mca_args, model_args, data_args, training_args, finetuning_args, callbacks, DPOTask())
 
 

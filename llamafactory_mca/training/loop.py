@@ -46,7 +46,8 @@ def _log(msg: str) -> None:
     get_logger("trainer").info_rank0(msg)
 
 
-def _warn(msg: str) -> None:
+def warn(msg: str) -> None:
+    """A warning on global rank 0 (LLaMA-Factory's logger)."""
     get_logger("trainer").warning_rank0(msg)
 
 
@@ -220,7 +221,7 @@ def _reduce_report(losses: list, device: torch.device, num_microbatches: int = 0
     return buf
 
 
-def _run_schedule(ddp_models: list, mbs: list, forward_only: bool, forward_step: Optional[Callable] = None) -> list:
+def run_schedule(ddp_models: list, mbs: list, forward_only: bool, forward_step: Optional[Callable] = None) -> list:
     """One pass of megatron's schedule over `mbs` (forward and backward unless forward_only); returns the
     loss functions' reports of the last pipeline stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -308,7 +309,7 @@ class SupervisedTask:
 
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
         """Forward and backward of one optimizer step's microbatches; returns (loss, metrics to log)."""
-        losses = _run_schedule(run.ddp_models, mbs, forward_only=False)
+        losses = run_schedule(run.ddp_models, mbs, forward_only=False)
         report = _reduce_report(losses, run.device, len(mbs)).sum(0)
         return float(report[0]) / max(float(report[1]), 1.0), {}
 
@@ -323,7 +324,7 @@ class SupervisedTask:
         for i in range(0, len(batches), chunk):
             mbs = builder.build(batches[i : i + chunk])
             with torch.no_grad():
-                losses = _run_schedule(run.ddp_models, mbs, forward_only=True)
+                losses = run_schedule(run.ddp_models, mbs, forward_only=True)
             for ce, tokens, n in _reduce_report(losses, run.device, len(mbs)).tolist():
                 if n > 0:
                     weighted += n * ce / max(tokens, 1.0)
@@ -400,7 +401,7 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     platform.setup_platform()  # megatron modules imported while building
     run.bridge.load_hf_weights(run.models, model_args.model_name_or_path)
     run.lora = apply_finetuning_type(run)
-    from llamafactory_mca.models.bridge import wrap_ddp
+    from llamafactory_mca.training.ddp import wrap_ddp
 
     run.ddp_models = wrap_ddp(m, run.models)
     run.optimizer = _build_optimizer(m, training_args, run.ddp_models, run.params_dtype)
@@ -725,7 +726,7 @@ def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any
     saved_base = result["info"].get("base_model_name_or_path")
     if lora_state is not None and saved_base and lora_state.base_model_name_or_path and dist.get_rank() == 0:
         if os.path.abspath(saved_base) != os.path.abspath(lora_state.base_model_name_or_path):
-            _log(f"warning: {path} was trained on base model {saved_base}, this run uses "
+            warn(f"{path} was trained on base model {saved_base}, this run uses "
                  f"{lora_state.base_model_name_or_path}: the adapter is applied to another base")
     state = result.get("trainer_state") or {}
     for key, value in state.items():
