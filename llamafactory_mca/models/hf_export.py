@@ -112,7 +112,7 @@ def save_hf_pretrained(bridge: Any, models: Sequence[torch.nn.Module], output_di
         if os.path.exists(index):  # a stale index of an earlier export (the writer writes one for several shards)
             os.remove(index)
         writer = StreamingSafetensorsWriter(output_dir, _hf_specs(bridge, hf_config, plan[1], dtype),
-                                            parse_size(max_shard_size))
+                                            parse_size(max_shard_size), save_file_layout=True)
     try:
         for name, tensor in export_hf_state_dict(bridge, models, plan):
             if dtype is not None and tensor.is_floating_point():

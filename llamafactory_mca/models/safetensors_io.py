@@ -30,6 +30,9 @@ ST_DTYPE = {
     torch.bool: "BOOL",
 }
 ST_TO_TORCH = {v: k for k, v in ST_DTYPE.items()}
+# safetensors' own `save_file` lays a file out by descending dtype (this order of its Dtype enum), then by name
+_SAVE_FILE_DTYPE_RANK = {d: i for i, d in enumerate(("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64",
+                                                      "I64"))}
 
 
 def parse_size(size: Union[int, str]) -> int:
@@ -144,9 +147,12 @@ class StreamingSafetensorsWriter:
     training). `specs`: (name, shape, dtype) of every tensor, in the order they are laid out; a new shard starts
     where the next tensor would push the current one past `max_shard_size` bytes. `close()` checks that every
     planned tensor was written and writes `model.safetensors.index.json` when there are several shards.
+    `save_file_layout`: inside each shard, lay the tensors out as safetensors' `save_file` does (descending dtype,
+    then name), so the files are byte for byte those `save_file` writes for the same shards.
     """
 
-    def __init__(self, out_dir: str, specs: Sequence[tuple[str, tuple, torch.dtype]], max_shard_size: int):
+    def __init__(self, out_dir: str, specs: Sequence[tuple[str, tuple, torch.dtype]], max_shard_size: int,
+                 save_file_layout: bool = False):
         self.out_dir = out_dir
         shards: list[list[tuple[str, tuple, torch.dtype, int]]] = [[]]
         size = 0
@@ -157,6 +163,9 @@ class StreamingSafetensorsWriter:
                 size = 0
             shards[-1].append((name, tuple(shape), dtype, nbytes))
             size += nbytes
+        if save_file_layout:
+            for shard in shards:
+                shard.sort(key=lambda t: (-_SAVE_FILE_DTYPE_RANK[ST_DTYPE[t[2]]], t[0]))
         n = len(shards)
         self.files = ["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.plan: dict[str, PlannedTensor] = {}
