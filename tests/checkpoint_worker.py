@@ -1,6 +1,6 @@
 """Worker for the checkpoint tests (no tests here): a tiny GPT trained with megatron-core on CPU gloo ranks.
 
-    torchrun --nproc_per_node 2 tests/test_checkpoint_worker.py --out DIR --steps 6 --save_steps 3 [--tp 2]
+    torchrun --nproc_per_node 2 tests/checkpoint_worker.py --out DIR --steps 6 --save_steps 3 [--tp 2]
         [--pp 2] [--resume DIR/checkpoint-3] [--stop_after 3] [--distopt] [--dropout 0.1]
 
 Rank 0 writes DIR/losses.json ({step: loss}) with the loss of every optimizer step it ran. The data of step k
