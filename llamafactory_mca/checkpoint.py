@@ -224,11 +224,16 @@ def _barrier() -> None:
 
 
 def model_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict[str, Any]:
-    """{'model0': ..., 'model1': ...}: one sharded state dict per VPP chunk, with global keys."""
-    return {
-        f"model{i}": unwrap_model(m).sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
-        for i, m in enumerate(models)
-    }
+    """{'model0': ..., 'model1': ...}: one sharded state dict per VPP chunk, with global keys; a LoRA chunk's
+    holds its adapter tensors only (the base weights come from the Hugging Face model)."""
+    return {f"model{i}": _chunk_sharded_state_dict(unwrap_model(m)) for i, m in enumerate(models)}
+
+
+def _chunk_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    sd = model.sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
+    if _adapter_only(model):
+        sd = {k: v for k, v in sd.items() if is_adapter_key(k)}
+    return sd
 
 
 def _layout() -> dict[str, int]:

@@ -13,8 +13,8 @@ Tensor parallelism (y = scale * B A x per Hugging Face module):
       products are all-reduced (or reduce-scattered along the sequence) before B, and under sequence parallelism
       B's gradient is summed over TP ranks.
 Only the adapter parameters require gradients, so DDP buffers and the optimizer hold nothing else. Checkpoints
-hold only the adapter: each model chunk's `sharded_state_dict` is narrowed to the LoRA tensors (global layer
-keys, TP-sharded as above; `state_of(models)` finds the LoraState again), the trainer adds the PEFT adapter
+hold only the adapter: each chunk's `ModelState` is marked `adapter_only`, and `checkpoint.model_sharded_state_dict`
+keeps the LoRA tensors only (global layer keys, TP-sharded as above; `state_of(models)` finds the LoraState again), the trainer adds the PEFT adapter
 files with `save_checkpoint(extra_files=...)` before publishing, and `load_checkpoint` requires every adapter
 tensor (the base weights come from the Hugging Face model). The bridge's `iter_local_params` skips the adapter
 parameters, so export and merge see the base model only.
@@ -365,17 +365,10 @@ def _mark_tp(param: torch.nn.Parameter, split: bool, dim: int) -> None:
 
 
 def _adapter_only_checkpoints(model: torch.nn.Module, state: LoraState) -> None:
-    """Narrow this chunk's `sharded_state_dict` to the adapter tensors (the base comes from the HF model)."""
+    """Record the adapter in this chunk's `ModelState`: its checkpoints hold the adapter tensors only
+    (`checkpoint.model_sharded_state_dict`; the base comes from the HF model)."""
     mstate = model.mca_state
     mstate.lora = state
-    if mstate.adapter_only:
-        return
-    full = model.sharded_state_dict
-
-    def sharded_state_dict(*args, **kwargs):
-        return {k: v for k, v in full(*args, **kwargs).items() if is_adapter_key(k)}
-
-    model.sharded_state_dict = sharded_state_dict
     mstate.adapter_only = True
 
 

@@ -403,11 +403,3 @@ def eval_batches(num_samples: int, batch_size: int, num_processes: int, process_
     per_rank = math.ceil(len(batches) / num_processes)
     mine: list[Optional[list[int]]] = batches[process_index::num_processes]
     return mine + [None] * (per_rank - len(mine))
-
-
-def count_label_tokens(mbs: list[MicroBatch]) -> int:
-    return int(sum(int(mb.num_label_tokens) for mb in mbs))
-
-
-def maybe(x: Optional[Any], default: Any) -> Any:
-    return default if x is None else x

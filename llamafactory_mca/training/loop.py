@@ -710,17 +710,15 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
     )
 
 
-def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping,
-                     strict: bool = True) -> int:
+def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping) -> int:
     """Resume (collective): restores weights, optimizer, scheduler, RNG and the TrainerState; returns the step.
     A save_only_model checkpoint is refused (with an optimizer to load) by `checkpoint.load_checkpoint`.
 
     The load is always strict: under LoRA, every adapter tensor must be in the checkpoint (the base weights
-    come from the Hugging Face model). `strict` is accepted for callers of the earlier signature only."""
+    come from the Hugging Face model)."""
     from llamafactory_mca import checkpoint
     from llamafactory_mca.models import lora
 
-    del strict
     result = checkpoint.load_checkpoint(path, ddp_models, optimizer, scheduler, strict=True)
     lora_state = lora.state_of(ddp_models)
     saved_base = result["info"].get("base_model_name_or_path")
