@@ -381,6 +381,7 @@ def _tolerate_step_in_fully_reshardable_load(optimizer: Any):
 
 
 def optimizer_sharded_state_dict(optimizer: Any, model_sd: dict[str, Any], is_loading: bool) -> Any:
+    """The optimizer's sharded state dict over the model chunks' sharded state dicts `model_sd`."""
     # Local state-dict keys repeat across VPP chunks (each numbers its layers from 0): keep them apart.
     flat_model_sd = {f"{name}.{k}": v for name, chunk in model_sd.items() for k, v in chunk.items()}
     return optimizer.sharded_state_dict(
@@ -392,6 +393,7 @@ def optimizer_sharded_state_dict(optimizer: Any, model_sd: dict[str, Any], is_lo
 
 
 def get_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (CUDA) and megatron's tracked RNG states of this process."""
     import numpy as np
 
     state: dict[str, Any] = {
@@ -411,6 +413,7 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `get_rng_state` returned."""
     import numpy as np
 
     random.setstate(state["python"])

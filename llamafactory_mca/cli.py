@@ -82,10 +82,12 @@ def _convert(argv: list[str]) -> int:
 
 @hookimpl
 def mca_cli_commands() -> dict[str, Callable[[list[str]], int]]:
+    """The built-in sub-commands: doctor, merge, convert."""
     return {"doctor": doctor, "merge": _merge, "convert": _convert}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`llamafactory-mca COMMAND ...`: runs a sub-command of any plugin (`mca_cli_commands`)."""
     from llamafactory_mca.plugins import hook
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -44,6 +44,7 @@ class _LocalProvider(LocalSpecProvider):
 
 
 def use_transformer_engine(mca_args) -> bool:
+    """Whether the layers come from Transformer Engine (`transformer_impl`: auto = when importable)."""
     impl = getattr(mca_args, "transformer_impl", "auto")
     if impl == "local":
         return False

@@ -43,6 +43,7 @@ class PairBatches(mdata.StepBatches):
     Built like StepBatches' (same inputs), with two rows a sample and the pair bookkeeping in `extra`."""
 
     def build(self, batches: list[Optional[list[int]]]) -> list[mdata.MicroBatch]:
+        """One MicroBatch per list of sample indices (None: a padding micro-batch that carries nothing)."""
         mbs = []
         for idx in batches:
             ids = idx if idx is not None else [0]
@@ -117,6 +118,8 @@ def _logits_mean(logits: torch.Tensor, rows: slice, mask: torch.Tensor, vocab: i
 
 
 class DPOTask(SupervisedTask):
+    """The `dpo` stage: LLaMA-Factory's preference losses on pairs, reference log-probs without a second model."""
+
     dataset_stage = "rm"
 
     def __init__(self) -> None:
@@ -125,6 +128,7 @@ class DPOTask(SupervisedTask):
 
     # ---------------------------------------------------------------------------------------- data
     def build_collator(self, run: Run) -> Any:
+        """LLaMA-Factory's pairwise collator (chosen rows, then rejected rows)."""
         from llamafactory.data import PairwiseDataCollatorWithPadding
 
         return PairwiseDataCollatorWithPadding(
@@ -137,14 +141,17 @@ class DPOTask(SupervisedTask):
         )
 
     def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int) -> Any:
+        """`PairBatches` of `dataset`."""
         return PairBatches(dataset, run.collator, run.pad_id, run.layout, uniform_shapes=run.pp > 1,
                            micro_batch_size=micro_batch_size)
 
     def plot_keys(self) -> list[str]:
+        """The log keys plotted with `plot_loss` (as LLaMA-Factory's DPO workflow)."""
         return ["loss", "rewards/accuracies"]
 
     # ---------------------------------------------------------------------------------------- reference
     def prepare(self, run: Run) -> None:
+        """Before training: dropout off (as LLaMA-Factory's DPO trainer) and the reference log-probs."""
         fa = run.finetuning_args
         # LLaMA-Factory's DPO trainer disables every dropout of the model (LoRA's included)
         if run.lora is not None:
@@ -349,6 +356,7 @@ class DPOTask(SupervisedTask):
 
     # ---------------------------------------------------------------------------------------- task API
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
+        """One optimizer step's forward/backward over `mbs`; (loss, reward metrics)."""
         self._attach_reference(run, mbs, "train")
         losses = run_schedule(run.ddp_models, mbs, forward_only=False,
                                forward_step=partial(self._forward_step, run, "policy"))
@@ -376,6 +384,7 @@ class DPOTask(SupervisedTask):
 
 def run_dpo(mca_args: dict, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
             generating_args: Any, callbacks: list) -> None:
+    """The `dpo` workflow (`mca_workflow('dpo')`)."""
     from llamafactory_mca.training.loop import run_task
 
     if training_args.do_eval and not training_args.do_train and finetuning_args.use_ref_model \
