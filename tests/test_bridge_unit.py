@@ -47,9 +47,9 @@ def test_get_bridge_unsupported_lists_types(fresh_hooks):
         assert t in msg
 
 
-def test_third_party_bridge_wins(fresh_hooks):
+def _llama_override():
+    """(bridge class, plugin object): a third-party plugin whose bridge handles `llama`."""
     from llamafactory_mca.hookspecs import hookimpl
-    from llamafactory_mca.models import get_bridge
     from llamafactory_mca.models.llama import LlamaBridge
 
     class MyBridge(LlamaBridge):
@@ -60,30 +60,28 @@ def test_third_party_bridge_wins(fresh_hooks):
         def mca_model_bridge(self, hf_config):
             return MyBridge() if hf_config.model_type == "llama" else None
 
-    fresh_hooks.register(Plugin())
-    assert isinstance(get_bridge(_cfg("llama")), MyBridge)
+    return MyBridge, Plugin()
+
+
+def test_third_party_bridge_wins(fresh_hooks):
+    from llamafactory_mca.models import get_bridge
+
+    my_bridge, plugin = _llama_override()
+    fresh_hooks.register(plugin)
+    assert isinstance(get_bridge(_cfg("llama")), my_bridge)
 
 
 def test_third_party_bridge_wins_when_registered_first():
     """The built-in bridges are `trylast`: the order plugins were registered in does not matter."""
     from llamafactory_mca import hookspecs
-    from llamafactory_mca.hookspecs import hookimpl
-    from llamafactory_mca.models.llama import LlamaBridge
     from llamafactory_mca.models import registry
 
-    class MyBridge(LlamaBridge):
-        pass
-
-    class Plugin:
-        @hookimpl
-        def mca_model_bridge(self, hf_config):
-            return MyBridge() if hf_config.model_type == "llama" else None
-
+    my_bridge, plugin = _llama_override()
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(Plugin())
+    pm.register(plugin)
     pm.register(registry)
-    assert isinstance(pm.hook.mca_model_bridge(hf_config=_cfg("llama")), MyBridge)
+    assert isinstance(pm.hook.mca_model_bridge(hf_config=_cfg("llama")), my_bridge)
     assert type(pm.hook.mca_model_bridge(hf_config=_cfg("qwen3"))).__name__ == "Qwen3Bridge"
 
 
