@@ -299,7 +299,7 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
         out_local, in_local = weight.shape
         sizes = mapping_for(kind).lora_slot_sizes(out_local, ctx)
         if kind == QKV:
-            module.lora_groups = ctx.qkv.num_groups // tp
+            module.lora_groups = ctx.qkv.local_groups(tp)
         module.lora_kind = kind
         module.lora_slots = [(_module_path(h), s, n) for h, s, n in zip(hf, shorts, sizes)]
         module.lora_state = state

@@ -66,9 +66,13 @@ class QkvLayout:
         """Rows of one query group in megatron's fused layout: [q_g, k_g, v_g]."""
         return (self.heads_per_group + 2) * self.head_dim
 
+    def local_groups(self, tp_size: int) -> int:
+        """Query groups held by one of `tp_size` TP ranks."""
+        return self.num_groups // tp_size
+
     def local_sizes(self, tp_size: int) -> list[int]:
         """Rows of q, k and v in one TP rank's shard of the fused tensor."""
-        groups = self.num_groups // tp_size
+        groups = self.local_groups(tp_size)
         return [groups * self.heads_per_group * self.head_dim, groups * self.head_dim, groups * self.head_dim]
 
 
@@ -197,7 +201,7 @@ class FusedQKV(ParamMapping):
         """[q_g, k_g, v_g] for each query group g of this rank."""
         lay = ctx.qkv
         d, hpg = lay.head_dim, lay.heads_per_group
-        groups_per_rank = lay.num_groups // ctx.tp_size
+        groups_per_rank = lay.local_groups(ctx.tp_size)
         parts = []
         for g in range(ctx.tp_rank * groups_per_rank, (ctx.tp_rank + 1) * groups_per_rank):
             parts.append(source.read(hf_names[0], 0, g * hpg * d, (g + 1) * hpg * d))
