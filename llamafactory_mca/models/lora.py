@@ -13,10 +13,11 @@ Tensor parallelism (y = scale * B A x per Hugging Face module):
       products are all-reduced (or reduce-scattered along the sequence) before B, and under sequence parallelism
       B's gradient is summed over TP ranks.
 Only the adapter parameters require gradients, so DDP buffers and the optimizer hold nothing else. Checkpoints
-hold only the adapter: each chunk's `ModelState` is marked `adapter_only`, and `checkpoint.model_sharded_state_dict`
-keeps the LoRA tensors only (global layer keys, TP-sharded as above; `state_of(models)` finds the LoraState again), the trainer adds the PEFT adapter
-files with `save_checkpoint(extra_files=...)` before publishing, and `load_checkpoint` requires every adapter
-tensor (the base weights come from the Hugging Face model). The bridge's `iter_local_params` skips the adapter
+hold only the adapter: each chunk's `ModelState` is marked `adapter_only`, and
+`checkpoint.model_sharded_state_dict` keeps its LoRA tensors only (global layer keys, TP-sharded as above;
+`state_of(models)` finds the LoraState again), the trainer adds the PEFT adapter files with
+`save_checkpoint(extra_files=...)` before publishing, and `load_checkpoint` requires every adapter tensor (the
+base weights come from the Hugging Face model). The bridge's `iter_local_params` skips the adapter
 parameters, so export and merge see the base model only.
 MoE experts and routers get no adapters (transformers 5 keeps experts as fused tensors that PEFT's
 `target_modules` does not match either).
