@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
 from llamafactory_mca import model_config
+from llamafactory_mca.models.families import MULTIMODAL_MODEL_TYPES
 
 
 class McaArgumentError(ValueError):
@@ -28,8 +29,7 @@ def require(ok: bool, key: str, problem: str, fix: str) -> None:
 # megatron-core 0.16's TransformerConfig.recompute_modules choices
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
 
-# Vision-language families (the models package will own this list; read from here until then).
-MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
 
 
 @dataclass

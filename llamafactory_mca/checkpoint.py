@@ -42,7 +42,6 @@ import dataclasses
 import errno
 import io
 import json
-import logging
 import os
 import pickle
 import random
@@ -53,7 +52,18 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-logger = logging.getLogger(__name__)
+from llamafactory_mca.models.lora import is_adapter_key
+from llamafactory_mca.models.model_state import model_state, unwrap_model
+
+
+
+def _logger() -> Any:
+    """LLaMA-Factory's logger `llamafactory.mca.checkpoint` (a plain `llamafactory_mca.*` logger has no handler:
+    its INFO lines never showed, see log.py); imported on first use, as merge runs without LLaMA-Factory's
+    logging set up."""
+    from llamafactory_mca.log import get_logger
+
+    return get_logger("checkpoint")
 
 MARKER_FILE = "mca_checkpoint.json"
 FORMAT = "llamafactory-mca/torch_dist"
@@ -229,23 +239,17 @@ def _barrier() -> None:
         d.barrier()
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Peel megatron's DDP / Float16Module wrappers off a model chunk."""
-    while hasattr(model, "module") and type(model).__name__ in (
-        "DistributedDataParallel",
-        "Float16Module",
-        "FullyShardedDataParallel",
-    ):
-        model = model.module
-    return model
-
-
 def model_sharded_state_dict(models: Sequence[torch.nn.Module]) -> dict[str, Any]:
-    """{'model0': ..., 'model1': ...}: one sharded state dict per VPP chunk, with global keys."""
-    return {
-        f"model{i}": unwrap_model(m).sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
-        for i, m in enumerate(models)
-    }
+    """{'model0': ..., 'model1': ...}: one sharded state dict per VPP chunk, with global keys; a LoRA chunk's
+    holds its adapter tensors only (the base weights come from the Hugging Face model)."""
+    return {f"model{i}": _chunk_sharded_state_dict(unwrap_model(m)) for i, m in enumerate(models)}
+
+
+def _chunk_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    sd = model.sharded_state_dict(metadata=dict(SHARDED_STATE_DICT_METADATA))
+    if _adapter_only(model):
+        sd = {k: v for k, v in sd.items() if is_adapter_key(k)}
+    return sd
 
 
 # What a rank's RNG streams are made of: every rank is seeded with `seed` (platform.seed_everything), megatron's
@@ -434,6 +438,7 @@ def _tolerate_step_in_fully_reshardable_load(optimizer: Any):
 
 
 def optimizer_sharded_state_dict(optimizer: Any, model_sd: dict[str, Any], is_loading: bool) -> Any:
+    """The optimizer's sharded state dict over the model chunks' sharded state dicts `model_sd`."""
     # Local state-dict keys repeat across VPP chunks (each numbers its layers from 0): keep them apart.
     flat_model_sd = {f"{name}.{k}": v for name, chunk in model_sd.items() for k, v in chunk.items()}
     return optimizer.sharded_state_dict(
@@ -445,6 +450,7 @@ def optimizer_sharded_state_dict(optimizer: Any, model_sd: dict[str, Any], is_lo
 
 
 def get_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (CUDA) and megatron's tracked RNG states of this process."""
     import numpy as np
 
     state: dict[str, Any] = {
@@ -464,6 +470,7 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `get_rng_state` returned."""
     import numpy as np
 
     random.setstate(state["python"])
@@ -734,7 +741,7 @@ def write_checkpoint(
             }
             _write_json(os.path.join(tmp_dir, MARKER_FILE), marker)  # last file: the checkpoint is complete
             _publish(tmp_dir, final_dir)
-            logger.info("saved %s in %.1fs", final_dir, time.time() - t0)
+            _logger().info("saved %s in %.1fs", final_dir, time.time() - t0)
     return final_dir
 
 
@@ -899,7 +906,7 @@ def load_checkpoint(
     _check_model_tensors(path, info, sharded_sd, models)
     want_optimizer = optimizer is not None and load_optimizer and info.get("has_optimizer", False)
     if optimizer is not None and load_optimizer and not info.get("has_optimizer", False):
-        logger.warning("%s has no optimizer state: the optimizer starts fresh", path)
+        _logger().warning("%s has no optimizer state: the optimizer starts fresh", path)
     if want_optimizer:
         init_optimizer_state(optimizer)
         sharded_sd["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded_sd, is_loading=True)
@@ -913,7 +920,7 @@ def load_checkpoint(
             model.load_state_dict(loaded[f"model{i}"], strict=strict)
             continue
         result = model.load_state_dict(loaded[f"model{i}"], strict=False)
-        not_loaded = [k for k in result.missing_keys if _is_adapter_key(k)]
+        not_loaded = [k for k in result.missing_keys if is_adapter_key(k)]
         if strict and (not_loaded or result.unexpected_keys):
             raise CheckpointError(
                 f"{path}: LoRA adapter tensors not loaded {not_loaded[:3]}, unexpected {result.unexpected_keys[:3]}. "
@@ -941,7 +948,7 @@ def load_checkpoint(
             set_rng_state(read_rng_state(rng_path))
             rng_restored = True
         elif _rank() == 0:
-            logger.warning(
+            _logger().warning(
                 "%s was saved with layout %s, now %s: RNG states are not restored, the RNGs stay seeded from `seed` "
                 "(dropout masks differ from an uninterrupted run; README: Preemption and resume)", path,
                 info.get("layout"), _layout()
@@ -975,11 +982,8 @@ def checkpoint_tensor_meta(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
 
 
 def _adapter_only(model: torch.nn.Module) -> bool:
-    return bool(getattr(model, "_lora_adapter_only", False))
-
-
-def _is_adapter_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
+    state = model_state(model)
+    return bool(state is not None and state.adapter_only)
 
 
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -997,7 +1001,7 @@ def _check_model_tensors(path: str, info: dict[str, Any], sharded_sd: dict[str, 
     stored = checkpoint_tensor_meta(path)
     lora_run = any(_adapter_only(unwrap_model(m)) for m in models)
     lora_ckpt = bool(info.get("adapter_only")) or (
-        bool(stored) and all(_is_adapter_key(k) for k in stored if not k.startswith("optimizer")))
+        bool(stored) and all(is_adapter_key(k) for k in stored if not k.startswith("optimizer")))
     if lora_run and not lora_ckpt:
         raise CheckpointError(
             f"{path} holds full model weights, but this run trains LoRA adapters (finetuning_type: lora). Fix: resume "

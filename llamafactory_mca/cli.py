@@ -91,10 +91,12 @@ def _plan(argv: list[str]) -> int:
 
 @hookimpl
 def mca_cli_commands() -> dict[str, Callable[[list[str]], int]]:
+    """The built-in sub-commands: doctor, merge, convert, plan."""
     return {"doctor": doctor, "merge": _merge, "convert": _convert, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`llamafactory-mca COMMAND ...`: runs a sub-command of any plugin (`mca_cli_commands`)."""
     from llamafactory_mca.plugins import hook
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -6,7 +6,8 @@ an entry point in the `llamafactory_mca` group of its distribution's metadata::
     [project.entry-points.llamafactory_mca]
     my_family = "my_package.my_bridge"
 
-Our own built-in pieces (arguments, workflows, model bridges, CLI commands) register the same way.
+Our own built-in pieces (arguments, workflows, model bridges, CLI commands) implement the same hooks; they
+are registered first, from the explicit list `plugins.DEFAULT_PLUGINS`, then the entry points (`plugins.py`).
 Set `LLAMAFACTORY_MCA_TRACE=1` to print every hook call and its results.
 """
 
@@ -47,8 +48,9 @@ def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int
 def mca_model_bridge(hf_config: Any) -> ModelBridge | None:
     """Return the bridge (config + weight mapping) for this Hugging Face config, or None if not yours.
 
-    The first non-None result wins; plugins registered later are asked first, so a third-party bridge can
-    override a built-in one for the same `model_type`.
+    The first non-None result wins. Third-party plugins are registered after the built-ins (so asked first),
+    and the built-in implementation is `trylast`: a third-party bridge always overrides a built-in one for the
+    same `model_type`.
     """
 
 

@@ -285,7 +285,7 @@ def iter_upstream_tensors(path: str, bridge: Any) -> Iterator[tuple[str, torch.T
 
 
 def _join_tp(bridge: Any, canon: str, shards: list[torch.Tensor], path: str) -> torch.Tensor:
-    from llamafactory_mca.models.bridge import COLUMN, GLU, QKV, ROW, VOCAB
+    from llamafactory_mca.models.param_mapping import mapping_for
 
     try:
         _hf, kind = bridge.hf_names_for(canon)
@@ -294,10 +294,9 @@ def _join_tp(bridge: Any, canon: str, shards: list[torch.Tensor], path: str) -> 
             f"{path}: tensor {canon} has no Hugging Face counterpart in llamafactory-mca's {type(bridge).__name__} "
             "(a feature of the model this version does not map). Fix: merge it with that mode's own "
             "scripts/megatron_merge.py.") from None
-    if kind in (COLUMN, VOCAB, QKV, GLU):
-        return torch.cat(shards, 0) if len(shards) > 1 else shards[0]
-    if kind == ROW:
-        return torch.cat(shards, 1) if len(shards) > 1 else shards[0]
+    dim = mapping_for(kind).gather_dim  # the split kind's TP dimension (None: replicated)
+    if dim is not None:
+        return torch.cat(shards, dim) if len(shards) > 1 else shards[0]
     for other in shards[1:]:
         if not torch.equal(other, shards[0]):
             raise UpstreamCheckpointError(f"{path}: the replicated tensor {canon} differs between TP ranks. Fix: use "
@@ -388,7 +387,7 @@ def merge_upstream_checkpoint(
     one parameter at a time is assembled. Written into a hidden sibling directory, published by one rename."""
     from llamafactory_mca.export import StreamingSafetensorsWriter, check_output_dir
     from llamafactory_mca.models import get_bridge
-    from llamafactory_mca.models.bridge import parse_size
+    from llamafactory_mca.models.safetensors_io import parse_size
 
     checkpoint_path = os.path.normpath(checkpoint_path)
     output_path = os.path.normpath(output_path)

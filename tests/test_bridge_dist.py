@@ -7,7 +7,6 @@ vpp2 (4 layers, pp=2, vpp=2), ep2 (MoE only).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -15,7 +14,6 @@ from tests.dist_helpers import LAYOUTS, MOE_KINDS
 from tests.tiny_models import KINDS, make_tiny_model
 from tests.workers import launch_worker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "vpp2", "ep2")
 TOL = 1e-5
 

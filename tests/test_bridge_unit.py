@@ -47,9 +47,9 @@ def test_get_bridge_unsupported_lists_types(fresh_hooks):
         assert t in msg
 
 
-def test_third_party_bridge_wins(fresh_hooks):
+def _llama_override():
+    """(bridge class, plugin object): a third-party plugin whose bridge handles `llama`."""
     from llamafactory_mca.hookspecs import hookimpl
-    from llamafactory_mca.models import get_bridge
     from llamafactory_mca.models.llama import LlamaBridge
 
     class MyBridge(LlamaBridge):
@@ -60,8 +60,29 @@ def test_third_party_bridge_wins(fresh_hooks):
         def mca_model_bridge(self, hf_config):
             return MyBridge() if hf_config.model_type == "llama" else None
 
-    fresh_hooks.register(Plugin())
-    assert isinstance(get_bridge(_cfg("llama")), MyBridge)
+    return MyBridge, Plugin()
+
+
+def test_third_party_bridge_wins(fresh_hooks):
+    from llamafactory_mca.models import get_bridge
+
+    my_bridge, plugin = _llama_override()
+    fresh_hooks.register(plugin)
+    assert isinstance(get_bridge(_cfg("llama")), my_bridge)
+
+
+def test_third_party_bridge_wins_when_registered_first():
+    """The built-in bridges are `trylast`: the order plugins were registered in does not matter."""
+    from llamafactory_mca import hookspecs
+    from llamafactory_mca.models import registry
+
+    my_bridge, plugin = _llama_override()
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(plugin)
+    pm.register(registry)
+    assert isinstance(pm.hook.mca_model_bridge(hf_config=_cfg("llama")), my_bridge)
+    assert type(pm.hook.mca_model_bridge(hf_config=_cfg("qwen3"))).__name__ == "Qwen3Bridge"
 
 
 def test_transformer_config_mapping():
@@ -142,3 +163,58 @@ def test_sdpa_attention_matches_reference():
     assert torch.allclose(out[rows, 1], ref(pad)[rows, 1], atol=1e-6)
     assert torch.isfinite(out).all()
     _ = types
+
+
+class _DictSource:
+    """A `param_mapping.TensorSource` over in-memory tensors."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def shape(self, name):
+        return list(self.tensors[name].shape)
+
+    def read(self, name, dim=None, start=0, stop=None):
+        t = self.tensors[name]
+        if dim is None:
+            return t
+        return t[start:stop] if dim == 0 else t[:, start:stop]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_split_kinds_round_trip(tp):
+    """Every split kind: the TP shards read from HF tensors, concatenated in rank order, give them back."""
+    from llamafactory_mca.models import param_mapping as pm
+
+    g = torch.Generator().manual_seed(0)
+    layout = pm.QkvLayout(head_dim=4, num_heads=8, num_groups=4)
+    cfg = type("Cfg", (), {"vocab_size": 10})()
+    cases = {
+        pm.REPL: {"n": torch.randn(6, generator=g)},
+        pm.COLUMN: {"w": torch.randn(8, 3, generator=g)},
+        pm.ROW: {"w": torch.randn(3, 8, generator=g)},
+        pm.GLU: {"gate": torch.randn(8, 3, generator=g), "up": torch.randn(8, 3, generator=g)},
+        pm.QKV: {"q": torch.randn(32, 3, generator=g), "k": torch.randn(16, 3, generator=g),
+                 "v": torch.randn(16, 3, generator=g)},
+        pm.VOCAB: {"emb": torch.randn(10, 3, generator=g)},
+    }
+    for kind, tensors in cases.items():
+        mapping = pm.mapping_for(kind)
+        names = tuple(tensors)
+        rows = 16 // tp if kind == pm.VOCAB else None  # the vocab padded to 16 rows
+        shards = [mapping.local_shard(_DictSource(tensors), names,
+                                      pm.ShardContext(rank, tp, cfg, layout, local_rows=rows)) for rank in range(tp)]
+        if mapping.gather_dim is None:
+            assert all(torch.equal(s, shards[0]) for s in shards)
+            full = shards[0]
+        else:
+            full = torch.cat(shards, dim=mapping.gather_dim)
+        back = dict(mapping.to_hf(names, full, pm.ShardContext(0, tp, cfg, layout)))
+        assert sorted(back) == sorted(tensors), kind
+        for name, t in tensors.items():
+            assert torch.equal(back[name], t), (kind, name)
+        if kind == pm.QKV:  # megatron's fused layout: [q_g, k_g, v_g] per query group
+            group0 = full[: layout.group_rows]
+            assert torch.equal(group0[:8], tensors["q"][:8]) and torch.equal(group0[8:12], tensors["k"][:4])
+            sizes = mapping.lora_slot_sizes(shards[0].shape[0], pm.ShardContext(0, tp, cfg, layout))
+            assert sum(sizes) == shards[0].shape[0] and sizes == [32 // tp, 16 // tp, 16 // tp]

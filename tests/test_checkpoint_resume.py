@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, worktree_env
 
-WORKER = os.path.join(REPO, "tests", "test_checkpoint_worker.py")
+WORKER = os.path.join(REPO, "tests", "checkpoint_worker.py")
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300, ok: bool = True) -> str:

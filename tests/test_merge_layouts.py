@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, run_checked
 
-WORKER = os.path.join(REPO, "tests", "test_merge_worker.py")
+WORKER = os.path.join(REPO, "tests", "merge_worker.py")
 
 
 def megatron_run(hf: str, out: str, *layout: str, steps: int = 2, lr: float = 1e-3) -> str:

@@ -61,13 +61,69 @@ def test_third_party_plugin_is_loaded_through_entry_points(tmp_path):
     assert "ERROR `acme_knob` must be >= 0" in proc.stdout
 
 
-def test_builtins_register_through_the_same_entry_point_group():
-    code = (
-        "from importlib.metadata import entry_points\n"
-        "print(sorted(ep.value for ep in entry_points(group='llamafactory_mca')))\n"
+def test_builtins_are_present_without_any_entry_point():
+    """A source checkout that is not pip-installed (no entry points at all) still has every built-in."""
+    code = textwrap.dedent(
+        """
+        import importlib.metadata
+        importlib.metadata.distributions = lambda *a, **k: iter(())
+        from llamafactory_mca.plugins import DEFAULT_PLUGINS, flat, get_plugin_manager, hook
+        pm = get_plugin_manager()
+        print("REGISTERED", sorted(name for name, _ in pm.list_name_plugin()))
+        print("TYPES", flat(hook().mca_supported_model_types()))
+        print("STAGES", flat(hook().mca_supported_stages()))
+        print("COMMANDS", sorted(k for d in hook().mca_cli_commands() for k in d))
+        print("ARGS", [t.__name__ for t in flat(hook().mca_argument_dataclasses())])
+        """
     )
     proc = run_py(code)
     assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     for module in ("llamafactory_mca.args", "llamafactory_mca.workflows", "llamafactory_mca.models.registry",
                    "llamafactory_mca.cli"):
-        assert module in proc.stdout
+        assert f"'{module}'" in out
+    for model_type in ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_vl", "qwen2_5_vl"):
+        assert f"'{model_type}'" in out
+    assert "'sft'" in out and "'pt'" in out and "'dpo'" in out
+    assert "'merge'" in out and "'convert'" in out and "'doctor'" in out
+    assert "MegatronArguments" in out
+
+
+def _make_bridge_plugin(root, entry_point_name: str):
+    (root / "acme_bridge_plugin.py").write_text(textwrap.dedent(
+        """
+        from llamafactory_mca import hookspecs
+        from llamafactory_mca.models.llama import LlamaBridge
+
+        class AcmeLlamaBridge(LlamaBridge):
+            pass
+
+        @hookspecs.hookimpl
+        def mca_model_bridge(hf_config):
+            return AcmeLlamaBridge() if hf_config.model_type == "llama" else None
+        """
+    ))
+    dist = root / "acme_bridge_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-bridge-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[llamafactory_mca]\n{entry_point_name} = acme_bridge_plugin\n")
+
+
+def test_third_party_bridge_overrides_a_builtin_one(tmp_path):
+    """An entry point with the generic name `models` neither disables the built-in bridges nor loses to them."""
+    _make_bridge_plugin(tmp_path, "models")
+    code = textwrap.dedent(
+        """
+        from transformers import LlamaConfig, Qwen3Config
+        from llamafactory_mca.models import get_bridge
+        from llamafactory_mca.plugins import flat, hook
+        print("LLAMA", type(get_bridge(LlamaConfig())).__name__)
+        print("QWEN3", type(get_bridge(Qwen3Config())).__name__)
+        print("STAGES", flat(hook().mca_supported_stages()))
+        """
+    )
+    proc = run_py(code, PYTHONPATH=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "LLAMA AcmeLlamaBridge" in proc.stdout
+    assert "QWEN3 Qwen3Bridge" in proc.stdout  # the built-in registry is still there
+    assert "'sft'" in proc.stdout

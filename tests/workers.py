@@ -16,19 +16,20 @@ import time
 import traceback
 from typing import Any, Callable, Iterable, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+
 NPROC = 2
 
 
 def launch_worker(script: str, args: Sequence[str], out_dir: Any, key: Sequence[str], timeout: int = 900) -> list:
     """Run tests/<script> under torchrun; return per rank {tuple(result[k] for k in key): result}."""
     out = os.path.join(str(out_dir), "res")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(NPROC),
-           os.path.join(ROOT, "tests", script), "--out", out, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+           os.path.join(REPO, "tests", script), "--out", out, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     per_rank = []
     for rank in range(NPROC):

@@ -4,6 +4,8 @@ from llamafactory_mca.models.bridge import ModelBridge, dense_table
 
 
 class LlamaBridge(ModelBridge):
+    """Llama: the dense table without biases."""
+
     model_types = ("llama",)
     table = dense_table(attn_bias=False)
 

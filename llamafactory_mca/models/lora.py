@@ -13,10 +13,11 @@ Tensor parallelism (y = scale * B A x per Hugging Face module):
       products are all-reduced (or reduce-scattered along the sequence) before B, and under sequence parallelism
       B's gradient is summed over TP ranks.
 Only the adapter parameters require gradients, so DDP buffers and the optimizer hold nothing else. Checkpoints
-hold only the adapter: each model chunk's `sharded_state_dict` is narrowed to the LoRA tensors (global layer
-keys, TP-sharded as above; `state_of(models)` finds the LoraState again), the trainer adds the PEFT adapter
-files with `save_checkpoint(extra_files=...)` before publishing, and `load_checkpoint` requires every adapter
-tensor (the base weights come from the Hugging Face model). The bridge's `iter_local_params` skips the adapter
+hold only the adapter: each chunk's `ModelState` is marked `adapter_only`, and
+`checkpoint.model_sharded_state_dict` keeps its LoRA tensors only (global layer keys, TP-sharded as above;
+`state_of(models)` finds the LoraState again), the trainer adds the PEFT adapter files with
+`save_checkpoint(extra_files=...)` before publishing, and `load_checkpoint` requires every adapter tensor (the
+base weights come from the Hugging Face model). The bridge's `iter_local_params` skips the adapter
 parameters, so export and merge see the base model only.
 MoE experts and routers get no adapters (transformers 5 keeps experts as fused tensors that PEFT's
 `target_modules` does not match either).
@@ -36,15 +37,40 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from llamafactory_mca.models.bridge import COLUMN, GLU, QKV, ROW
+from llamafactory_mca.models.model_state import hf_config_of, model_state, unwrap_model
+from llamafactory_mca.models.param_mapping import COLUMN, GLU, QKV, ROW, mapping_for
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+# a (sharded) state-dict key of an adapter tensor: `<base module>.lora_<A|B>.<HF module short name>`
+ADAPTER_KEY_RE = re.compile(r"^(?P<base>.+)\.lora_(?P<which>[AB])\.(?P<short>[A-Za-z0-9_]+)$")
+
+
+def is_adapter_key(key: str) -> bool:
+    """A parameter name or (sharded) state-dict key of a LoRA adapter tensor (the one test for it)."""
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's scaling of B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def peft_lora_config(r: int, alpha: float, dropout: float, use_rslora: bool, target_modules: Sequence[str],
+                     base_model_name_or_path: Optional[str]):
+    """The PEFT `LoraConfig` (inference mode, causal LM) of an adapter with these settings."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=True, r=r, lora_alpha=alpha,
+                      lora_dropout=dropout, use_rslora=use_rslora, target_modules=list(target_modules),
+                      base_model_name_or_path=base_model_name_or_path)
 
 
 @dataclass
 class LoraState:
+    """The adapter of a run: PEFT's settings and the adapted megatron linears of this rank."""
+
     r: int
     alpha: float
     dropout: float
@@ -56,13 +82,8 @@ class LoraState:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
+        """PEFT's scaling of B A (`lora_scaling`)."""
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
 def _tp_info() -> tuple[int, int]:
@@ -188,7 +209,7 @@ def _linear_targets(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     for chunk in models:
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         for name, module in model.named_modules():
             if not name.startswith("decoder.layers.") or ".experts." in name:
                 continue
@@ -258,16 +279,17 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
 
     state.base_model_name_or_path = getattr(model_args, "model_name_or_path", None) if model_args is not None else None
     for chunk in models:
-        for p in _unwrap(chunk).parameters():
+        for p in unwrap_model(chunk).parameters():
             p.requires_grad_(False)
 
     targets = list(_linear_targets(bridge, models))
     available = {_module_short(h) for _, _, hf, _ in targets for h in hf}
-    has_moe = bool(getattr(_unwrap(models[0]).config, "num_moe_experts", None))
+    has_moe = bool(getattr(unwrap_model(models[0]).config, "num_moe_experts", None))
     state.target_modules = _resolve_targets(requested, available, has_moe)
 
     tp_rank, tp = _tp_info()
-    hf_config = _unwrap(models[0]).hf_config
+    hf_config = hf_config_of(models[0])
+    ctx = bridge.shard_context(hf_config, tp_rank, tp)
     for module, key, hf, kind in targets:
         shorts = [_module_short(h) for h in hf]
         if not any(s in state.target_modules for s in shorts):
@@ -276,17 +298,9 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
             raise ValueError(f"LoRA: {key} has bridge kind {kind!r}, which the Megatron backend cannot adapt")
         weight = module.weight
         out_local, in_local = weight.shape
+        sizes = mapping_for(kind).lora_slot_sizes(out_local, ctx)
         if kind == QKV:
-            d = bridge.head_dim(hf_config)
-            nq = hf_config.num_attention_heads
-            ng = getattr(hf_config, "num_key_value_heads", None) or nq
-            groups = ng // tp
-            sizes = [groups * (nq // ng) * d, groups * d, groups * d]
-            module.lora_groups = groups
-        elif kind == GLU:
-            sizes = [out_local // 2, out_local // 2]
-        else:
-            sizes = [out_local]
+            module.lora_groups = ctx.qkv.local_groups(tp)
         module.lora_kind = kind
         module.lora_slots = [(_module_path(h), s, n) for h, s, n in zip(hf, shorts, sizes)]
         module.lora_state = state
@@ -315,27 +329,17 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
     if resume:
         load_peft_adapter(state, resume)
     for chunk in models:
-        _adapter_only_checkpoints(_unwrap(chunk), state)
+        _adapter_only_checkpoints(unwrap_model(chunk), state)
     return state
 
 
 def state_of(models: Sequence[torch.nn.Module]) -> Optional[LoraState]:
     """The LoraState `apply_lora` attached to these model chunks (DDP-wrapped or not), or None without LoRA."""
     for chunk in models:
-        state = getattr(_unwrap(chunk), "mca_lora_state", None)
-        if state is not None:
-            return state
+        state = model_state(chunk)
+        if state is not None and state.lora is not None:
+            return state.lora
     return None
-
-
-def is_adapter_only(model: torch.nn.Module) -> bool:
-    """True when this model chunk's `sharded_state_dict` holds the LoRA adapter only (checkpoints)."""
-    return bool(getattr(_unwrap(model), "_lora_adapter_only", False))
-
-
-def is_adapter_key(key: str) -> bool:
-    """A (sharded) state-dict key of a LoRA adapter tensor."""
-    return ".lora_A." in key or ".lora_B." in key
 
 
 def checkpoint_marker(state: LoraState) -> dict:
@@ -362,17 +366,20 @@ def _mark_tp(param: torch.nn.Parameter, split: bool, dim: int) -> None:
 
 
 def _adapter_only_checkpoints(model: torch.nn.Module, state: LoraState) -> None:
-    """Narrow this chunk's `sharded_state_dict` to the adapter tensors (the base comes from the HF model)."""
-    model.mca_lora_state = state
-    if getattr(model, "_lora_adapter_only", False):
+    """Record the adapter in this chunk's `ModelState`: its checkpoints hold the adapter tensors only
+    (`checkpoint.model_sharded_state_dict`; the base comes from the HF model)."""
+    mstate = model.mca_state
+    mstate.lora = state
+    if mstate.adapter_only:
         return
     full = model.sharded_state_dict
 
     def sharded_state_dict(*args, **kwargs):
         return {k: v for k, v in full(*args, **kwargs).items() if is_adapter_key(k)}
 
+    # (kept beside checkpoint.model_sharded_state_dict's filter: test_lora's LoRA checkpoint test failed without it)
     model.sharded_state_dict = sharded_state_dict
-    model._lora_adapter_only = True
+    mstate.adapter_only = True
 
 
 # --------------------------------------------------------------------------------------------- switches
@@ -449,13 +456,10 @@ def adapter_state_dict(state: LoraState) -> dict[str, torch.Tensor]:
     return out
 
 
-def peft_config_dict(state: LoraState, base_model_name_or_path: Optional[str]) -> dict:
-    from peft import LoraConfig, TaskType
-
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=True, r=state.r, lora_alpha=state.alpha,
-                        lora_dropout=state.dropout, use_rslora=state.use_rslora,
-                        target_modules=list(state.target_modules), base_model_name_or_path=base_model_name_or_path)
-    return config
+def peft_config_dict(state: LoraState, base_model_name_or_path: Optional[str]):
+    """The PEFT `LoraConfig` of this adapter (`peft_lora_config`)."""
+    return peft_lora_config(state.r, state.alpha, state.dropout, state.use_rslora, state.target_modules,
+                            base_model_name_or_path)
 
 
 def save_peft_adapter(models: Sequence[torch.nn.Module], state: LoraState, output_dir: str,

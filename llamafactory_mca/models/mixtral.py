@@ -4,6 +4,8 @@ from llamafactory_mca.models.bridge import ModelBridge, dense_table, moe_table
 
 
 class MixtralBridge(ModelBridge):
+    """Mixtral: the dense attention table with a router and w1/w3/w2 experts per layer."""
+
     model_types = ("mixtral",)
     table = moe_table(
         dense_table(attn_bias=False),

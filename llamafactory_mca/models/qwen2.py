@@ -4,6 +4,8 @@ from llamafactory_mca.models.bridge import ModelBridge, dense_table
 
 
 class Qwen2Bridge(ModelBridge):
+    """Qwen2 / Qwen2.5: the dense table with q/k/v biases."""
+
     model_types = ("qwen2",)
     table = dense_table(attn_bias=True)
 

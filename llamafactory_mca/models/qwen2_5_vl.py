@@ -19,9 +19,12 @@ from llamafactory_mca.models.qwen2_vl import Qwen2VLBridge, hf_rope_index
 
 
 class Qwen2_5_VLBridge(Qwen2VLBridge):
+    """Qwen2.5-VL: the Qwen2-VL bridge with Qwen2.5-VL's vision tower."""
+
     model_types = ("qwen2_5_vl",)
 
     def vision_cls(self):
+        """Hugging Face's Qwen2.5-VL vision tower class."""
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
         return Qwen2_5_VisionTransformerPretrainedModel

@@ -14,7 +14,8 @@ megatron GPTModel with 3-D multimodal RoPE (mRoPE).
 * Checkpoint names: the layout Hugging Face writes (also transformers 5.6: `model.layers.*`, `model.embed_tokens`,
   `visual.*`, `lm_head.*`) on export; transformers' internal layout (`model.language_model.*`,
   `model.visual.*`) is read as well.
-Context parallelism is not supported for this family yet (image tokens would have to be merged before the split).
+Context parallelism is not supported for this family yet (image tokens would have to be merged before the split);
+`args.validate_megatron_args` refuses it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Any, Optional
 
 import torch
 
-from llamafactory_mca.models.bridge import REPL, ModelBridge, _SafetensorsReader, dense_table
+from llamafactory_mca.models.bridge import REPL, ModelBridge, dense_table
+from llamafactory_mca.models.safetensors_io import SafetensorsReader
 
-class _CompatReader(_SafetensorsReader):
+
+class CompatReader(SafetensorsReader):
     """Reads the checkpoint names Hugging Face writes (`model.layers.*`, `visual.*`) from checkpoints in either
     layout (transformers' internal one is `model.language_model.*`, `model.visual.*`)."""
 
@@ -39,17 +42,9 @@ class _CompatReader(_SafetensorsReader):
             elif name.startswith("model.language_model."):
                 self._alias["model." + name[len("model.language_model."):]] = name
 
-    def _real(self, name: str) -> str:
+    def resolve(self, name: str) -> str:
+        """The stored name of `name`: itself if present, else its transformers-internal alias."""
         return name if name in self.weight_map else self._alias.get(name, name)
-
-    def __contains__(self, name: str) -> bool:
-        return self._real(name) in self.weight_map
-
-    def shape(self, name: str) -> list:
-        return super().shape(self._real(name))
-
-    def read(self, name: str, dim=None, start: int = 0, stop=None) -> torch.Tensor:
-        return super().read(self._real(name), dim, start, stop)
 
 
 def _gpt_with_vision():
@@ -119,16 +114,18 @@ def _gpt_with_vision():
 
 
 class Qwen2VLBridge(ModelBridge):
+    """Qwen2-VL: the Qwen2 language model (text config) with Hugging Face's vision tower (module docstring)."""
+
     model_types = ("qwen2_vl",)
     table = dense_table(attn_bias=True)
 
     # ------------------------------------------------------------------ config: the text model's
-    @staticmethod
-    def _text(hf_config):
+    def text_config(self, hf_config):
+        """The language model's config (`text_config`, or the config itself where it is flat)."""
         return getattr(hf_config, "text_config", None) or hf_config
 
     def check_config(self, hf_config) -> None:
-        text = self._text(hf_config)
+        text = self.text_config(hf_config)
         super().check_config(text)
         if getattr(text, "use_sliding_window", False):
             raise ValueError(f"{hf_config.model_type} with use_sliding_window=True is not supported by the Megatron "
@@ -137,18 +134,19 @@ class Qwen2VLBridge(ModelBridge):
             raise ValueError(f"{hf_config.model_type} config without rope mrope_section")
 
     def mrope_section(self, hf_config) -> list:
-        rope = self._rope_parameters(hf_config)
+        """The mRoPE section sizes (temporal, height, width) of the rotary channels."""
+        rope = self.rope_parameters(hf_config)
         return list(rope.get("mrope_section") or [])
 
-    @staticmethod
-    def _rope_parameters(hf_config) -> dict:
-        return ModelBridge._rope_parameters(getattr(hf_config, "text_config", None) or hf_config)
+    def rope_parameters(self, hf_config) -> dict:
+        """The text model's rope settings."""
+        return super().rope_parameters(self.text_config(hf_config))
 
     def rope_theta(self, hf_config) -> float:
-        return super().rope_theta(self._text(hf_config))
+        return super().rope_theta(self.text_config(hf_config))
 
     def head_dim(self, hf_config) -> int:
-        return super().head_dim(self._text(hf_config))
+        return super().head_dim(self.text_config(hf_config))
 
     def add_qkv_bias(self, hf_config) -> bool:
         return True
@@ -156,25 +154,24 @@ class Qwen2VLBridge(ModelBridge):
     def tied_embeddings(self, hf_config) -> bool:
         tie = getattr(hf_config, "tie_word_embeddings", None)
         if tie is None:
-            tie = getattr(self._text(hf_config), "tie_word_embeddings", False)
+            tie = getattr(self.text_config(hf_config), "tie_word_embeddings", False)
         return bool(tie)
 
     def padded_vocab_size(self, hf_config, tp: int) -> int:
-        return super().padded_vocab_size(self._text(hf_config), tp)
+        return super().padded_vocab_size(self.text_config(hf_config), tp)
 
     def config_overrides(self, hf_config) -> dict:
         return {"mrope_section": self.mrope_section(hf_config)}
 
     def transformer_config(self, hf_config, mca_args, params_dtype: torch.dtype = torch.float32):
-        if mca_args.context_parallel_size > 1:
-            raise ValueError("`context_parallel_size`: Qwen2-VL does not support context parallelism yet. "
-                             "Fix: set context_parallel_size: 1")
-        return super().transformer_config(self._text(hf_config), mca_args, params_dtype)
+        """The text model's TransformerConfig (context parallelism is refused for this family by
+        `args.validate_megatron_args`, before anything is built)."""
+        return super().transformer_config(self.text_config(hf_config), mca_args, params_dtype)
 
     # ------------------------------------------------------------------ model
     def new_model(self, hf_config, config, mca_args, **kwargs):
         kwargs["position_embedding_type"] = "mrope"
-        kwargs["max_sequence_length"] = getattr(self._text(hf_config), "max_position_embeddings", 4096)
+        kwargs["max_sequence_length"] = getattr(self.text_config(hf_config), "max_position_embeddings", 4096)
         return _gpt_with_vision()(config=config, hf_config=hf_config, vision_cls=self.vision_cls(), **kwargs)
 
     def vision_cls(self):
@@ -183,29 +180,23 @@ class Qwen2VLBridge(ModelBridge):
 
         return Qwen2VisionTransformerPretrainedModel
 
-    def _mask_padded_logits(self, model, hf_config) -> None:
-        super()._mask_padded_logits(model, self._text(hf_config))
-
-    def _set_hf_rope(self, model, hf_config, rope: dict) -> None:
+    def set_hf_rope(self, model, hf_config, rope: dict) -> None:
+        """mRoPE: megatron's own frequencies (only the default rope type is supported)."""
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
             raise ValueError(f"{hf_config.model_type} rope_type {rope_type!r} is not supported by the Megatron "
                              "bridge yet")
 
     # ------------------------------------------------------------------ weights
-    def _compiled_table(self, hf_config) -> list:
-        out = super()._compiled_table(hf_config)
+    def compiled_table(self) -> list:
+        """The Qwen2 table plus the vision tower: everything under `vision_model.` is `visual.*`, replicated."""
+        out = super().compiled_table()
         out.append((re.compile(r"vision_model\.(?P<rest>.+)$"), ("visual.{rest}",), REPL))
         return out
 
-    def _read_local(self, reader, entry, hf_names, hf_config, tp_rank, tp_size) -> torch.Tensor:
-        return super()._read_local(reader, entry, hf_names, self._text(hf_config), tp_rank, tp_size)
-
-    def _to_hf(self, entry_kind, hf_names, full, hf_config, tp_size) -> list:
-        return super()._to_hf(entry_kind, hf_names, full, self._text(hf_config), tp_size)
-
-    def reader(self, hf_path: str) -> _SafetensorsReader:
-        return _CompatReader(hf_path)
+    def reader(self, hf_path: str) -> SafetensorsReader:
+        """A reader that finds the names in either checkpoint layout (`CompatReader`)."""
+        return CompatReader(hf_path)
 
 
 def get_rope_index(hf_config, input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor] = None,

@@ -4,6 +4,8 @@ from llamafactory_mca.models.bridge import ModelBridge, dense_table
 
 
 class Qwen3Bridge(ModelBridge):
+    """Qwen3 dense: the dense table with q/k RMSNorm, no biases."""
+
     model_types = ("qwen3",)
     table = dense_table(attn_bias=False, qk_norm=True)
 

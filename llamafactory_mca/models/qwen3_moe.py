@@ -5,6 +5,8 @@ from llamafactory_mca.models.qwen3 import Qwen3Bridge
 
 
 class Qwen3MoeBridge(Qwen3Bridge):
+    """Qwen3-MoE: Qwen3 attention with a router and gate/up/down experts in every layer."""
+
     model_types = ("qwen3_moe",)
     table = moe_table(
         dense_table(attn_bias=False, qk_norm=True),

@@ -1,7 +1,9 @@
-"""Built-in model families, registered through the `llamafactory_mca` entry-point group like any plugin.
+"""Built-in model families, one of `plugins.DEFAULT_PLUGINS`.
 
 A third-party package adds a family the same way: a module with a `ModelBridge` subclass (a table) and
-`@hookimpl` functions `mca_model_bridge(hf_config)` / `mca_supported_model_types()`.
+`@hookimpl` functions `mca_model_bridge(hf_config)` / `mca_supported_model_types()`, announced through the
+`llamafactory_mca` entry-point group. Our `mca_model_bridge` is `trylast`: a third-party bridge for the same
+`model_type` wins.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ def bridge_for(model_type: str):
     return getattr(importlib.import_module(module), cls)()
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def mca_model_bridge(hf_config: Any) -> Optional[Any]:
+    """The built-in bridge for `hf_config.model_type`, asked after every third-party bridge."""
     return bridge_for(getattr(hf_config, "model_type", None))
 
 
 @hookimpl
 def mca_supported_model_types() -> list[str]:
+    """The `model_type` names of the built-in families."""
     return list(_FAMILIES)

@@ -60,7 +60,7 @@ def training_dtype(recipe: dict) -> torch.dtype:
 
 def workload_of(recipe: dict, world_size: int) -> Workload:
     """Micro-batch, sequence length, accumulation and export settings of the recipe."""
-    from llamafactory_mca.models.bridge import parse_size
+    from llamafactory_mca.models.safetensors_io import parse_size
 
     stage = recipe.get("stage", "sft")
     return Workload(

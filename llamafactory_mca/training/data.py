@@ -469,7 +469,3 @@ def eval_batches(num_samples: int, batch_size: int, num_processes: int, process_
     per_rank = math.ceil(len(batches) / num_processes)
     mine: list[Optional[list[int]]] = batches[process_index::num_processes]
     return mine + [None] * (per_rank - len(mine))
-
-
-def maybe(x: Optional[Any], default: Any) -> Any:
-    return default if x is None else x

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llamafactory_mca.training import data as mdata
-from llamafactory_mca.training.loop import Run, SupervisedTask, _run_schedule, _warn
+from llamafactory_mca.training.loop import Run, SupervisedTask, run_schedule, warn
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected", "logits/chosen", "logits/rejected", "sft_loss", "odds_ratio_loss")
@@ -43,6 +43,7 @@ class PairBatches(mdata.StepBatches):
     Built like StepBatches' (same inputs), with two rows a sample and the pair bookkeeping in `extra`."""
 
     def build(self, batches: list[Optional[list[int]]]) -> list[mdata.MicroBatch]:
+        """One MicroBatch per list of sample indices (None: a padding micro-batch that carries nothing)."""
         mbs = []
         for idx in batches:
             ids = idx if idx is not None else [0]
@@ -117,6 +118,8 @@ def _logits_mean(logits: torch.Tensor, rows: slice, mask: torch.Tensor, vocab: i
 
 
 class DPOTask(SupervisedTask):
+    """The `dpo` stage: LLaMA-Factory's preference losses on pairs, reference log-probs without a second model."""
+
     dataset_stage = "rm"
 
     def __init__(self) -> None:
@@ -125,6 +128,7 @@ class DPOTask(SupervisedTask):
 
     # ---------------------------------------------------------------------------------------- data
     def build_collator(self, run: Run) -> Any:
+        """LLaMA-Factory's pairwise collator (chosen rows, then rejected rows)."""
         from llamafactory.data import PairwiseDataCollatorWithPadding
 
         return PairwiseDataCollatorWithPadding(
@@ -143,10 +147,12 @@ class DPOTask(SupervisedTask):
                            micro_batch_size=micro_batch_size)
 
     def plot_keys(self) -> list[str]:
+        """The log keys plotted with `plot_loss` (as LLaMA-Factory's DPO workflow)."""
         return ["loss", "rewards/accuracies"]
 
     # ---------------------------------------------------------------------------------------- reference
     def prepare(self, run: Run) -> None:
+        """Before training: dropout off (as LLaMA-Factory's DPO trainer) and the reference log-probs."""
         fa = run.finetuning_args
         # LLaMA-Factory's DPO trainer disables every dropout of the model (LoRA's included)
         if run.lora is not None:
@@ -197,7 +203,7 @@ class DPOTask(SupervisedTask):
         with torch.no_grad():
             for i in range(0, len(mine), step):
                 mbs = builder.build(mine[i : i + step])
-                _run_schedule(run.ddp_models, mbs, forward_only=True,
+                run_schedule(run.ddp_models, mbs, forward_only=True,
                               forward_step=partial(self._forward_step, run, "ref_table"))
         for model in run.ddp_models:
             model.train()
@@ -226,7 +232,7 @@ class DPOTask(SupervisedTask):
             for model in run.ddp_models:
                 model.eval()  # no LoRA dropout in the reference pass (the HF reference forward runs under no_grad)
             with torch.no_grad(), lora.disabled(run.lora):
-                _run_schedule(run.ddp_models, mbs, forward_only=True,
+                run_schedule(run.ddp_models, mbs, forward_only=True,
                               forward_step=partial(self._forward_step, run, "ref_step"))
             for model, flag in zip(run.ddp_models, was_training):
                 model.train(flag)
@@ -356,9 +362,10 @@ class DPOTask(SupervisedTask):
 
     # ---------------------------------------------------------------------------------------- task API
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
+        """One optimizer step's forward/backward over `mbs`; (loss, reward metrics)."""
         self._attach_reference(run, mbs, "train")
-        losses = _run_schedule(run.ddp_models, mbs, forward_only=False,
-                               forward_step=partial(self._forward_step, run, "train"))
+        losses = run_schedule(run.ddp_models, mbs, forward_only=False,
+                              forward_step=partial(self._forward_step, run, "train"))
         return self._metrics(run, self._reduce(run, losses))
 
     def evaluate(self, run: Run, name: str, dataset: Any) -> dict[str, float]:
@@ -373,7 +380,7 @@ class DPOTask(SupervisedTask):
             mbs = builder.build(batches[i : i + chunk])
             self._attach_reference(run, mbs, f"eval:{name}")
             with torch.no_grad():
-                losses = _run_schedule(run.ddp_models, mbs, forward_only=True,
+                losses = run_schedule(run.ddp_models, mbs, forward_only=True,
                                        forward_step=partial(self._forward_step, run, "policy"))
             total += self._reduce(run, losses)
         prefix = f"eval_{name}_" if name else "eval_"
@@ -383,11 +390,12 @@ class DPOTask(SupervisedTask):
 
 def run_dpo(mca_args: dict, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
             generating_args: Any, callbacks: list) -> None:
+    """The `dpo` workflow (`mca_workflow('dpo')`)."""
     from llamafactory_mca.training.loop import run_task
 
     if training_args.do_eval and not training_args.do_train and finetuning_args.use_ref_model \
             and finetuning_args.finetuning_type != "lora":
-        _warn("dpo evaluation without training: the reference model is the model itself, rewards are zero")
+        warn("dpo evaluation without training: the reference model is the model itself, rewards are zero")
     run_task(mca_args, model_args, data_args, training_args, finetuning_args, callbacks, DPOTask())
 
 

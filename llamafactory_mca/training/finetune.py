@@ -13,13 +13,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from llamafactory_mca.models.lora import is_adapter_key
+from llamafactory_mca.models.model_state import hf_config_of, unwrap_model
+from llamafactory_mca.models.param_mapping import natural_key
+
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def param_hf_names(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter, tuple]]:
@@ -28,12 +26,12 @@ def param_hf_names(bridge: Any, models: Sequence[torch.nn.Module]) -> Iterator[t
     Tied output weights map to the input embedding's name (one parameter on the Hugging Face side); expert
     indices are dropped from the names, as transformers 5 holds all experts of a layer in one tensor.
     """
-    hf_config = _unwrap(models[0]).hf_config
+    hf_config = hf_config_of(models[0])
     tied = bridge.tied_embeddings(hf_config)
     for chunk in models:
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         for name, param in model.named_parameters():
-            if ".lora_" in name:
+            if is_adapter_key(name):
                 continue
             names: list[str] = []
             for key in bridge.canonical_names(model, name):
@@ -70,13 +68,9 @@ def freeze_trainable_hf_names(hf_config: Any, names: Sequence[str], finetuning_a
     """The Hugging Face parameter names that LLaMA-Factory's freeze tuning leaves trainable."""
     from llamafactory.model.adapter import _setup_freeze_tuning
 
-    model = _NamedOnly(hf_config, sorted(set(names), key=_natural_key))
+    model = _NamedOnly(hf_config, sorted(set(names), key=natural_key))
     _setup_freeze_tuning(model, finetuning_args, is_trainable=True, cast_trainable_params_to_fp32=False)
     return model.trainable()
-
-
-def _natural_key(s: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def _all_gather_names(names: list[str]) -> list[str]:
@@ -86,7 +80,7 @@ def _all_gather_names(names: list[str]) -> list[str]:
         return names
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, names)
-    return sorted({n for part in gathered for n in part}, key=_natural_key)
+    return sorted({n for part in gathered for n in part}, key=natural_key)
 
 
 def apply_freeze(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: Any) -> list[str]:
@@ -94,7 +88,7 @@ def apply_freeze(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args
 
     Returns the megatron names (local to this rank) of the trainable parameters.
     """
-    hf_config = _unwrap(models[0]).hf_config
+    hf_config = hf_config_of(models[0])
     entries = list(param_hf_names(bridge, models))
     all_names = _all_gather_names(sorted({n for _, _, hf in entries for n in hf}))
     trainable = freeze_trainable_hf_names(hf_config, all_names, finetuning_args)
@@ -119,7 +113,7 @@ def count_parameters(models: Sequence[torch.nn.Module]) -> tuple[int, int]:
 
     trainable = total = 0
     for chunk in models:
-        for param in _unwrap(chunk).parameters():
+        for param in unwrap_model(chunk).parameters():
             tp_split = getattr(param, "tensor_model_parallel", False)
             if not tp_split and ps.get_tensor_model_parallel_rank() != 0:
                 continue

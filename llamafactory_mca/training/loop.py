@@ -38,7 +38,8 @@ def _log(msg: str) -> None:
     get_logger("trainer").info_rank0(msg)
 
 
-def _warn(msg: str) -> None:
+def warn(msg: str) -> None:
+    """A warning on global rank 0 (LLaMA-Factory's logger)."""
     get_logger("trainer").warning_rank0(msg)
 
 
@@ -176,7 +177,7 @@ def _reduce_report(losses: list, device: torch.device, num_microbatches: int = 0
     return buf
 
 
-def _run_schedule(ddp_models: list, mbs: list, forward_only: bool, forward_step: Optional[Callable] = None) -> list:
+def run_schedule(ddp_models: list, mbs: list, forward_only: bool, forward_step: Optional[Callable] = None) -> list:
     """One pass of megatron's schedule over `mbs` (forward and backward unless forward_only); returns the
     loss functions' reports of the last pipeline stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -268,7 +269,7 @@ class SupervisedTask:
 
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
         """Forward and backward of one optimizer step's microbatches; returns (loss, metrics to log)."""
-        losses = _run_schedule(run.ddp_models, mbs, forward_only=False)
+        losses = run_schedule(run.ddp_models, mbs, forward_only=False)
         report = _reduce_report(losses, run.device, len(mbs)).sum(0)
         return float(report[0]) / max(float(report[1]), 1.0), {}
 
@@ -283,7 +284,7 @@ class SupervisedTask:
         for i in range(0, len(batches), chunk):
             mbs = builder.build(batches[i : i + chunk])
             with torch.no_grad():
-                losses = _run_schedule(run.ddp_models, mbs, forward_only=True)
+                losses = run_schedule(run.ddp_models, mbs, forward_only=True)
             for ce, tokens, n in _reduce_report(losses, run.device, len(mbs)).tolist():
                 if n > 0:
                     weighted += n * ce / max(tokens, 1.0)
@@ -366,7 +367,7 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     platform.setup_platform()  # megatron modules imported while building
     run.bridge.load_hf_weights(run.models, model_args.model_name_or_path)
     run.lora = apply_finetuning_type(run)
-    from llamafactory_mca.models.bridge import wrap_ddp
+    from llamafactory_mca.training.ddp import wrap_ddp
 
     run.ddp_models = wrap_ddp(m, run.models)
     run.optimizer = _build_optimizer(m, training_args, run.ddp_models, run.params_dtype)
@@ -686,23 +687,21 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
     )
 
 
-def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping,
-                     strict: bool = True) -> int:
+def _load_checkpoint(path: str, ddp_models: list, optimizer: Any, scheduler: Any, book: HFTrainerBookkeeping) -> int:
     """Resume (collective): restores weights, optimizer, scheduler, RNG and the TrainerState; returns the step.
     A save_only_model checkpoint is refused (with an optimizer to load) by `checkpoint.load_checkpoint`.
 
     The load is always strict: under LoRA, every adapter tensor must be in the checkpoint (the base weights
-    come from the Hugging Face model). `strict` is accepted for callers of the earlier signature only."""
+    come from the Hugging Face model)."""
     from llamafactory_mca import checkpoint
     from llamafactory_mca.models import lora
 
-    del strict
     result = checkpoint.load_checkpoint(path, ddp_models, optimizer, scheduler, strict=True)
     lora_state = lora.state_of(ddp_models)
     saved_base = result["info"].get("base_model_name_or_path")
     if lora_state is not None and saved_base and lora_state.base_model_name_or_path and dist.get_rank() == 0:
         if os.path.abspath(saved_base) != os.path.abspath(lora_state.base_model_name_or_path):
-            _log(f"warning: {path} was trained on base model {saved_base}, this run uses "
+            warn(f"{path} was trained on base model {saved_base}, this run uses "
                  f"{lora_state.base_model_name_or_path}: the adapter is applied to another base")
     state = result.get("trainer_state") or {}
     for key, value in state.items():

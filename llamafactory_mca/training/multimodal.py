@@ -18,11 +18,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Optional
 
-VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-
-
-def is_multimodal(hf_config: Any) -> bool:
-    return getattr(hf_config, "model_type", None) in VL_MODEL_TYPES
+from llamafactory_mca.models.model_state import is_multimodal, model_state
 
 
 def _qwen2_vl_rope(hf_config: Any, input_ids, image_grid_thw, video_grid_thw, attention_mask):
@@ -63,9 +59,10 @@ def internal_hf_name(name: str) -> str:
 
 def apply_full_tuning_freeze(bridge: Any, models: list, finetuning_args: Any) -> list[str]:
     """LLaMA-Factory's `_setup_full_tuning` freezing on the megatron model; returns the frozen module keys."""
-    from llamafactory_mca.training.finetune import _unwrap, param_hf_names
+    from llamafactory_mca.training.finetune import param_hf_names
 
-    hf_config = getattr(_unwrap(models[0]), "hf_config", None)
+    state = model_state(models[0])
+    hf_config = state.hf_config if state is not None else None
     if hf_config is None or not is_multimodal(hf_config):
         return []
     from llamafactory.model.model_utils.visual import get_forbidden_modules

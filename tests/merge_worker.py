@@ -1,6 +1,6 @@
 """Worker for the merge tests (no tests here): HF model -> Megatron (any layout) -> train a little -> checkpoint.
 
-    torchrun --standalone --nproc_per_node 2 tests/test_merge_worker.py --hf DIR --out DIR [--tp 2] [--pp 2]
+    torchrun --standalone --nproc_per_node 2 tests/merge_worker.py --hf DIR --out DIR [--tp 2] [--pp 2]
         [--vpp 2] [--ep 2] [--steps 2] [--lr 1e-3] [--resume CKPT [--resave DIR]]
 
 Writes OUT/checkpoint-{steps} with save_checkpoint and, on rank 0, OUT/reference.pt: the input ids and the

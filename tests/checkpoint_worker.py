@@ -1,6 +1,6 @@
 """Worker for the checkpoint tests (no tests here): a tiny GPT trained with megatron-core on CPU gloo ranks.
 
-    torchrun --nproc_per_node 2 tests/test_checkpoint_worker.py --out DIR --steps 6 --save_steps 3 [--tp 2]
+    torchrun --nproc_per_node 2 tests/checkpoint_worker.py --out DIR --steps 6 --save_steps 3 [--tp 2]
         [--pp 2] [--resume DIR/checkpoint-3 | --resume auto] [--stop_after 3] [--distopt] [--dropout 0.1]
         [--signal_at 5 --signal_rank 1] [--kill_during_save 4] [--enospc_at 4 --enospc_rank 1]
 

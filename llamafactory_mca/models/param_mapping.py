@@ -1,0 +1,298 @@
+"""Parameter-name tables and tensor-parallel split kinds: pure tensor arithmetic, no I/O, no collectives.
+
+A family table maps *canonical* megatron parameter names to Hugging Face names and a split kind::
+
+    "decoder.layers.{L}.self_attention.linear_qkv.weight": (("...q_proj.weight", "...k_proj.weight",
+                                                              "...v_proj.weight"), QKV)
+
+Canonical names use the global layer index `{L}` and the global expert index `{E}` (megatron modules hold
+local indices: layers are numbered per pipeline chunk, experts per expert-parallel rank; the grouped
+`experts.weight1/weight2` tensors are split into one fc1/fc2 entry per expert).
+
+Kinds (how a tensor is sliced for tensor parallelism, and re-assembled), one `ParamMapping` class each:
+  REPL     `Replicated`  (norms, router)
+  COLUMN   `Column`      split along dim 0
+  ROW      `Row`         split along dim 1
+  VOCAB    `Vocab`       split along dim 0, vocab padded (see `ModelBridge.padded_vocab_size`: the same padded size
+                         for every TP size that divides 128, so checkpoints resume across TP changes); padding
+                         rows are zero, their logits are masked to -inf, and export strips them
+  QKV      `FusedQKV`    q, k, v fused; megatron interleaves per query group [q_g (heads/group * d), k_g (d),
+                         v_g (d)], TP splits by query groups
+  GLU      `GatedMLP`    gate, up fused as [gate_shard; up_shard] per TP rank (dense MLP and expert fc1)
+Each class knows both directions: `local_shard` (this rank's shard, from slices of the Hugging Face tensors of
+a `TensorSource`) and `to_hf` (the Hugging Face tensors of the TP shards concatenated in rank order). The
+bridge's load, the export, the merge and LoRA (`lora_slot_sizes`) all use them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Union
+
+import torch
+
+REPL, COLUMN, ROW, VOCAB, QKV, GLU = "repl", "column", "row", "vocab", "qkv", "glu"
+
+HFNames = Union[str, tuple]
+Table = dict  # canonical megatron name template -> (hf name(s) template, kind)
+
+
+class TensorSource(Protocol):
+    """Sliced read access to Hugging Face tensors by name (e.g. `safetensors_io.SafetensorsReader`)."""
+
+    def shape(self, name: str) -> list[int]:
+        """The full shape of tensor `name`."""
+
+    def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Tensor `name`, or its rows (`dim=0`) / columns (`dim=1`) start:stop."""
+
+
+@dataclass(frozen=True)
+class QkvLayout:
+    """Head arithmetic of a fused QKV tensor: `head_dim` d, `num_heads` query heads in `num_groups` groups."""
+
+    head_dim: int
+    num_heads: int
+    num_groups: int
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads per key/value group."""
+        return self.num_heads // self.num_groups
+
+    @property
+    def group_rows(self) -> int:
+        """Rows of one query group in megatron's fused layout: [q_g, k_g, v_g]."""
+        return (self.heads_per_group + 2) * self.head_dim
+
+    def local_groups(self, tp_size: int) -> int:
+        """Query groups held by one of `tp_size` TP ranks."""
+        return self.num_groups // tp_size
+
+    def local_sizes(self, tp_size: int) -> list[int]:
+        """Rows of q, k and v in one TP rank's shard of the fused tensor."""
+        groups = self.local_groups(tp_size)
+        return [groups * self.heads_per_group * self.head_dim, groups * self.head_dim, groups * self.head_dim]
+
+
+def qkv_layout(hf_config: Any, head_dim: int) -> QkvLayout:
+    """The `QkvLayout` of a (text) Hugging Face config whose heads have `head_dim` channels."""
+    nq = hf_config.num_attention_heads
+    return QkvLayout(head_dim=head_dim, num_heads=nq, num_groups=getattr(hf_config, "num_key_value_heads", None) or nq)
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """What a split needs besides the tensors: this rank's place in its TP group and the model's shapes.
+
+    `hf_config`: the text model's config (`vocab_size`, heads); `qkv`: its `QkvLayout`; `local_rows`: rows of
+    this rank's shard as the model was built (the padded vocab of `Vocab`).
+    """
+
+    tp_rank: int
+    tp_size: int
+    hf_config: Any = None
+    qkv: Optional[QkvLayout] = None
+    local_rows: Optional[int] = None
+
+
+class ParamMapping:
+    """One split kind: Hugging Face full tensors <-> megatron TP shards (subclasses below)."""
+
+    kind: str = ""
+    gather_dim: Optional[int] = None  # dimension the TP shards are concatenated along (None: replicated)
+
+    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
+        """This rank's shard, in megatron's layout, read as slices of the Hugging Face tensors `hf_names`."""
+        raise NotImplementedError
+
+    def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
+        """The Hugging Face tensors of `full`, the `ctx.tp_size` shards concatenated along `gather_dim`."""
+        return [(hf_names[0], full)]
+
+    def lora_slot_sizes(self, out_local: int, ctx: ShardContext) -> list[int]:
+        """Output rows of each Hugging Face module fused in this rank's shard of `out_local` rows (LoRA)."""
+        return [out_local]
+
+
+class Replicated(ParamMapping):
+    """The same full tensor on every TP rank (norms, router)."""
+
+    kind = REPL
+
+    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
+        """The whole tensor."""
+        return source.read(hf_names[0])
+
+
+class Column(ParamMapping):
+    """Split along dim 0 (output features)."""
+
+    kind = COLUMN
+    gather_dim = 0
+
+    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
+        """Rows tp_rank * n / tp ... of the tensor."""
+        dim = self.gather_dim
+        per = source.shape(hf_names[0])[dim] // ctx.tp_size
+        return source.read(hf_names[0], dim, ctx.tp_rank * per, (ctx.tp_rank + 1) * per)
+
+
+class Row(Column):
+    """Split along dim 1 (input features)."""
+
+    kind = ROW
+    gather_dim = 1
+
+
+class Vocab(ParamMapping):
+    """Split along dim 0 over the padded vocabulary; padding rows are zero and stripped on export."""
+
+    kind = VOCAB
+    gather_dim = 0
+
+    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
+        """This rank's `ctx.local_rows` rows of the padded vocabulary (zeros past the real vocab)."""
+        shape = source.shape(hf_names[0])
+        per = ctx.local_rows  # this rank's rows of the padded vocab (as the model was built)
+        start, stop = ctx.tp_rank * per, (ctx.tp_rank + 1) * per
+        part = source.read(hf_names[0], 0, min(start, shape[0]), min(stop, shape[0]))
+        if part.shape[0] < per:
+            part = torch.cat([part, part.new_zeros((per - part.shape[0],) + tuple(shape[1:]))], 0)
+        return part
+
+    def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
+        """The real vocabulary's rows."""
+        return [(hf_names[0], full[: ctx.hf_config.vocab_size])]
+
+
+class GatedMLP(ParamMapping):
+    """gate and up fused as [gate_shard; up_shard] per TP rank (dense fc1 and expert fc1)."""
+
+    kind = GLU
+    gather_dim = 0
+
+    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
+        """This rank's rows of gate, then of up."""
+        per = source.shape(hf_names[0])[0] // ctx.tp_size
+        return torch.cat([source.read(h, 0, ctx.tp_rank * per, (ctx.tp_rank + 1) * per) for h in hf_names], 0)
+
+    def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
+        """gate and up, each re-assembled from the per-rank halves."""
+        tp_size = ctx.tp_size
+        rest = full.shape[1:]
+        per = full.shape[0] // (2 * tp_size)
+        view = full.reshape(tp_size, 2, per, *rest)
+        return [(hf_names[0], view[:, 0].reshape(-1, *rest)), (hf_names[1], view[:, 1].reshape(-1, *rest))]
+
+    def lora_slot_sizes(self, out_local: int, ctx: ShardContext) -> list[int]:
+        """Half the rows for gate, half for up."""
+        return [out_local // 2, out_local // 2]
+
+
+class FusedQKV(ParamMapping):
+    """q, k, v interleaved per query group; TP splits by query groups."""
+
+    kind = QKV
+    gather_dim = 0
+
+    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
+        """[q_g, k_g, v_g] for each query group g of this rank."""
+        lay = ctx.qkv
+        d, hpg = lay.head_dim, lay.heads_per_group
+        groups_per_rank = lay.local_groups(ctx.tp_size)
+        parts = []
+        for g in range(ctx.tp_rank * groups_per_rank, (ctx.tp_rank + 1) * groups_per_rank):
+            parts.append(source.read(hf_names[0], 0, g * hpg * d, (g + 1) * hpg * d))
+            parts.append(source.read(hf_names[1], 0, g * d, (g + 1) * d))
+            parts.append(source.read(hf_names[2], 0, g * d, (g + 1) * d))
+        return torch.cat(parts, 0)
+
+    def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
+        """q, k and v, de-interleaved."""
+        lay = ctx.qkv
+        d, nq, ng, hpg = lay.head_dim, lay.num_heads, lay.num_groups, lay.heads_per_group
+        rest = full.shape[1:]
+        view = full.reshape(ng, lay.group_rows, *rest)
+        q = view[:, : hpg * d].reshape(nq * d, *rest)
+        k = view[:, hpg * d: (hpg + 1) * d].reshape(ng * d, *rest)
+        v = view[:, (hpg + 1) * d:].reshape(ng * d, *rest)
+        return [(hf_names[0], q), (hf_names[1], k), (hf_names[2], v)]
+
+    def lora_slot_sizes(self, out_local: int, ctx: ShardContext) -> list[int]:
+        """Rows of q, k and v of this rank's query groups."""
+        return ctx.qkv.local_sizes(ctx.tp_size)
+
+
+MAPPINGS: dict[str, ParamMapping] = {m.kind: m for m in (Replicated(), Column(), Row(), Vocab(), GatedMLP(),
+                                                         FusedQKV())}
+
+
+def mapping_for(kind: str) -> ParamMapping:
+    """The `ParamMapping` of a table kind (REPL, COLUMN ...); ValueError for an unknown kind."""
+    try:
+        return MAPPINGS[kind]
+    except KeyError:
+        raise ValueError(kind) from None
+
+
+# ------------------------------------------------------------------------------------ name tables
+
+
+def compile_table(table: Table) -> list:
+    """[(regex, hf name templates, kind)] of a table: `{L}` / `{E}` become named groups."""
+    out = []
+    for mkey, (hf, kind) in table.items():
+        pattern = re.escape(mkey).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+        out.append((re.compile(pattern + "$"), hf if isinstance(hf, tuple) else (hf,), kind))
+    return out
+
+
+def lookup(compiled: list, key: str) -> Optional[tuple[tuple[str, ...], str]]:
+    """(Hugging Face names, kind) of canonical megatron name `key` in a compiled table, or None."""
+    for regex, hf, kind in compiled:
+        mt = regex.match(key)
+        if mt:
+            fields = mt.groupdict()
+            return tuple(h.format(**fields) for h in hf), kind
+    return None
+
+
+def natural_key(s: str) -> list:
+    """Sort key that orders embedded numbers numerically (layer 2 before layer 10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def dense_table(attn_bias: bool = False, qk_norm: bool = False) -> Table:
+    """The Llama-style decoder table (also Qwen2 with q/k/v bias, Qwen3 with q/k norm)."""
+    p = "model.layers.{L}."
+    t: Table = {
+        "embedding.word_embeddings.weight": ("model.embed_tokens.weight", VOCAB),
+        "output_layer.weight": ("lm_head.weight", VOCAB),
+        "decoder.final_layernorm.weight": ("model.norm.weight", REPL),
+        "decoder.layers.{L}.input_layernorm.weight": (p + "input_layernorm.weight", REPL),
+        "decoder.layers.{L}.self_attention.linear_qkv.weight": (
+            (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"), QKV),
+        "decoder.layers.{L}.self_attention.linear_proj.weight": (p + "self_attn.o_proj.weight", ROW),
+        "decoder.layers.{L}.pre_mlp_layernorm.weight": (p + "post_attention_layernorm.weight", REPL),
+        "decoder.layers.{L}.mlp.linear_fc1.weight": ((p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), GLU),
+        "decoder.layers.{L}.mlp.linear_fc2.weight": (p + "mlp.down_proj.weight", ROW),
+    }
+    if attn_bias:
+        t["decoder.layers.{L}.self_attention.linear_qkv.bias"] = (
+            (p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"), QKV)
+    if qk_norm:
+        t["decoder.layers.{L}.self_attention.q_layernorm.weight"] = (p + "self_attn.q_norm.weight", REPL)
+        t["decoder.layers.{L}.self_attention.k_layernorm.weight"] = (p + "self_attn.k_norm.weight", REPL)
+    return t
+
+
+def moe_table(base: Table, router: str, gate: str, up: str, down: str) -> Table:
+    """`base` with the dense MLP replaced by a router and per-expert MLPs (names relative to the layer)."""
+    p = "model.layers.{L}."
+    t = {k: v for k, v in base.items() if ".mlp.linear_fc" not in k}
+    t["decoder.layers.{L}.mlp.router.weight"] = (p + router, REPL)
+    t["decoder.layers.{L}.mlp.experts.{E}.linear_fc1.weight"] = ((p + gate, p + up), GLU)
+    t["decoder.layers.{L}.mlp.experts.{E}.linear_fc2.weight"] = (p + down, ROW)
+    return t
