@@ -444,6 +444,23 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)  # CPU: patched to the CPU generator
 
 
+def initialize_layout(mca_args: "MegatronArguments", **options: Any) -> None:
+    """megatron's parallel_state for `mca_args`' layout on the initialised torch.distributed world; `options` go to
+    `initialize_model_parallel` too (e.g. `create_gloo_process_groups=False` on the planner's fake process group)."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=mca_args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=mca_args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=mca_args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=mca_args.context_parallel_size,
+        expert_model_parallel_size=mca_args.expert_model_parallel_size,
+        expert_tensor_parallel_size=mca_args.expert_tensor_parallel_size,
+        **options,
+    )
+    setup_platform()  # modules imported by initialize_model_parallel
+
+
 def init_parallel(mca_args: "MegatronArguments", seed: int = 42) -> None:
     """torch.distributed + megatron parallel_state for `mca_args`' layout, then seeds. Safe to call twice."""
     setup_platform()
@@ -451,16 +468,7 @@ def init_parallel(mca_args: "MegatronArguments", seed: int = 42) -> None:
 
     init_distributed(mca_args.distributed_timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=mca_args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=mca_args.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=mca_args.virtual_pipeline_model_parallel_size,
-            context_parallel_size=mca_args.context_parallel_size,
-            expert_model_parallel_size=mca_args.expert_model_parallel_size,
-            expert_tensor_parallel_size=mca_args.expert_tensor_parallel_size,
-            distributed_timeout_minutes=mca_args.distributed_timeout_minutes,
-        )
-    setup_platform()  # modules imported by initialize_model_parallel
+        initialize_layout(mca_args, distributed_timeout_minutes=mca_args.distributed_timeout_minutes)
     seed_everything(seed)
 
 

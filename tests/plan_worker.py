@@ -55,7 +55,7 @@ def check(kind: str, model_dir: str, layout: str) -> dict:
     from transformers import AutoConfig
 
     from llamafactory_mca.args import MegatronArguments
-    from llamafactory_mca.models.bridge import wrap_ddp
+    from llamafactory_mca.training.ddp import wrap_ddp
     from llamafactory_mca.models.registry import bridge_for
     from llamafactory_mca.plan.meta import census_of_chunks
 

@@ -88,23 +88,14 @@ def simulated_rank(mca_args: Any, world_size: int, rank: int) -> Iterator[None]:
     from megatron.core import parallel_state as ps
 
     import torch.testing._internal.distributed.fake_pg as fake_pg  # registers the "fake" backend
-    from llamafactory_mca.platform import setup_platform
+    from llamafactory_mca.platform import initialize_layout, setup_platform
 
     if dist.is_initialized():
         raise RuntimeError("plan simulates ranks in one process: run it outside torchrun / an initialised group")
     setup_platform()
     dist.init_process_group("fake", rank=rank, world_size=world_size, store=fake_pg.FakeStore())
     try:
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=mca_args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=mca_args.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=mca_args.virtual_pipeline_model_parallel_size,
-            context_parallel_size=mca_args.context_parallel_size,
-            expert_model_parallel_size=mca_args.expert_model_parallel_size,
-            expert_tensor_parallel_size=mca_args.expert_tensor_parallel_size,
-            create_gloo_process_groups=False,
-        )
-        setup_platform()
+        initialize_layout(mca_args, create_gloo_process_groups=False)  # gloo groups cannot exist on the fake group
         yield
     finally:
         if ps.model_parallel_is_initialized():
@@ -212,6 +203,7 @@ class LayerTemplate:
 def layer_template(bridge: Any, hf_config: Any, dtype: torch.dtype, freeze: Optional[Any] = None) -> LayerTemplate:
     """Build the model once for one rank (tp=pp=ep=1, meta) and record per-layer counts by split kind."""
     from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.model_state import model_state
 
     with simulated_rank(MegatronArguments(), 1, 0):
         chunks = build_meta_chunks(bridge, hf_config, MegatronArguments(), dtype)
@@ -223,7 +215,7 @@ def layer_template(bridge: Any, hf_config: Any, dtype: torch.dtype, freeze: Opti
                      kv_heads=cfg.num_query_groups or cfg.num_attention_heads, head_dim=cfg.kv_channels,
                      ffn=cfg.ffn_hidden_size, experts=cfg.num_moe_experts or 0, moe_ffn=cfg.moe_ffn_hidden_size or 0,
                      topk=cfg.moe_router_topk or 0, qk_layernorm=bool(cfg.qk_layernorm),
-                     padded_vocab=int(model.mca_padded_vocab_size), vocab=int(bridge.padded_vocab_size(hf_config, 1)))
+                     padded_vocab=int(model_state(model).padded_vocab_size), vocab=int(bridge.padded_vocab_size(hf_config, 1)))
     dims.vocab = min(dims.vocab, _real_vocab(hf_config))
     t = LayerTemplate(hidden=cfg.hidden_size, tied=bool(model.share_embeddings_and_output_weights), dims=dims)
     layer0 = model.decoder.layers[0]
