@@ -56,10 +56,13 @@ def test_resume_through_llamafactory_cli_is_bit_exact(models, full_run, tmp_path
 
 
 def _workers(pid: int) -> list:
-    """The torchrun workers (LLaMA-Factory's launcher.py) under the `llamafactory-cli` process `pid`."""
+    """The torchrun workers (LLaMA-Factory's launcher.py) under the `llamafactory-cli` process `pid`: the processes
+    torchrun gave a LOCAL_RANK, not their own children (the data-prefetch worker inherits the variable)."""
     import psutil
 
-    return [p for p in psutil.Process(pid).children(recursive=True) if "LOCAL_RANK" in p.environ()]
+    ranked = [p for p in psutil.Process(pid).children(recursive=True) if "LOCAL_RANK" in p.environ()]
+    pids = {p.pid for p in ranked}
+    return [p for p in ranked if p.ppid() not in pids]
 
 
 @pytest.mark.slow

@@ -449,8 +449,7 @@ def train(run: Run, task: Any) -> None:
     resume = getattr(training_args, "resume_from_checkpoint", None)
     if resume:
         # LoRA checkpoints hold the adapter only: the base weights come from the HF model
-        start_step = _load_checkpoint(resume, run.ddp_models, run.optimizer, run.scheduler, book,
-                                      strict=run.lora is None)
+        start_step = _load_checkpoint(resume, run.ddp_models, run.optimizer, run.scheduler, book)
 
     _log(f"***** Running training (Megatron: tp={run.tp} pp={run.pp} vpp={m.virtual_pipeline_model_parallel_size} "
          f"cp={run.layout.cp} ep={m.expert_model_parallel_size} dp={dp_size}"
