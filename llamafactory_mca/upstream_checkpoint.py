@@ -357,15 +357,6 @@ def _iter_dist_tensors(path: str, bridge: Any, mca: dict[str, Any]) -> Iterator[
 # --------------------------------------------------------------------------------------------- merge
 
 
-def _out_dtype(hf_config: Any, dtype: Optional[torch.dtype], stored: torch.dtype) -> torch.dtype:
-    if dtype is not None:
-        return dtype
-    cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(cfg, str):
-        cfg = getattr(torch, cfg, None)
-    return cfg if isinstance(cfg, torch.dtype) else stored
-
-
 def _hf_items(path: str, bridge: Any, hf_config: Any, meta: bool) -> Iterator[tuple[str, torch.Tensor]]:
     for canon, full, tp in iter_upstream_tensors(path, bridge):
         if meta:
@@ -386,6 +377,7 @@ def merge_upstream_checkpoint(
     is the Hugging Face config's. One process, no GPU, no megatron model: the rank files are memory-mapped and
     one parameter at a time is assembled. Written into a hidden sibling directory, published by one rename."""
     from llamafactory_mca.export import StreamingSafetensorsWriter, check_output_dir
+    from llamafactory_mca.export.files import config_dtype, fresh_tmp, publish
     from llamafactory_mca.models import get_bridge
     from llamafactory_mca.models.safetensors_io import parse_size
 
@@ -404,14 +396,10 @@ def merge_upstream_checkpoint(
     for name, t in _hf_items(checkpoint_path, bridge, hf_config, meta=True):
         stored = stored or t.dtype
         specs.append((name, tuple(t.shape), t.dtype))
-    out = _out_dtype(hf_config, dtype, stored or torch.float32)
+    out = dtype or config_dtype(hf_config, stored or torch.float32)
     specs = [(n, s, out if d.is_floating_point else d) for n, s, d in specs]
 
-    parent = os.path.dirname(output_path) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output_path)}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = fresh_tmp(output_path)
     try:
         writer = StreamingSafetensorsWriter(tmp, specs, parse_size(max_shard_size))
         try:
@@ -428,9 +416,7 @@ def merge_upstream_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(output_path):
-        shutil.rmtree(output_path)
-    os.rename(tmp, output_path)
+    publish(tmp, output_path)
     return output_path
 
 
