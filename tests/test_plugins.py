@@ -79,7 +79,7 @@ def test_builtins_are_present_without_any_entry_point():
     proc = run_py(code)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for module in ("llamafactory_mca.args", "llamafactory_mca.workflows", "llamafactory_mca.models.registry",
+    for module in ("llamafactory_mca.arg_hooks", "llamafactory_mca.workflows", "llamafactory_mca.models.registry",
                    "llamafactory_mca.cli"):
         assert f"'{module}'" in out
     for model_type in ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_vl", "qwen2_5_vl"):
