@@ -79,11 +79,12 @@ def vl25_model(tmp_path_factory):
     return make_tiny_vl_model(str(tmp_path_factory.mktemp("tiny_vl25") / "qwen2_5_vl"), family="qwen2_5_vl")
 
 
-def _vl_recipe(model: str, out: str, bs: int, ga: int, **overrides) -> dict:
+def _vl_recipe(model: str, out: str, bs: int, ga: int, mca: bool = True, **overrides) -> dict:
     from test_vl_train import _recipe
 
-    return _recipe(model, out, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, save_hf_model=False,
-                   **overrides)
+    if mca:
+        overrides["save_hf_model"] = False  # our key: the HF export is not compared here
+    return _recipe(model, out, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def hf_vl25(vl25_model, tmp_path_factory):
     from test_vl_train import _train
 
     tmp = tmp_path_factory.mktemp("hf_vl25_splits")
-    return {(bs, ga): _train(tmp, f"hf_{bs}x{ga}", _vl_recipe(vl25_model, str(tmp / f"hf_{bs}x{ga}"), bs, ga),
+    return {(bs, ga): _train(tmp, f"hf_{bs}x{ga}", _vl_recipe(vl25_model, str(tmp / f"hf_{bs}x{ga}"), bs, ga, mca=False),
                              mca=False)
             for bs, ga in ((1, 4), (2, 2))}
 
