@@ -91,8 +91,20 @@ def launch_world_size() -> Optional[int]:
     return int(nproc) * int(nnodes) if nnodes.isdigit() else None
 
 
+def refuse_unsupported_launch_modes() -> None:
+    """USE_V1 / USE_RAY cannot run the Megatron backend: say so before torchrun or Ray start."""
+    from llamafactory_mca.activation import is_enabled
+    from llamafactory_mca.launch import refuse_ray, refuse_v1
+
+    if is_enabled("USE_V1"):
+        refuse_v1()
+    if is_enabled("USE_RAY"):
+        refuse_ray()
+
+
 def check_recipe_before_launch(argv: list[str]) -> list[str]:
     """Check the recipe of `llamafactory-cli train ARGV`; return the notices to print; McaArgumentError if bad."""
+    refuse_unsupported_launch_modes()
     recipe = read_recipe(argv)
     if recipe is None:
         return []

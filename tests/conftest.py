@@ -43,3 +43,32 @@ def run_py(code: str, timeout: int = 300, **env: str) -> subprocess.CompletedPro
 @pytest.fixture
 def repo() -> str:
     return REPO
+
+
+# ------------------------------------------------------------------------------------------- the extended tier
+
+EXTENDED_ENV = "LLAMAFACTORY_MCA_EXTENDED_TESTS"
+EXTENDED_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--extended", action="store_true",
+                     help=f"also run the tests marked `extended` (or set {EXTENDED_ENV}=1)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without --extended, leave out the tests marked `extended`: further layouts or splits of a check that a test
+    of the default run already makes on the same code path (README, "Tests")."""
+    if config.getoption("--extended") or os.environ.get(EXTENDED_ENV) == "1":
+        return
+    left_out = [item for item in items if item.get_closest_marker("extended") is not None]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item.get_closest_marker("extended") is None]
+        config.stash[EXTENDED_LEFT_OUT] = len(left_out)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    left_out = config.stash.get(EXTENDED_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(f"{left_out} extended tests left out: run them with --extended")

@@ -19,20 +19,25 @@ def _pth_installed() -> bool:
     return any(os.path.isfile(os.path.join(d, "llamafactory_mca.pth")) for d in site.getsitepackages())
 
 
+_MODELS: dict[str, str] = {}
+
+
 def make_models(tmp_path_factory) -> dict[str, str]:
-    """Build the tiny dense and MoE Qwen3 models (random weights, local tokenizer) once per module."""
+    """The tiny dense and MoE Qwen3 models (random weights, local tokenizer), built once per test session in one
+    process and shared read-only by every module that asks (the script is seeded: same command, same weights)."""
     if not _pth_installed():
         pytest.fail("llamafactory_mca.pth is not in site-packages: install with `pip install . --no-deps` "
                     "(not -e) so that USE_MCA=1 works in every process")
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for kind, extra in (("dense", []), ("moe", ["--moe"])):
-        path = str(root / kind)
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path, *extra],
+    if not _MODELS:
+        root = tmp_path_factory.mktemp("models")
+        paths = {kind: str(root / kind) for kind in ("dense", "moe")}
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from make_tiny_model import main; "
+                "main([sys.argv[2]]); main([sys.argv[3], '--moe'])")
+        proc = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "scripts"), paths["dense"], paths["moe"]],
                               env=clean_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[kind] = path
-    return out
+        _MODELS.update(paths)
+    return dict(_MODELS)
 
 
 def make_recipe(model: str, output_dir: str, **overrides) -> dict:

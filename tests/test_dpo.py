@@ -100,7 +100,7 @@ def test_dpo_sample_weighting_on_equal_micro_batches(models, dpo_data, hf_sigmoi
     assert_dpo_parity(hf_sigmoid, out)
 
 
-@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+@pytest.mark.parametrize("loss", ["orpo", pytest.param("simpo", marks=pytest.mark.extended)])
 def test_dpo_reference_free_losses(models, dpo_data, tmp_path, loss):
     hf = train(tmp_path, "hf", _dpo(models, dpo_data, str(tmp_path / "hf"), pref_loss=loss), mca=False)
     ours = train(tmp_path, "mca", _dpo(models, dpo_data, str(tmp_path / "out"), pref_loss=loss,

@@ -114,7 +114,7 @@ def test_hf_path_depends_on_the_split(hf_vl25):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bs,ga", [(1, 4), (2, 2)], ids=["1x4", "2x2"])
+@pytest.mark.parametrize("bs,ga", [(1, 4), pytest.param(2, 2, marks=pytest.mark.extended)], ids=["1x4", "2x2"])
 def test_vl_auto_weighting_follows_hf_per_split(vl25_model, hf_vl25, tmp_path, bs, ga):
     from test_vl_train import _train
 
@@ -125,7 +125,7 @@ def test_vl_auto_weighting_follows_hf_per_split(vl25_model, hf_vl25, tmp_path, b
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,split", [
     (dict(tensor_model_parallel_size=2, sequence_parallel=True), (2, 2)),
-    (dict(pipeline_model_parallel_size=2), (1, 4)),
+    pytest.param(dict(pipeline_model_parallel_size=2), (1, 4), marks=pytest.mark.extended),
     (dict(), (1, 2)),  # two processes, no model parallelism: DP=2, 2 micro-batches of 1 sample on each rank
 ], ids=["tp2sp", "pp2", "dp2"])
 def test_vl_auto_weighting_parallel(vl25_model, hf_vl25, tmp_path, layout, split):
@@ -155,18 +155,13 @@ def test_vl_sample_and_token_weighting(vl25_model, hf_vl25, tmp_path):
 
 
 @pytest.mark.slow
-def test_text_micro_batch_equals_sample_on_single_sample_micro_batches(tmp_path):
+@pytest.mark.extended
+def test_text_micro_batch_equals_sample_on_single_sample_micro_batches(tmp_path_factory, tmp_path):
     """`micro_batch` at 1 x 4 and `sample` at 4 x 1 both average the 4 samples' means (two code paths, one
     number); the text family's HF curve is token-weighted, which they are not."""
-    import subprocess
-    import sys
+    from lf_runs import make_models, make_recipe, train
 
-    from conftest import REPO, clean_env
-    from lf_runs import make_recipe, train
-
-    model = str(tmp_path / "dense")
-    subprocess.run([sys.executable, f"{REPO}/scripts/make_tiny_model.py", model], env=clean_env(), check=True,
-                   capture_output=True, timeout=300)
+    model = make_models(tmp_path_factory)["dense"]
     runs = {}
     for name, bs, ga, extra in (("micro_batch", 1, 4, dict(loss_weighting="micro_batch")),
                                 ("sample", 4, 1, dict(loss_weighting="sample")), ("auto", 1, 4, {})):

@@ -29,15 +29,15 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
 
     def make(kind: str) -> str:
+        if kind in ("qwen3", "qwen3_moe"):  # with a tokenizer: the session's shared models
+            from lf_runs import make_models
+
+            return make_models(tmp_path_factory)["moe" if kind == "qwen3_moe" else "dense"]
         path = str(root / kind)
         if not os.path.isdir(path):
-            if kind in ("qwen3", "qwen3_moe"):  # with a tokenizer
-                run_checked([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path]
-                     + (["--moe"] if kind == "qwen3_moe" else []))
-            else:
-                from tiny_models import make_tiny_model
+            from tiny_models import make_tiny_model
 
-                make_tiny_model(kind, path)
+            make_tiny_model(kind, path)
         return path
 
     return make
@@ -66,7 +66,7 @@ def safetensors_of(path: str) -> dict:
 @pytest.mark.parametrize(
     "kind, layout",
     [
-        ("qwen3", ("--tp", "2")),
+        pytest.param("qwen3", ("--tp", "2"), marks=pytest.mark.extended),  # tp2-tied-padded-vocab is a superset
         ("qwen3", ("--pp", "2", "--vpp", "2")),
         ("qwen3_moe", ("--ep", "2")),
         ("llama_tied", ("--tp", "2")),  # tied embeddings, odd vocab padded under TP
@@ -94,7 +94,8 @@ def test_merged_weights_give_the_megatron_logits(tiny, tmp_path, kind, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, layout", [("qwen3_moe", ("--ep", "2")), ("llama_tied", ("--tp", "2"))],
+@pytest.mark.parametrize("kind, layout", [("qwen3_moe", ("--ep", "2")),
+                                          pytest.param("llama_tied", ("--tp", "2"), marks=pytest.mark.extended)],
                          ids=["ep2-moe", "tp2-tied-padded-vocab"])
 def test_learning_rate_zero_round_trips_bit_for_bit(tiny, tmp_path, kind, layout):
     import torch

@@ -52,18 +52,13 @@ def _adapted(recipe: dict, model: str, out: str, dataset: str, template: str, la
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
-    import subprocess
-    import sys
+    from lf_runs import make_models
 
-    from conftest import clean_env
-
-    path = str(tmp_path_factory.mktemp("upstream_recipes") / "moe")
-    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path, "--moe"],
-                   env=clean_env(), check=True, capture_output=True, timeout=300)
-    return path
+    return make_models(tmp_path_factory)["moe"]
 
 
-@pytest.mark.parametrize("use_mca", [False, True], ids=["as_published", "use_mca"])
+@pytest.mark.parametrize("use_mca", [pytest.param(False, marks=pytest.mark.extended), True],
+                         ids=["as_published", "use_mca"])  # each recipe once, each spelling once
 def test_upstream_moe_recipe_trains(tiny_moe, tmp_path, use_mca):
     from lf_runs import losses, train
 
@@ -73,7 +68,8 @@ def test_upstream_moe_recipe_trains(tiny_moe, tmp_path, use_mca):
     assert len(losses(out)) == 2 and all(x == x and x > 0 for x in losses(out))
 
 
-@pytest.mark.parametrize("use_mca", [False, True], ids=["as_published", "use_mca"])
+@pytest.mark.parametrize("use_mca", [False, pytest.param(True, marks=pytest.mark.extended)],
+                         ids=["as_published", "use_mca"])
 def test_upstream_vl_recipe_trains(tmp_path, use_mca):
     from lf_runs import losses, train
     from test_vl_train import make_tiny_vl_model
