@@ -8,12 +8,13 @@ from typing import Any
 from llamafactory_mca.args import MULTIMODAL_MODEL_TYPES, MegatronArguments, require
 from llamafactory_mca.hookspecs import hookimpl
 from llamafactory_mca.model_config import model_type as local_model_type
+from llamafactory_mca.plan.options import PlanArguments
 from llamafactory_mca.recipe_checks import FINETUNING_TYPES
 
 
 @hookimpl
 def mca_argument_dataclasses() -> list[type]:
-    return [MegatronArguments]
+    return [MegatronArguments, PlanArguments]
 
 
 @hookimpl

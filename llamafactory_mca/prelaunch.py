@@ -121,6 +121,28 @@ def check_recipe_before_launch(argv: list[str]) -> list[str]:
     return notices
 
 
+def plan_instead_of_training(recipe: dict[str, Any]) -> int:
+    """`plan_only: true`: the plan of this recipe on the launch's GPUs (NNODES x NPROC_PER_NODE, else the GPUs of
+    this machine, as LLaMA-Factory's launcher counts them); nothing is launched, nothing written."""
+    from llamafactory_mca.plan.command import run_plan
+    from llamafactory_mca.plan.options import PlanArguments
+
+    nodes = int(os.environ.get("NNODES", "1") or 1)
+    gpus = launch_world_size()
+    if gpus is None:
+        from llamafactory.extras.misc import get_device_count
+
+        gpus = max(get_device_count(), 1) * nodes
+    options = PlanArguments(**{key: recipe[key] for key in field_names(PlanArguments) if key in recipe})
+    print(f"plan_only: {gpus} GPUs on {nodes} node(s), {options.plan_gpu_memory} each; no training is launched",
+          flush=True)
+    try:
+        return run_plan(recipe, gpus, nodes, str(options.plan_gpu_memory), search=bool(options.plan_search))
+    except (McaArgumentError, ValueError) as err:
+        report(f"error: {err}")
+        return 2
+
+
 def report(message: str) -> None:
     """Print one message for the user on stderr."""
     print(MESSAGE_PREFIX + message, file=sys.stderr, flush=True)
@@ -141,6 +163,9 @@ def checked_main(main: Callable[[], Any]) -> Callable[[], Any]:
             for notice in notices:
                 report(f"note: {notice}")
             os.environ[CHECKED_MARKER] = "1"
+            recipe = read_recipe(args[1:])
+            if recipe and recipe.get("plan_only"):
+                raise SystemExit(plan_instead_of_training(recipe))
         try:
             return main()
         except subprocess.CalledProcessError as err:

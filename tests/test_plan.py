@@ -137,6 +137,28 @@ def test_plan_command_bad_layout_names_key(models, tmp_path, capsys):
     assert "tensor_model_parallel_size" in err and "Fix" in err
 
 
+def test_plan_only_through_llamafactory_cli_launches_nothing(models, tmp_path):
+    """`USE_MCA=1 llamafactory-cli train recipe.yaml plan_only=true`: the plan for the launch's GPUs (NPROC_PER_NODE),
+    exit code 0 when it fits, 1 when it does not, and no training process, no output directory."""
+    import subprocess
+
+    from conftest import clean_env
+
+    out_dir = tmp_path / "never_written"
+    recipe = _recipe(tmp_path, models / "qwen3_moe", expert_model_parallel_size=2, do_train=True,
+                     dataset="tiny_sft", template="qwen", output_dir=str(out_dir))
+    env = clean_env(USE_MCA="1", NPROC_PER_NODE="2", PYTHONPATH=ROOT)
+    fits = subprocess.run(["llamafactory-cli", "train", recipe, "plan_only=true", "plan_gpu_memory=141GiB"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert fits.returncode == 0, fits.stdout[-2000:] + fits.stderr[-3000:]
+    assert "plan_only: 2 GPUs on 1 node(s), 141GiB each" in fits.stdout and "fits" in fits.stdout
+    assert "Initializing" not in fits.stdout + fits.stderr  # LLaMA-Factory's torchrun launch never started
+    tight = subprocess.run(["llamafactory-cli", "train", recipe, "plan_only=true", "plan_gpu_memory=0.01GiB"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert tight.returncode == 1 and "DOES NOT FIT" in tight.stdout, tight.stdout[-2000:] + tight.stderr[-3000:]
+    assert not out_dir.exists()
+
+
 def test_cost_constants_come_from_the_benchmark_results():
     from llamafactory_mca.plan import cost
 

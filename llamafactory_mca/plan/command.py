@@ -48,42 +48,52 @@ def plan_command(argv: list[str], out=None) -> int:
 
 
 def _run(ns: argparse.Namespace, out) -> int:
+    from llamafactory_mca.plan.recipe import read_recipe
+
+    return run_plan(read_recipe(ns.recipe), ns.gpus, ns.nodes, ns.gpu_memory, search=ns.search, top=ns.top,
+                    plot=ns.plot, out=out)
+
+
+def run_plan(recipe: dict, gpus: int, nodes: int = 1, gpu_memory: str = "80GiB", search: bool = False, top: int = 5,
+             plot: Optional[str] = None, out=None) -> int:
+    """Print the plan of `recipe` on `gpus` GPUs over `nodes` nodes (and the ranked layouts with `search`); 0 when it
+    fits, 1 when it does not. McaArgumentError / ValueError name the key and the fix."""
     from llamafactory_mca.plan.meta import layer_template
     from llamafactory_mca.plan.planner import make_plan
     from llamafactory_mca.plan.recipe import (
         freeze_rule,
         hf_config_of,
         megatron_args,
-        read_recipe,
         recipe_lines,
         training_dtype,
         workload_of,
     )
     from llamafactory_mca.plan.report import plan_text, plot_memory, search_text
-    from llamafactory_mca.plan.search import search, smallest_fix
+    from llamafactory_mca.plan.search import search as search_layouts
+    from llamafactory_mca.plan.search import smallest_fix
 
-    if ns.gpus < 1 or ns.nodes < 1 or ns.gpus % ns.nodes:
-        raise McaArgumentError(f"--gpus {ns.gpus} / --nodes {ns.nodes}: the GPUs must split evenly over the nodes. "
+    out = out or sys.stdout
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise McaArgumentError(f"--gpus {gpus} / --nodes {nodes}: the GPUs must split evenly over the nodes. "
                                "Fix: pass the total GPU count, a multiple of --nodes.")
-    gpu_memory = parse_memory(ns.gpu_memory)
-    recipe = read_recipe(ns.recipe)
+    gpu_bytes = parse_memory(gpu_memory)
     m = megatron_args(recipe)
     model_path = recipe.get("model_name_or_path")
-    validate_megatron_args(m, ns.gpus, model_path)
+    validate_megatron_args(m, gpus, model_path)
     hf_config = hf_config_of(recipe)
     from llamafactory_mca.models import get_bridge
 
     bridge = get_bridge(hf_config)
-    workload = workload_of(recipe, ns.gpus)
+    workload = workload_of(recipe, gpus)
     dtype = training_dtype(recipe)
     freeze = freeze_rule(recipe)
     template = layer_template(bridge, hf_config, dtype, freeze=freeze)
-    plan = make_plan(hf_config, bridge, m, workload, gpu_memory, template, exact=True, freeze=freeze, dtype=dtype)
+    plan = make_plan(hf_config, bridge, m, workload, gpu_bytes, template, exact=True, freeze=freeze, dtype=dtype)
     if recipe.get("finetuning_type", "lora") != "full":
         plan.notes.append(f"finetuning_type {recipe.get('finetuning_type', 'lora')}: planned as full fine-tuning "
                           "(an upper bound; adapters / frozen layers need less)")
     print(plan_text(plan), file=out)
-    gpus_per_node = ns.gpus // ns.nodes
+    gpus_per_node = gpus // nodes
     if not plan.fits:
         fix = smallest_fix(plan, hf_config, bridge, template, gpus_per_node)
         if fix is None:
@@ -94,16 +104,16 @@ def _run(ns: argparse.Namespace, out) -> int:
             print(f"smallest change that fits: {what} -> peak {fixed.peak / 1024**3:.1f} GiB", file=out)
             for line in recipe_lines(fixed.mca_args, recipe):
                 print("    " + line, file=out)
-    if ns.search:
-        ranked = search(hf_config, bridge, m, workload, gpu_memory, template, gpus_per_node)
+    if search:
+        ranked = search_layouts(hf_config, bridge, m, workload, gpu_bytes, template, gpus_per_node)
         print("", file=out)
-        print(search_text(ranked, recipe, ns.top), file=out)
-    if ns.plot:
-        print(f"plot: {plot_memory(plan, ns.plot)}", file=out)
+        print(search_text(ranked, recipe, top), file=out)
+    if plot:
+        print(f"plot: {plot_memory(plan, plot)}", file=out)
     return 0 if plan.fits else 1
 
 
-__all__ = ["parse_memory", "plan_command"]
+__all__ = ["parse_memory", "plan_command", "run_plan"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:  # python -m llamafactory_mca.plan.command
