@@ -41,6 +41,21 @@ def test_transformer_config_qwen2_moe():
     assert bridge_for("qwen2_moe").transformer_config(hf, MegatronArguments()).moe_layer_freq == 1
 
 
+def test_transformer_config_glm4_moe():
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.registry import bridge_for
+
+    cfg = bridge_for("glm4_moe").transformer_config(_config("glm4_moe"), MegatronArguments())
+    assert cfg.num_moe_experts == 8 and cfg.moe_router_topk == 4 and cfg.moe_layer_freq == [0, 1, 1, 1]
+    assert cfg.moe_shared_expert_intermediate_size == 48 and not cfg.moe_shared_expert_gate  # 2 x 24
+    assert cfg.moe_router_score_function == "sigmoid" and cfg.moe_router_enable_expert_bias
+    assert cfg.moe_router_bias_update_rate == 0.0  # HF never updates e_score_correction_bias
+    assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk) == (4, 2)
+    assert cfg.moe_router_topk_scaling_factor == 2.5
+    assert cfg.qk_layernorm and cfg.add_qkv_bias and cfg.kv_channels == 16
+    assert bridge_for("glm4_moe").rotary_percent(_config("glm4_moe")) == 0.5
+
+
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_tables_cover_hf_names(kind, tmp_path):
     """Every tensor of the tiny HF checkpoint (buffers such as e_score_correction_bias too) has a table entry."""
@@ -58,6 +73,23 @@ def test_tables_cover_hf_names(kind, tmp_path):
     assert any("e_score_correction_bias" in k or "shared_expert_gate" in k for k in keys)
     for key in keys:
         assert any(p.match(key) for p in patterns), key
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(norm_topk_prob=False), "norm_topk_prob"),
+    (dict(num_experts_per_tok=6), "topk_group"),
+    (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+])
+def test_glm4_moe_refuses_what_megatron_computes_differently(change, message):
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.registry import bridge_for
+
+    hf = _config("glm4_moe")
+    for k, v in change.items():
+        setattr(hf, k, v)
+    with pytest.raises(ValueError, match=message) as err:
+        bridge_for("glm4_moe").transformer_config(hf, MegatronArguments())
+    assert "Fix:" in str(err.value)
 
 
 def test_qwen2_moe_refuses_sliding_window():
@@ -110,6 +142,32 @@ def test_router_matches_hf_qwen2_moe(norm_topk_prob):
     theirs = _scatter(indices, weights, hf.num_experts)
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()
     assert not torch.allclose(theirs.sum(-1), torch.ones(512)) or norm_topk_prob  # the two cases do differ
+
+
+def test_router_matches_hf_glm4_moe():
+    """Sigmoid scores in fp32, expert choice on scores + e_score_correction_bias within the best groups (a group
+    scored by its 2 best experts), weights from the unbiased scores, normalised, times routed_scaling_factor: as
+    Glm4MoeMoE.route_tokens_to_experts, on the same input."""
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.registry import bridge_for
+
+    hf = _config("glm4_moe")
+    cfg = bridge_for("glm4_moe").transformer_config(hf, MegatronArguments())
+    torch.manual_seed(0)
+    moe = Glm4MoeMoE(hf)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    moe.gate.e_score_correction_bias.copy_(torch.randn(hf.n_routed_experts) * 0.3)
+    x = torch.randn(512, hf.hidden_size)
+    logits = moe.gate(x)
+    indices, weights = moe.route_tokens_to_experts(logits)
+    theirs = _scatter(indices, weights, hf.n_routed_experts)
+    ours = _megatron_routing(cfg, logits, moe.gate.e_score_correction_bias)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()
+    # the bias and the groups change the choice: a router without them would not match
+    plain = _megatron_routing(cfg, logits, None)
+    assert not torch.allclose(plain, theirs, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------ bridge on 2 processes

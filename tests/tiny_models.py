@@ -58,7 +58,7 @@ def _family_config(kind: str, common: dict):
 
 
 KINDS = ("llama", "llama_tied", "llama_rope3", "qwen2", "qwen3", "qwen3_moe", "mixtral")
-FAMILY_KINDS = ("qwen2_moe",)  # tests/test_family_qwen2_moe_glm4.py
+FAMILY_KINDS = ("qwen2_moe", "glm4_moe")  # tests/test_family_qwen2_moe_glm4.py
 
 
 def make_tiny_model(kind: str, path: str, seed: int = 0) -> str:
