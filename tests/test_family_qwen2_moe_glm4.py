@@ -212,3 +212,59 @@ def test_round_trip_bit_exact(dist_results, layout, kind):
 
 def test_layouts_known():
     assert set(RUN_LAYOUTS) <= set(LAYOUTS)
+
+
+# ------------------------------------------------------------------------------------ training through the CLI
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    from tests.tiny_models import make_tiny_family_model
+
+    root = tmp_path_factory.mktemp("family_train_models")
+    return {kind: make_tiny_family_model(kind, str(root / kind)) for kind in FAMILY_KINDS}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_training_parity_1p_tp2_ep2_and_merge(family_models, kind, tmp_path):
+    """`USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path (fp32, CPU, 5 steps, global batch 4,
+    no aux loss as on the HF path without moe_aux_loss_coef): 1 process, TP=2 (+SP), EP=2 share one HF run; the
+    1-process export equals the HF-trained weights; the EP=2 run's checkpoint merges with `llamafactory-mca merge`
+    into a model that transformers loads with no missing or unexpected keys."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+    from lf_runs import assert_parity, make_recipe, train
+    from transformers import AutoModelForCausalLM
+
+    model = family_models[kind]
+    hf = train(tmp_path, f"hf_{kind}", make_recipe(model, str(tmp_path / "hf")), mca=False)
+    one = train(tmp_path, f"mca_{kind}", make_recipe(model, str(tmp_path / "one")))
+    assert_parity(hf, one)
+    ours = AutoModelForCausalLM.from_pretrained(one).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(hf).state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    tp2 = make_recipe(model, str(tmp_path / "tp2"), tensor_model_parallel_size=2, sequence_parallel=True,
+                      save_hf_model=False)
+    assert_parity(hf, train(tmp_path, f"mca_{kind}_tp2", tp2, nproc=2))
+
+    ep2 = make_recipe(model, str(tmp_path / "ep2"), per_device_train_batch_size=1, expert_model_parallel_size=2,
+                      save_strategy="steps", save_steps=5, save_hf_model=False)
+    assert_parity(hf, train(tmp_path, f"mca_{kind}_ep2", ep2, nproc=2))
+    merged = str(tmp_path / "merged")
+    proc = subprocess.run([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path",
+                           os.path.join(ep2["output_dir"], "checkpoint-5"), "--output_path", merged, "--fp32"],
+                          env=clean_env(PYTHONPATH=REPO), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    loaded, info = AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    merged_sd = loaded.state_dict()
+    for k in theirs:  # the EP=2 run trained the same updates
+        torch.testing.assert_close(merged_sd[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -79,3 +79,31 @@ def make_tiny_model(kind: str, path: str, seed: int = 0) -> str:
                 b.copy_(torch.randn_like(b) * 0.1)
     model.save_pretrained(path)
     return path
+
+
+def make_tiny_family_model(kind: str, path: str, seed: int = 0) -> str:
+    """A `FAMILY_KINDS` model of `kind` with the local tokenizer of scripts/make_tiny_model.py (512-token vocab),
+    for end-to-end training with LLaMA-Factory's `qwen` template; saved to `path` (fp32), returns path."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "make_tiny_model.py")
+    spec = importlib.util.spec_from_file_location("make_tiny_model", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = module.build_tokenizer(512 - 32)
+    config = _config(kind)
+    config.vocab_size, config.max_position_embeddings = 512, 1024
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
