@@ -101,6 +101,7 @@ def main(argv=None) -> int:
         r["error"] = side.get("error")
     measured = [r["measured_tokens_per_s"] for r in rows if r["measured_tokens_per_s"]]
     res["plan_search"] = rows
+    res["command"] = " ".join(["python", "benchmarks/plan_measure.py"] + sys.argv[1:])
     res["plan_first_within_10pct"] = (bool(rows[0]["measured_tokens_per_s"] >= 0.9 * max(measured))
                                       if measured and rows[0]["measured_tokens_per_s"] else None)
     fn = os.path.join(a.results_dir or run.RESULTS_DIR, f"{a.scenario}.json")
