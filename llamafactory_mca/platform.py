@@ -78,12 +78,31 @@ def dist_backend() -> str:
     return "nccl" if on_gpu() else "gloo"
 
 
-def batch_p2p_comm() -> bool:
-    """Pipeline p2p through batched isend/irecv: only on NCCL.
+def batch_p2p_comm(interleaved: bool) -> bool:
+    """Pipeline p2p through batched isend/irecv: only on NCCL and only without virtual pipeline stages.
 
-    On gloo, interleaved (VPP) schedules with batch_p2p_comm=True silently mix up microbatches.
+    NCCL (and gloo) match the sends and receives between one pair of ranks in the order they are issued, and
+    megatron's batched p2p issues send_prev, recv_prev, send_next, recv_next. In an interleaved (VPP) schedule
+    with two pipeline ranks the previous and the next stage are the same rank, so a batch carrying both
+    directions hands the peer's activation receive a gradient (same shape: no error, wrong training).
+    Measured on 2 x H200 at commit dd3d302 (benchmarks/results/plan/, s2x2 and s3x2 `ours_plan2/3`,
+    PP=2 x VPP=4 / 2): losses off from step 1 (12.56 vs 12.63 for HF) and training stalls (step 6: 12.27 vs
+    10.50), while the PP=2 layout without VPP (r_moe2) and the data-parallel ones match HF to 3e-5. Megatron's
+    unbatched `_p2p_ops` sends the two directions of a 2-rank pipeline on different communicators; the CPU
+    parity tests (gloo) run that path.
     """
-    return dist_backend() == "nccl"
+    return dist_backend() == "nccl" and not interleaved
+
+
+def batch_p2p_sync() -> bool:
+    """A `torch.cuda.synchronize()` after every batched pipeline send/receive: off.
+
+    megatron-core keeps it on by default as a workaround for a race in old PyTorch's `batch_isend_irecv`;
+    torch >= 2.0 orders the NCCL stream against the compute stream through the requests' `wait()` (which
+    megatron calls before this sync). Measured with it on (benchmarks/RESULTS.md, r_moe2, PP=2, 16
+    micro-batches): 17 device syncs, 172 ms of a 1.58 s step with the host blocked and the GPU drained.
+    """
+    return False
 
 
 # --------------------------------------------------------------------------------------------- CPU stand-ins

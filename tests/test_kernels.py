@@ -353,3 +353,58 @@ def test_chunk_sort_on_device_equals_megatron():
     (kp.permute_rows(a, src) * w).sum().backward()
     (b.index_select(0, src) * w).sum().backward()
     assert torch.equal(kp.permute_rows(x, src), x.index_select(0, src)) and torch.equal(a.grad, b.grad)
+
+
+def test_grad_accum_triton_interpreter():
+    """kernels/grad_accum.py's Triton kernel (main_grad fp32 += bf16 grad), run by Triton's CPU interpreter:
+    bit-equal to torch's add_ on a size that is not a multiple of the block."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = r'''
+import torch
+from llamafactory_mca.kernels.grad_accum import triton_accumulate_
+g = torch.Generator().manual_seed(0)
+acc = torch.randn(2 * 4096 + 33, generator=g)
+grad = torch.randn(2 * 4096 + 33, generator=g).bfloat16()
+want = acc.clone().add_(grad)
+triton_accumulate_(acc, grad)
+assert torch.equal(acc, want)
+print("ok")
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_grouped_mm_weight_grad_goes_into_main_grad():
+    """With a megatron DDP-style `main_grad` on the parameter, the grouped GEMM's backward adds dw into it and
+    marks the parameter, so a DDP hook that honours `grad_added_to_main_grad` (as megatron's does) adds
+    nothing: after two micro-batches main_grad = start + dw1 + dw2, as with the hook's own addition."""
+    from llamafactory_mca.kernels.grad_accum import accumulate_
+
+    g = torch.Generator().manual_seed(5)
+    E, K, N, counts = 3, 8, 12, [4, 0, 6]
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    weight = torch.nn.Parameter(torch.randn(K, E * N, generator=g))  # the TorchGroupedMLP memory trick
+    start = torch.randn(K, E * N, generator=g)
+    weight.main_grad, weight.grad_added_to_main_grad = start.clone(), False
+    xs = [torch.randn(sum(counts), K, generator=g) for _ in range(2)]
+    dys = [torch.randn(sum(counts), N, generator=g) for _ in range(2)]
+    for x, dy in zip(xs, dys):
+        y = grouped_mm(x, weight.view(E, K, N), offs, backend="loop", main_grad_param=weight)
+        y.backward(dy)
+        if not weight.grad_added_to_main_grad:  # megatron's DDP hook
+            weight.main_grad.add_(weight.grad)
+        weight.grad = None
+    assert weight.grad_added_to_main_grad
+    want = start.clone()
+    for x, dy in zip(xs, dys):
+        ref_w = weight.detach().view(E, K, N).double().requires_grad_()
+        grouped_mm_reference(x.double(), ref_w, counts).backward(dy.double())
+        want += ref_w.grad.view(K, E * N).float()
+    assert _rel(weight.main_grad, want) < 1e-6
+    acc = torch.zeros(7)
+    with pytest.raises(ValueError, match="elements"):
+        accumulate_(acc, torch.zeros(6))

@@ -121,15 +121,15 @@ class TorchGroupedMLP(GroupedMLP):
         if not tokens_per_expert.is_cuda:  # host-side counts: free to know whether a group is empty
             empty = bool((tokens_per_expert == 0).any())
 
-        fc1 = grouped_mm(x, w1, offs, empty_groups=empty)
+        fc1 = grouped_mm(x, w1, offs, empty_groups=empty, main_grad_param=self.weight1)
         if self.activation_recompute:
             self.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput()
             inter = self.activation_checkpoint.checkpoint(self._act_with_probs, fc1, probs)
-            out = grouped_mm(inter, w2, offs, empty_groups=empty)
+            out = grouped_mm(inter, w2, offs, empty_groups=empty, main_grad_param=self.weight2)
             self.activation_checkpoint.discard_output_and_register_recompute(out)
         else:
             inter = self._act_with_probs(fc1, probs)
-            out = grouped_mm(inter, w2, offs, empty_groups=empty)
+            out = grouped_mm(inter, w2, offs, empty_groups=empty, main_grad_param=self.weight2)
         return out, None
 
 

@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from .grad_accum import accumulate_
+
 _F_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)
 _T_GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
@@ -107,12 +109,20 @@ def _kernel_zeroes_empty_groups(device: torch.device) -> bool:
     return _EMPTY_GROUPS_ZEROED[key]
 
 
+def _accumulates_into_main_grad(param: Optional[torch.nn.Parameter]) -> bool:
+    """The weight gradient goes straight into `param.main_grad` when megatron's DDP gave the parameter one
+    (kernels/grad_accum.py: the Triton addition on GPUs, torch's `add_` elsewhere: the same numbers)."""
+    return (param is not None and getattr(param, "main_grad", None) is not None
+            and hasattr(param, "grad_added_to_main_grad") and not getattr(param, "zero_out_wgrad", False))
+
+
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str,
-                empty_groups: Optional[bool]):
+                empty_groups: Optional[bool], main_grad_param: Optional[torch.nn.Parameter]):
         ctx.backend = backend
         ctx.empty_groups = empty_groups
+        ctx.main_grad_param = main_grad_param
         if backend == "torch":
             y = _raw_grouped_mm(x, w, offs)
             ctx.bounds = None
@@ -144,7 +154,14 @@ class _GroupedMM(torch.autograd.Function):
                 dx = _loop_fwd(dy, w.transpose(-2, -1), ctx.bounds)
             if ctx.needs_input_grad[1]:
                 dw = _loop_dw(x, dy, ctx.bounds, w.shape[0])
-        return dx, dw, None, None, None
+        param = ctx.main_grad_param
+        if dw is not None and _accumulates_into_main_grad(param):
+            # main_grad += dw here, at memory speed; dw still flows to the parameter (its value is right), but
+            # the DDP hook sees grad_added_to_main_grad and does not add it again (megatron's fused linears
+            # return a dummy weight gradient the same way)
+            accumulate_(param.main_grad, dw)
+            param.grad_added_to_main_grad = True
+        return dx, dw, None, None, None, None
 
 
 def grouped_mm(
@@ -153,16 +170,22 @@ def grouped_mm(
     offs: torch.Tensor,
     backend: Optional[str] = None,
     empty_groups: Optional[bool] = None,
+    main_grad_param: Optional[torch.nn.Parameter] = None,
 ) -> torch.Tensor:
     """x [T, K] @ w[e] [K, N] per contiguous row group; offs [E] int32 cumulative counts on x.device.
 
     `empty_groups`: False when the caller knows (from host-side counts) that every group has rows; None =
-    unknown (then empty groups are handled, at the cost of one pass over dw where the kernel needs it)."""
+    unknown (then empty groups are handled, at the cost of one pass over dw where the kernel needs it).
+    `main_grad_param`: the parameter `w` is a view of (same elements, same order); where it has a megatron
+    DDP `main_grad`, the backward adds dw into it itself (kernels/grad_accum.py) instead of leaving that to
+    the DDP hook's slower mixed-dtype `add_`."""
     if x.dim() != 2 or w.dim() != 3 or offs.dim() != 1 or offs.shape[0] != w.shape[0]:
         raise ValueError(f"grouped_mm: bad shapes x{tuple(x.shape)} w{tuple(w.shape)} offs{tuple(offs.shape)}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"grouped_mm: x has K={x.shape[1]} but w has K={w.shape[1]}")
-    return _GroupedMM.apply(x, w, offs, backend or backend_for(x, w), empty_groups)
+    if main_grad_param is not None and main_grad_param.numel() != w.numel():
+        raise ValueError(f"grouped_mm: main_grad_param has {main_grad_param.numel()} elements, w {w.numel()}")
+    return _GroupedMM.apply(x, w, offs, backend or backend_for(x, w), empty_groups, main_grad_param)
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:

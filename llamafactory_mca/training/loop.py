@@ -91,7 +91,8 @@ def configure_schedule(models: list, ddp_models: list, optimizer: Any, m: Any, p
 
     for model in models:
         config = model.config
-        config.batch_p2p_comm = platform.batch_p2p_comm()
+        config.batch_p2p_comm = platform.batch_p2p_comm(interleaved=len(models) > 1)
+        config.batch_p2p_sync = platform.batch_p2p_sync()
         config.overlap_p2p_comm = False
         config.pipeline_dtype = params_dtype
         config.variable_seq_lengths = False
