@@ -194,6 +194,45 @@ def test_round_trip_bit_exact(dist_results, layout, kind):
     assert_round_trip(dist_results, layout, kind)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["qwen2_moe"])  # glm4_moe passes too; one family keeps CI short
+def test_lora_against_peft(kind, tmp_path):
+    """LoRA on attention and the dense / shared-expert MLPs (PEFT's q/k/v/o/gate/up/down_proj; the experts are
+    not adapted on either side): logits against PEFT, the exported adapter and the merged model, TP=2+SP, PP=2,
+    EP=2 (tests/lora_worker.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, worktree_env
+    from lf_runs import make_lora_adapter
+
+    model = make_tiny_model(kind, str(tmp_path / kind))
+    adapter = make_lora_adapter(model, str(tmp_path / "adapter"), seed=3)
+    out = str(tmp_path / "res")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "tests", "lora_worker.py"), "--model", model, "--adapter", adapter, "--out", out,
+           "--layouts", "tp2sp,pp2,ep2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=worktree_env(), capture_output=True, text=True, timeout=800)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    seen = set()
+    for rank in (0, 1):
+        with open(f"{out}.rank{rank}.json") as f:
+            for r in json.load(f):
+                assert "error" not in r, r["error"]
+                assert r["non_adapter_trainable"] == [], r
+                for key in ("logits_vs_peft", "merged_logits_vs_peft", "exported_adapter_logits_diff",
+                            "merged_hf_logits_diff"):
+                    if key in r:
+                        seen.add(key)
+                        assert r[key] <= TOL, (key, r)
+                if rank == 0:
+                    assert r["export_keys_equal"] and r["export_not_equal"] == [], r
+    assert len(seen) == 4, seen
+
+
 def test_layouts_known():
     assert set(RUN_LAYOUTS) <= set(LAYOUTS)
 
