@@ -31,6 +31,44 @@ LAYOUTS = {
 MOE_KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe")
 
 
+def run_bridge_checks(tmp_path_factory, kinds, layouts) -> list:
+    """pytest side: build the tiny models of `kinds`, run every layout x kind `check` in one 2-rank torchrun
+    launch, and return each rank's {(layout, kind): result}."""
+    from tests.tiny_models import make_tiny_model
+    from tests.workers import launch_worker
+
+    models = tmp_path_factory.mktemp("tiny_models")
+    for kind in kinds:
+        make_tiny_model(kind, str(models / kind))
+    return launch_worker("dist_helpers.py", ["--models", str(models), "--layouts", ",".join(layouts),
+                                             "--kinds", ",".join(kinds)],
+                         tmp_path_factory.mktemp("results"), key=("layout", "kind"))
+
+
+def assert_logits_parity(per_rank: list, layout: str, kind: str, tol: float) -> None:
+    """pytest side: the ranks with logits (the last pipeline stage) match the HF model to `tol`, loss included."""
+    diffs = []
+    for rank_results in per_rank:
+        r = rank_results[(layout, kind)]
+        assert "error" not in r, r["error"]
+        if "logits_max_abs_diff" in r:
+            diffs.append(r["logits_max_abs_diff"])
+            assert r["loss_abs_diff"] <= tol, r  # vocab padding for TP must not change the loss
+    assert diffs, "no rank produced logits"
+    assert max(diffs) <= tol, diffs
+
+
+def assert_round_trip(per_rank: list, layout: str, kind: str) -> None:
+    """pytest side: the export reproduced every HF tensor bit-exactly, and save_hf_pretrained (sharded, index
+    json) reloads with transformers to the same weights."""
+    r = per_rank[0][(layout, kind)]
+    assert "error" not in r, r["error"]
+    assert r["missing"] == [] and r["extra"] == [], r
+    assert r["not_equal"] == [], r
+    assert r["saved_shards"] > 1
+    assert r["reload_not_equal"] == [], r
+
+
 def pipeline_forward(models, input_ids: torch.Tensor) -> torch.Tensor | None:
     """Forward through all pipeline stages / virtual chunks with plain p2p; full-vocab logits on the last stage."""
     import torch.distributed as dist

@@ -199,6 +199,11 @@ class ModelBridge:
         """Factor on the routing weights of the chosen experts (HF `routed_scaling_factor`), or None."""
         return None
 
+    def hf_router_aux_loss(self, hf_config) -> bool:
+        """LLaMA-Factory's HF path adds a router load-balancing loss when `moe_aux_loss_coef` is set (False for
+        families whose HF model has none, e.g. glm4_moe): only then does that key turn ours on."""
+        return True
+
     def config_overrides(self, hf_config) -> dict:
         """Extra TransformerConfig fields of the family."""
         return {}

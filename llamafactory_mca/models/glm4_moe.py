@@ -34,6 +34,10 @@ class Glm4MoeBridge(ModelBridge):
             raise ValueError("glm4_moe: first_k_dense_replace leaves no MoE layer. Fix: use a smaller "
                              "first_k_dense_replace")
 
+    def hf_router_aux_loss(self, hf_config) -> bool:
+        # Glm4MoeForCausalLM computes no load-balancing loss and LLaMA-Factory's configure_moe sets none for it
+        return False
+
     def qk_layernorm(self, hf_config) -> bool:
         return bool(getattr(hf_config, "use_qk_norm", False))
 

@@ -348,8 +348,6 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
 
     # ---- model: the bridge builds it and loads the HF weights, then the fine-tuning method applies
-    if m.moe_aux_loss_coeff is None and getattr(model_args, "moe_aux_loss_coef", None):
-        m.moe_aux_loss_coeff = model_args.moe_aux_loss_coef  # LLaMA-Factory's own key, as its HF path uses it
     run.hf_config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                                trust_remote_code=model_args.trust_remote_code)
     from llamafactory_mca.training import multimodal
@@ -363,6 +361,13 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
                                                      if m.loss_weighting == "auto" else ""))
     run.params_dtype = _params_dtype(training_args)
     run.bridge = _get_bridge(run.hf_config)
+    if m.moe_aux_loss_coeff is None and getattr(model_args, "moe_aux_loss_coef", None):
+        if run.bridge.hf_router_aux_loss(run.hf_config):
+            m.moe_aux_loss_coeff = model_args.moe_aux_loss_coef  # LLaMA-Factory's own key, as its HF path uses it
+        else:
+            warn(f"moe_aux_loss_coef: LLaMA-Factory's HF path adds no router aux loss to {run.hf_config.model_type}, "
+                 "so neither does this backend. Fix (to add megatron's load-balancing loss anyway): set "
+                 "moe_aux_loss_coeff")
     # No random init: every weight is overwritten by the HF checkpoint (the bridge marks TP-split weights).
     run.models = run.bridge.build_model(run.hf_config, m, run.params_dtype, wrap_with_ddp=False, init_weights=False)
     platform.setup_platform()  # megatron modules imported while building
