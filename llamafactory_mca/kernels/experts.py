@@ -121,16 +121,24 @@ class TorchGroupedMLP(GroupedMLP):
         if not tokens_per_expert.is_cuda:  # host-side counts: free to know whether a group is empty
             empty = bool((tokens_per_expert == 0).any())
 
-        fc1 = grouped_mm(x, w1, offs, empty_groups=empty)
+        fc1 = self._gemm(x, w1, offs, empty)
         if self.activation_recompute:
             self.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput()
             inter = self.activation_checkpoint.checkpoint(self._act_with_probs, fc1, probs)
-            out = grouped_mm(inter, w2, offs, empty_groups=empty)
+            out = self._gemm(inter, w2, offs, empty)
             self.activation_checkpoint.discard_output_and_register_recompute(out)
         else:
             inter = self._act_with_probs(fc1, probs)
-            out = grouped_mm(inter, w2, offs, empty_groups=empty)
+            out = self._gemm(inter, w2, offs, empty)
         return out, None
+
+    def _gemm(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, empty: Optional[bool]) -> torch.Tensor:
+        """One grouped GEMM: FP8 when `convert_model_to_fp8` marked this module (kernels/fp8.py), else bf16."""
+        if getattr(self, "fp8_recipe", None) is not None:
+            from llamafactory_mca.kernels.fp8 import fp8_grouped_mm
+
+            return fp8_grouped_mm(x, w, offs)
+        return grouped_mm(x, w, offs, empty_groups=empty)
 
 
 # ---------------------------------------------------------------------------------------------------------
