@@ -213,3 +213,19 @@ def test_blockwise_leaves_shapes_it_cannot_take_in_bf16(mpu, tiny_dirs, monkeypa
     _, _, model = _build(tiny_dirs["qwen3_moe"], fp8_format="e4m3", fp8_recipe="blockwise")
     converted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if getattr(m, "fp8_recipe", None) is not None}
     assert converted == {"experts"}
+
+
+def test_fp8_weight_copy_is_renewed_after_an_optimizer_step():
+    """The FP8 copy of a weight is reused within a step and renewed after `optimizer.step()`, also when the new
+    values arrive through `.data` (as megatron's distributed optimizer writes them: no version bump)."""
+    from llamafactory_mca.kernels.fp8 import E4M3, quantize_weight
+
+    w = torch.nn.Parameter(torch.ones(16, 16))
+    first = quantize_weight(w, E4M3, None)
+    assert quantize_weight(w, E4M3, None)[0] is first[0]  # reused
+    w.data.mul_(2.0)  # no version bump
+    opt = torch.optim.SGD([w], lr=0.0)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    q, inv = quantize_weight(w, E4M3, None)
+    assert q is not first[0] and torch.equal(q.float() * inv, torch.full((16, 16), 2.0))

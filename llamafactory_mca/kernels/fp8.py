@@ -97,6 +97,13 @@ def _compiled_quantize():
         fn = None
         if os.environ.get("LLAMAFACTORY_MCA_FP8_COMPILE", "1") != "0" and torch.cuda.is_available():
             try:
+                import torch._dynamo
+
+                # one graph per (dtype, axis, operand rank/layout): more than dynamo's default 8 recompiles
+                # (measured on the H200: the limit was hit and the rest ran eager)
+                cfg = torch._dynamo.config
+                name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+                setattr(cfg, name, max(getattr(cfg, name), 64))
                 fn = torch.compile(quantize_eager, dynamic=True)
             except Exception:  # noqa: BLE001 - no compiler here: eager
                 fn = None
@@ -115,16 +122,36 @@ def quantize_weight(w: torch.Tensor, dtype: torch.dtype, axis: Optional[int], tr
     (or the parameter `w` is a view of) until its version counter moves (every optimizer step): the micro-batches
     of one step and a layer's forward and backward share one FP8 copy per weight and layout."""
     owner = w if w._base is None else w._base
-    key = (tuple(w.shape), tuple(w.stride()), w.storage_offset(), dtype, axis, transpose)
-    cache = owner.__dict__.setdefault("_fp8_cache", {}) if w.is_cuda else {}
+    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), dtype, axis, transpose)
+    cache = owner.__dict__.setdefault("_fp8_cache", {})
+    # megatron writes updated weights through `.data` (distributed optimizer copy, parameter all-gather), which
+    # does not move the version counter: the optimizer-step count is what tells a new weight
+    stamp = (w._version, optimizer_steps())
     hit = cache.get(key)
-    if hit is not None and hit[0] == w._version:
+    if hit is not None and hit[0] == stamp:
         return hit[1]
     src = w.transpose(-2, -1) if transpose else w
     q, s = quantize(src.detach(), dtype, axis)
     out = (q.contiguous() if transpose else q, s)
-    cache[key] = (w._version, out)
+    for old in [k for k, v in cache.items() if v[0] != stamp]:  # copies of older weights are dead weight
+        del cache[old]
+    cache[key] = (stamp, out)
     return out
+
+
+def optimizer_steps() -> int:
+    """torch optimizer steps taken in this process (a global step post-hook, installed on first use; megatron's
+    optimizers step their torch optimizers, fused or not)."""
+    if "steps" not in _STATE:
+        _STATE["steps"] = 0
+
+        def bump(*_):
+            _STATE["steps"] += 1
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(bump)
+    return _STATE["steps"]
 
 
 def quantize_blocks(t: torch.Tensor, rows: int, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
