@@ -5,13 +5,13 @@ benchmarks/RESULTS.md "FP8")."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from llamafactory_mca.args import McaArgumentError, MegatronArguments, validate_megatron_args
 from llamafactory_mca.recipe_checks import normalize_fp8_keys
+from test_kernels import mpu  # noqa: F401  (the one-rank gloo + model-parallel fixture)
 
 
 @pytest.mark.parametrize("value,fmt", [(True, "e4m3"), ("true", "e4m3"), ("e4m3", "e4m3"), ("hybrid", "hybrid"),
@@ -99,25 +99,6 @@ def test_fp8_refused_on_cpu_before_anything_is_built(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- model wiring
-
-
-@pytest.fixture(scope="module")
-def mpu():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    import llamafactory_mca.platform as platform
-
-    platform.setup_platform()
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
