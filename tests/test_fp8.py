@@ -210,3 +210,19 @@ def test_fp8_weight_copy_is_renewed_after_an_optimizer_step():
     opt.step()
     q, inv = quantize_weight(w, E4M3, None)
     assert q is not first[0] and torch.equal(q.float() * inv, torch.full((16, 16), 2.0))
+
+
+def test_tensor_and_sequence_parallel_fp8_matches_fp32(tmp_path, tiny_dirs):
+    """TP=2 and TP=2 + SP on 2 gloo ranks: the FP8 linears' communication (SP all-gather, dgrad all-reduce /
+    reduce-scatter) gives each rank the logits and weight gradients of the fp32 model within FP8 noise."""
+    from workers import launch_worker
+
+    per_rank = launch_worker("fp8_worker.py", ["--models", tiny_dirs["qwen3"], tiny_dirs["qwen3_moe"]], tmp_path,
+                             key=("layout", "kind"))
+    for rank, results in enumerate(per_rank):
+        assert sorted(results) == [("tp2", "qwen3"), ("tp2_sp", "qwen3"), ("tp2_sp", "qwen3_moe")]
+        for (layout, kind), r in results.items():
+            assert "error" not in r, r.get("error")
+            assert r["converted"] == sorted(leaf.rsplit(".", 1)[-1] for leaf in EXPECTED[kind]), r["converted"]
+            assert 0 < r["logits_rel"] < 0.15, (rank, layout, kind, r["logits_rel"])
+            assert r["grad_rel"] and all(0 < v < 0.3 for v in r["grad_rel"].values()), (rank, layout, kind, r["grad_rel"])
