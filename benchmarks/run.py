@@ -167,6 +167,7 @@ BASELINES = ("hf", "hf_liger")  # ours is reported against the faster of these
 OURS_VARIANTS = {
     "allgather": dict(moe_token_dispatcher_type="allgather"),
     "alltoall": dict(moe_token_dispatcher_type="alltoall"),
+    "fp8": dict(fp8=True),  # issue 18: FP8 GEMMs (e4m3, tensorwise), RESULTS.md "FP8"
 }
 
 

@@ -26,6 +26,10 @@ def require(ok: bool, key: str, problem: str, fix: str) -> None:
         raise McaArgumentError(f"`{key}`: {problem}. Fix: {fix}.")
 
 
+# FP8 training (kernels/fp8.py): the formats of `fp8` / `fp8_format` and the scaling recipes
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("tensorwise", "rowwise", "blockwise")
+
 # megatron-core 0.16's TransformerConfig.recompute_modules choices
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
 
@@ -141,6 +145,18 @@ class MegatronArguments:
         default="auto",
         metadata={"help": "Layer modules: 'auto' and 'local' use megatron's local modules with our kernels (the tested "
                           "path); 'transformer_engine' (experimental, opt-in) uses the Transformer Engine layer spec."},
+    )
+    # --- FP8 ---------------------------------------------------------------------------------------------------
+    fp8_format: Optional[str] = field(
+        default=None,
+        metadata={"help": "FP8 GEMMs in the transformer layers (Hopper GPUs, no Transformer Engine needed): 'e4m3', or "
+                          "'hybrid' (e5m2 output gradients; tensorwise only). Usually written `fp8: true | e4m3 | "
+                          "hybrid` (true: e4m3). Weights, optimizer and checkpoints stay bf16/fp32."},
+    )
+    fp8_recipe: Optional[str] = field(
+        default=None,
+        metadata={"help": "FP8 scaling: 'tensorwise' (default), 'rowwise' or 'blockwise' (1x128 / 128x128 blocks); "
+                          "dynamic per-rank scales."},
     )
     # --- run ---------------------------------------------------------------------------------------------------
     save_hf_model: bool = field(
@@ -417,10 +433,29 @@ def validate_megatron_args(m: MegatronArguments, world_size: Optional[int], mode
         "must be positive",
         "set it to the number of minutes a collective may wait, e.g. 30",
     )
+    check_fp8_args(m)
     if config is None:
         config = model_config.read_local_config(model_path)
     if config is not None:
         check_layout_against_model(m, config)
+
+
+def check_fp8_args(m: MegatronArguments) -> None:
+    """The FP8 keys: known format and recipe, a recipe only with FP8 on, combinations the kernels run."""
+    fmt, recipe = m.fp8_format, m.fp8_recipe
+    require(fmt is None or fmt in FP8_FORMATS, "fp8", f"{fmt!r} is not an FP8 format",
+            "set fp8: true | e4m3 | hybrid, or remove it")
+    require(recipe is None or recipe in FP8_RECIPES, "fp8_recipe",
+            f"{recipe!r} is not offered (scales are dynamic, per rank: no delayed scaling, no mxfp8)",
+            "set fp8_recipe: " + " | ".join(FP8_RECIPES))
+    require(recipe is None or fmt is not None, "fp8_recipe", "has no effect without fp8",
+            "add fp8: true, or remove fp8_recipe")
+    require(fmt != "hybrid" or recipe in (None, "tensorwise"), "fp8",
+            f"'hybrid' (e5m2 gradients) runs with fp8_recipe: tensorwise only, not {recipe}",
+            "set fp8: e4m3 (or true), or fp8_recipe: tensorwise")
+    te = m.transformer_impl == "transformer_engine" or m.attention_backend == "te"
+    require(fmt is None or not te, "fp8", "our FP8 GEMMs run on the local layer spec, not Transformer Engine's",
+            "remove transformer_impl / attention_backend: te, or remove fp8")
 
 
 def check_layout_against_model(m: MegatronArguments, config: dict) -> None:

@@ -27,6 +27,22 @@ def _pth_installed() -> bool:
     return any(os.path.isfile(os.path.join(d, "llamafactory_mca.pth")) for d in dirs)
 
 
+def fp8_support() -> str:
+    """doctor's FP8 line: which `fp8_recipe` values run on this machine (checked numerically on the GPU), or why none."""
+    try:
+        from llamafactory_mca.args import FP8_RECIPES
+        from llamafactory_mca.kernels.fp8 import Fp8Recipe, fp8_unsupported_reason
+
+        reasons = {name: fp8_unsupported_reason(Fp8Recipe(name)) for name in FP8_RECIPES}
+    except Exception as err:  # noqa: BLE001 - doctor reports, it does not crash
+        return f"unavailable: {type(err).__name__}: {err}"
+    ok = [name for name, reason in reasons.items() if reason is None]
+    if ok:
+        return "fp8: true works (fp8_recipe: " + ", ".join(ok) + "; checked on this GPU)" + "".join(
+            f"; {name}: {reason}" for name, reason in reasons.items() if reason)
+    return "not here: " + reasons["tensorwise"]
+
+
 def doctor(argv: list[str]) -> int:
     """Print versions, whether activation works here, TE presence and the device; exit 1 if unusable."""
     import subprocess
@@ -47,6 +63,7 @@ def doctor(argv: list[str]) -> int:
                  "(EXPERIMENTAL, untested; the default is the local spec + sdpa)" if te_available()
                  else "absent (the default local spec + sdpa is used)"))
     rows.append(("device", device))
+    rows.append(("fp8", fp8_support()))
     rows.append(("activation .pth", "installed" if _pth_installed() else "MISSING (reinstall with pip install .)"))
     # Activation is checked the way a user meets it: a fresh interpreter with USE_MCA=1 that imports the tuner.
     probe = subprocess.run(

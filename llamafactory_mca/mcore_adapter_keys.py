@@ -31,7 +31,7 @@ class UpstreamKey:
 
 _NO_PP_LAYOUT = ("use num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage for an uneven "
                  "pipeline split, or remove the key")
-_NO_FP8 = "FP8 training is not available in this backend yet: remove the key (training runs in bf16/fp16)"
+_NO_FP8 = "remove the key (FP8 weights are not supported; `fp8: true` alone runs the GEMMs in FP8)"
 
 UPSTREAM_KEYS: dict[str, UpstreamKey] = {
     # --- DistributingParallelArguments ------------------------------------------------------------------
@@ -91,10 +91,11 @@ UPSTREAM_KEYS: dict[str, UpstreamKey] = {
         "agree", "no CUDA graphs", (None, "none"), "remove the key (CUDA graph capture is not supported yet)"),
     "cuda_graph_scope": UpstreamKey(
         "agree", "no effect without cuda_graph_impl (as upstream)", ("*",)),
-    "fp8_recipe": UpstreamKey("agree", "no FP8", (None,), _NO_FP8),
-    "fp8_param": UpstreamKey("agree", "no FP8", (False,), _NO_FP8),
-    "fp8": UpstreamKey("agree", "no FP8 (the key is also LLaMA-Factory's own bool, refused under USE_MCA too)",
-                       (None, False), _NO_FP8),
+    "fp8_recipe": UpstreamKey("ours", "same key: tensorwise (default), rowwise or blockwise, dynamic per-rank "
+                              "scales without Transformer Engine (upstream's delayed / mxfp8 are refused)"),
+    "fp8_param": UpstreamKey("agree", "weights stay bf16 (FP8 is used inside the GEMMs only)", (False,), _NO_FP8),
+    "fp8": UpstreamKey("alias", "our `fp8_format`: e4m3 or hybrid; LLaMA-Factory's `fp8: true` means e4m3 "
+                       "(Hopper GPUs; no Transformer Engine needed)"),
     "additional_configs": UpstreamKey(
         "agree", "no free-form TransformerConfig overrides", (None, {}, ""),
         "remove the key and give each setting as a recipe key (`llamafactory-cli train -h` lists them)"),

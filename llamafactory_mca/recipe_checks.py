@@ -2,14 +2,14 @@
 
 They catch what LLaMA-Factory accepts silently but can only be a mistake (`learning_rate: -1.0`, `cutoff_len: 0`),
 values of the wrong type (our message instead of a TypeError deep inside a worker), and keys the Megatron backend
-cannot honour (`fp8`, `fsdp`). `deepspeed` is dropped with one notice, as LLaMA-Factory's own USE_MCA mode does.
+cannot honour (`fsdp`); `fp8` (LLaMA-Factory's bool, upstream's `e4m3 | hybrid`) becomes our `fp8_format`. `deepspeed` is dropped with one notice, as LLaMA-Factory's own USE_MCA mode does.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from llamafactory_mca.args import coerce_value, require
+from llamafactory_mca.args import McaArgumentError, coerce_value, require
 
 # key -> (type, test of the value, what a valid value is)
 _Rule = tuple[type, Callable[[Any], bool], str]
@@ -90,8 +90,7 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
     kwargs = out.get("lr_scheduler_kwargs")
     require(kwargs is None or isinstance(kwargs, (dict, str)), "lr_scheduler_kwargs",
             f"expects a mapping, got {kwargs!r}", "write it as a YAML mapping, e.g. lr_scheduler_kwargs: {min_lr_rate: 0.1}")
-    require(not _truthy(out.get("fp8")), "fp8", "FP8 training is not available in the Megatron backend yet (the run "
-            "would silently stay in bf16)", "remove fp8 (and fp8_* keys), or run without USE_MCA")
+    normalize_fp8_keys(out)
     require(not _truthy(out.get("fsdp")), "fsdp", "FSDP and Megatron parallelism cannot be combined",
             "remove the fsdp key (use use_distributed_optimizer: true to shard optimizer state)")
     if "deepspeed" in out:
@@ -101,3 +100,30 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
                            "Megatron's use_distributed_optimizer: true replaces DeepSpeed ZeRO (ZeRO-1-like sharding "
                            "of the optimizer state).")
     return out, notices
+
+
+def normalize_fp8_keys(recipe: dict[str, Any]) -> None:
+    """`fp8: true | e4m3 | hybrid` (LLaMA-Factory's bool, mcore_adapter's format) -> our `fp8_format` (true: e4m3),
+    in place, so LLaMA-Factory's own FP8 path (accelerate) never sees it; LLaMA-Factory's FP8 options that this
+    backend cannot honour are refused."""
+    value = recipe.pop("fp8", None)
+    if isinstance(value, str) and value.strip().lower() in ("e4m3", "hybrid"):
+        fmt = value.strip().lower()
+    elif value is None or not _truthy(value):
+        fmt = None
+    elif value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1")):
+        fmt = "e4m3"
+    else:
+        raise McaArgumentError(f"`fp8`: {value!r} is not an FP8 format. Fix: set fp8: true | e4m3 | hybrid, or "
+                               "remove it.")
+    if fmt is not None:
+        given = recipe.get("fp8_format")
+        require(given in (None, fmt), "fp8_format", f"{given!r} contradicts fp8: {value}", "keep one of the two keys")
+        recipe["fp8_format"] = fmt
+    backend = recipe.get("fp8_backend")
+    require(backend in (None, "auto", "torchao"), "fp8_backend", f"'{backend}' is not used by the Megatron backend "
+            "(its FP8 GEMMs are torch's own scaled matmuls)", "remove fp8_backend")
+    require(not _truthy(recipe.get("fp8_enable_fsdp_float8_all_gather")), "fp8_enable_fsdp_float8_all_gather",
+            "FSDP is not used by the Megatron backend", "remove the key")
+    require(recipe.get("fp8_format") is None or recipe.get("finetuning_type") != "lora", "fp8",
+            "FP8 with finetuning_type: lora is not supported yet", "use finetuning_type: full or freeze, or remove fp8")

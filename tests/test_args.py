@@ -198,8 +198,11 @@ def test_upstream_and_llamafactory_keys_reach_the_parsed_arguments(tmp_path, mon
     assert mca[MegatronArguments].ddp_bucket_size == 1000
     with pytest.raises(McaArgumentError, match="`optimizer_cpu_offload` .*Fix: remove the key"):
         _parse(tmp_path, optimizer_cpu_offload=True)
-    with pytest.raises(McaArgumentError, match="`fp8`: FP8 training is not available"):
-        _parse(tmp_path, fp8=True)
+    with pytest.raises(McaArgumentError, match="`fp8`: 'e5m2' is not an FP8 format"):
+        _parse(tmp_path, fp8="e5m2")
+    mca, lf = _parse(tmp_path, fp8=True, fp8_recipe="rowwise")  # issue 18: our FP8 GEMMs, not accelerate's
+    assert (mca[MegatronArguments].fp8_format, mca[MegatronArguments].fp8_recipe) == ("e4m3", "rowwise")
+    assert not lf[2].fp8
     monkeypatch.setenv("ALLOW_EXTRA_ARGS", "y")
     _parse(tmp_path, some_extra_key=1)
 

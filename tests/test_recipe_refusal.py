@@ -21,7 +21,7 @@ BROKEN = [
     ("recompute_granularity", dict(recompute_granularity="everything"), 1, "recompute_granularity", "not one of"),
     ("recompute_modules", dict(recompute_granularity="selective", recompute_modules=["core_attn", "attention"]), 1,
      "recompute_modules", "unknown module(s) attention"),
-    ("fp8", dict(fp8=True), 1, "fp8", "FP8"),
+    ("fp8", dict(fp8="e5m2"), 1, "fp8", "not an FP8 format"),
     ("negative_lr", dict(learning_rate=-1.0), 1, "learning_rate", "-1.0 cannot be right"),
     ("cutoff_len", dict(cutoff_len=0), 1, "cutoff_len", "0 cannot be right"),
     ("heads_vs_tp", dict(tensor_model_parallel_size=3), 3, "tensor_model_parallel_size", "4 attention heads"),

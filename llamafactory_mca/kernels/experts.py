@@ -121,16 +121,26 @@ class TorchGroupedMLP(GroupedMLP):
         if not tokens_per_expert.is_cuda:  # host-side counts: free to know whether a group is empty
             empty = bool((tokens_per_expert == 0).any())
 
-        fc1 = grouped_mm(x, w1, offs, empty_groups=empty, main_grad_param=self.weight1)
+        fc1 = self._gemm(x, w1, offs, empty, self.weight1)
         if self.activation_recompute:
             self.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput()
             inter = self.activation_checkpoint.checkpoint(self._act_with_probs, fc1, probs)
-            out = grouped_mm(inter, w2, offs, empty_groups=empty, main_grad_param=self.weight2)
+            out = self._gemm(inter, w2, offs, empty, self.weight2)
             self.activation_checkpoint.discard_output_and_register_recompute(out)
         else:
             inter = self._act_with_probs(fc1, probs)
-            out = grouped_mm(inter, w2, offs, empty_groups=empty, main_grad_param=self.weight2)
+            out = self._gemm(inter, w2, offs, empty, self.weight2)
         return out, None
+
+    def _gemm(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, empty: Optional[bool],
+              param: torch.nn.Parameter) -> torch.Tensor:
+        """One grouped GEMM: FP8 when `convert_model_to_fp8` marked this module (kernels/fp8.py; its weight gradient
+        reaches main_grad through the DDP hook), else bf16 with the weight gradient added into `param.main_grad`."""
+        if getattr(self, "fp8_recipe", None) is not None:
+            from llamafactory_mca.kernels.fp8 import fp8_grouped_mm
+
+            return fp8_grouped_mm(x, w, offs)
+        return grouped_mm(x, w, offs, empty_groups=empty, main_grad_param=param)
 
 
 # ---------------------------------------------------------------------------------------------------------

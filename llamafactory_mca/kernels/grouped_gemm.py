@@ -142,13 +142,10 @@ class _GroupedMM(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dx = _raw_grouped_mm(dy, w.transpose(-2, -1), offs)
             if ctx.needs_input_grad[1]:
-                # 2d x 2d with offsets along K: one [K, N] product per group -> [E, K, N].
-                dw = _raw_grouped_mm(x.t(), dy, offs)
-                # Experts that got no token need an exact zero; the kernel's behaviour for empty groups
-                # is probed once; when the caller knows there is no empty group, nothing to do.
-                if ctx.empty_groups is not False and not _kernel_zeroes_empty_groups(dw.device):
-                    counts = torch.diff(offs, prepend=offs.new_zeros(1))
-                    dw = dw.masked_fill((counts == 0).view(-1, 1, 1), 0)
+                # 2d x 2d with offsets along K: one [K, N] product per group -> [E, K, N]. Experts that got
+                # no token need an exact zero; the kernel's behaviour for empty groups is probed once; when
+                # the caller knows there is no empty group, nothing to do.
+                dw = grouped_weight_grad(x, dy, offs, w.shape[0], "torch", ctx.empty_groups)
         else:
             if ctx.needs_input_grad[0]:
                 dx = _loop_fwd(dy, w.transpose(-2, -1), ctx.bounds)
@@ -162,6 +159,19 @@ class _GroupedMM(torch.autograd.Function):
             accumulate_(param.main_grad, dw)
             param.grad_added_to_main_grad = True
         return dx, dw, None, None, None, None
+
+
+def grouped_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, num_experts: int,
+                        backend: str, empty_groups: Optional[bool] = None) -> torch.Tensor:
+    """dw[e] = x_e^T @ dy_e ([E, K, N]) for the row groups of `offs`: the weight gradient of `grouped_mm`
+    (experts without rows get an exact zero)."""
+    if backend == "torch":
+        dw = _raw_grouped_mm(x.t(), dy, offs)
+        if empty_groups is not False and not _kernel_zeroes_empty_groups(dw.device):
+            counts = torch.diff(offs, prepend=offs.new_zeros(1))
+            dw = dw.masked_fill((counts == 0).view(-1, 1, 1), 0)
+        return dw
+    return _loop_dw(x, dy, offs.tolist(), num_experts)
 
 
 def grouped_mm(

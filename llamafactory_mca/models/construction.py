@@ -59,6 +59,7 @@ def build_model(
 
     setup_platform()
     target = torch.device(device) if device is not None else platform_device()
+    fp8 = fp8_recipe_checked(mca_args, target)  # refused here, before anything is built
     tp = ps.get_tensor_model_parallel_world_size()
     rows = bridge.padded_vocab_size(hf_config, tp) if padded_vocab_size is None else int(padded_vocab_size)
     vocab = bridge.vocab_size(hf_config)
@@ -85,6 +86,8 @@ def build_model(
             patch_language_model_loss(model)
         if not init_weights:
             set_tensor_parallel_attributes(model)
+        if fp8 is not None:
+            apply_fp8(model, fp8)
         model.to(target)
         models.append(model)
     if wrap_with_ddp:
@@ -92,6 +95,28 @@ def build_model(
 
         models = wrap_ddp(mca_args, models, ddp_config)
     return models
+
+
+def fp8_recipe_checked(mca_args: Any, target: torch.device):
+    """The FP8 recipe of `mca_args` (`fp8` / `fp8_recipe`), None when FP8 is off; ValueError naming the key and
+    the fix where it cannot run (CPU, pre-Hopper GPU, a kernel missing or wrong in this torch). A model built on
+    the meta device (planning, conversion) skips the device check."""
+    from llamafactory_mca.kernels.fp8 import check_fp8_supported, recipe_from_args
+
+    recipe = recipe_from_args(getattr(mca_args, "fp8_format", None), getattr(mca_args, "fp8_recipe", None))
+    if recipe is not None and target.type != "meta":
+        check_fp8_supported(recipe)
+    return recipe
+
+
+def apply_fp8(model: torch.nn.Module, recipe: Any) -> list[str]:
+    """Run the chunk's transformer-layer linears and experts in FP8 (kernels/fp8.py); parameters untouched."""
+    from llamafactory_mca.kernels.fp8 import convert_model_to_fp8
+    from llamafactory_mca.log import get_logger
+
+    converted = convert_model_to_fp8(model, recipe)
+    get_logger("fp8").info_rank0(f"FP8 ({recipe.fp8_format}, {recipe.name}): {len(converted)} modules of this chunk")
+    return converted
 
 
 def new_chunk(bridge: Any, hf_config: Any, config: Any, mca_args: Any, rows: int, vp_stage: Optional[int]):
