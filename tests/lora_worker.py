@@ -80,6 +80,27 @@ def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
     return res
 
 
+def assert_results(out: str, tol: float = 1e-5) -> set:
+    """pytest side: every layout's logits (against PEFT, merged, exported adapter, merged HF model) within `tol`,
+    only adapter tensors trainable, the exported adapter bit-identical; returns the logit checks seen."""
+    import json
+
+    seen = set()
+    for rank in (0, 1):
+        with open(f"{out}.rank{rank}.json") as f:
+            for r in json.load(f):
+                assert "error" not in r, r["error"]
+                assert r["non_adapter_trainable"] == [], r
+                for key in ("logits_vs_peft", "merged_logits_vs_peft", "exported_adapter_logits_diff",
+                            "merged_hf_logits_diff"):
+                    if key in r:
+                        seen.add(key)
+                        assert r[key] <= tol, (key, r)
+                if rank == 0:
+                    assert r["export_keys_equal"] and r["export_not_equal"] == [], r
+    return seen
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)

@@ -13,7 +13,12 @@ import re
 import pytest
 import torch
 
-from tests.dist_helpers import LAYOUTS, assert_logits_parity, assert_round_trip, run_bridge_checks
+from tests.dist_helpers import (
+    LAYOUTS,
+    assert_logits_parity,
+    assert_round_trip,
+    run_bridge_checks,
+)
 from tests.tiny_models import FAMILY_KINDS, _config, make_tiny_model
 
 TOL = 1e-5
@@ -201,13 +206,13 @@ def test_lora_against_peft(kind, tmp_path):
     """LoRA on attention and the dense / shared-expert MLPs (PEFT's q/k/v/o/gate/up/down_proj; the experts are
     not adapted on either side): logits against PEFT, the exported adapter and the merged model, TP=2+SP, PP=2,
     EP=2 (tests/lora_worker.py)."""
-    import json
     import os
     import subprocess
     import sys
 
     from conftest import REPO, worktree_env
     from lf_runs import make_lora_adapter
+    from lora_worker import assert_results as assert_lora_results
 
     model = make_tiny_model(kind, str(tmp_path / kind))
     adapter = make_lora_adapter(model, str(tmp_path / "adapter"), seed=3)
@@ -217,20 +222,7 @@ def test_lora_against_peft(kind, tmp_path):
            "--layouts", "tp2sp,pp2,ep2"]
     proc = subprocess.run(cmd, cwd=REPO, env=worktree_env(), capture_output=True, text=True, timeout=800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    seen = set()
-    for rank in (0, 1):
-        with open(f"{out}.rank{rank}.json") as f:
-            for r in json.load(f):
-                assert "error" not in r, r["error"]
-                assert r["non_adapter_trainable"] == [], r
-                for key in ("logits_vs_peft", "merged_logits_vs_peft", "exported_adapter_logits_diff",
-                            "merged_hf_logits_diff"):
-                    if key in r:
-                        seen.add(key)
-                        assert r[key] <= TOL, (key, r)
-                if rank == 0:
-                    assert r["export_keys_equal"] and r["export_not_equal"] == [], r
-    assert len(seen) == 4, seen
+    assert len(assert_lora_results(out, TOL)) == 4
 
 
 def test_layouts_known():
