@@ -79,10 +79,36 @@ def make_tiny_qwen2_5_vl(path: str, seed: int = 0) -> str:
     return _perturb_and_save(model, path)
 
 
+def make_tiny_qwen3_vl(path: str, seed: int = 0) -> str:
+    """Tiny Qwen3-VL: 4 text layers with 3 DeepStack maps (after layers 0, 1, 2: under PP=2 the maps reach both
+    stages), interleaved mRoPE over 8 rotary channels (head_dim 16), 3 vision blocks with a 4 x 4 table of learned
+    position embeddings (interpolated to each grid)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=128, vocab_size=1001, rms_norm_eps=1e-6,
+                         max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                          "rope_theta": 10000.0}),
+        vision_config=dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
+        image_token_id=1000, video_token_id=999, vision_start_token_id=998, vision_end_token_id=997,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3VLForConditionalGeneration(config)
+    return _perturb_and_save(model, path)
+
+
 FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_rope_index)
     "qwen2_vl": (make_tiny_qwen2_vl, "Qwen2VLForConditionalGeneration", "llamafactory_mca.models.qwen2_vl"),
     "qwen2_5_vl": (make_tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration",
                    "llamafactory_mca.models.qwen2_5_vl"),
+    "qwen3_vl": (make_tiny_qwen3_vl, "Qwen3VLForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
 }
 
 
@@ -107,8 +133,10 @@ def make_inputs(hf_config, seed: int = 7) -> dict:
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grids)
 
 
-def forward(models, inputs, position_ids, keep_local: list | None = None) -> torch.Tensor | None:
-    """Forward through pipeline stages with plain p2p; full-vocab logits on the last stage."""
+def forward(models, inputs, position_ids, keep_local: list | None = None,
+            info: dict | None = None) -> torch.Tensor | None:
+    """Forward through pipeline stages with plain p2p; full-vocab logits on the last stage. `info` gets the rows
+    of the tensor a later stage received (`received_rows`)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -118,10 +146,12 @@ def forward(models, inputs, position_ids, keep_local: list | None = None) -> tor
     group_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     model = models[0]
     config = model.config
-    b, s = inputs["input_ids"].shape
-    hidden_shape = (s // tp if config.sequence_parallel else s, b, config.hidden_size)
-    if pp_rank > 0:
-        buf = torch.empty(hidden_shape, dtype=config.params_dtype)
+    if pp_rank > 0:  # the shape first: Qwen3-VL stages send their DeepStack maps along (rows beyond the sequence)
+        shape = torch.empty(3, dtype=torch.long)
+        dist.recv(shape, src=group_ranks[pp_rank - 1])
+        buf = torch.empty(shape.tolist(), dtype=config.params_dtype)
+        if info is not None:
+            info["received_rows"] = int(shape[0])
         dist.recv(buf, src=group_ranks[pp_rank - 1])
         model.set_input_tensor(buf)
     else:
@@ -131,6 +161,7 @@ def forward(models, inputs, position_ids, keep_local: list | None = None) -> tor
         extra = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
     y = model(input_ids=inputs["input_ids"], position_ids=position_ids, attention_mask=None, **extra)
     if pp_rank < pp - 1:
+        dist.send(torch.tensor(y.shape, dtype=torch.long), dst=group_ranks[pp_rank + 1])
         dist.send(y.contiguous(), dst=group_ranks[pp_rank + 1])
         return None
     if keep_local is not None:
@@ -151,6 +182,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
 
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
+    from llamafactory_mca.training.multimodal import internal_hf_name
 
     res: dict = {"layout": layout}
     hf_config = AutoConfig.from_pretrained(model_dir)
@@ -175,7 +207,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     ce = torch.nn.functional.cross_entropy
     with torch.set_grad_enabled(backward):
         local = []
-        logits = forward(models, inputs, position_ids, keep_local=local)
+        logits = forward(models, inputs, position_ids, keep_local=local, info=res)
         if backward:  # vocab-parallel loss on this rank's logits (the TP gather above has no autograd)
             from megatron.core import tensor_parallel
 
@@ -194,12 +226,21 @@ def check(model_dir: str, layout: str, work: str) -> dict:
         with torch.no_grad():  # the image really enters: without pixels the logits differ
             plain = hf(input_ids=inputs["input_ids"]).logits
         res["image_effect"] = float((plain - ref.detach())[real].abs().max())
+        mergers = getattr(hf.model.visual, "deepstack_merger_list", None)
+        if mergers is not None:  # Qwen3-VL: the last DeepStack map really enters (after layer K-1)
+            with torch.no_grad():
+                mergers[-1].linear_fc2.weight.zero_()
+                mergers[-1].linear_fc2.bias.zero_()
+                without = hf(**inputs, mm_token_type_ids=mm).logits
+            res["last_deepstack_effect"] = float((without - ref.detach())[real].abs().max())
     if backward:
         from tests.seq_helpers import _compare_grads, _grads_hf_named
 
+        if ps_tp_size() > 1:  # what megatron's finalize_model_grads sums over TP: q/k norms (Qwen3-VL)
+            _sum_qk_norm_grads(models)
         grads = _grads_hf_named(bridge, models)
         if dist.get_rank() == 0:
-            res.update(_compare_grads({_hf_internal(k): v for k, v in grads.items()}, hf))
+            res.update(_compare_grads({internal_hf_name(k): v for k, v in grads.items()}, hf))
 
     exported = dict(bridge.export_hf_state_dict(models))
     if dist.get_rank() == 0:
@@ -214,13 +255,21 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     return res
 
 
-def _hf_internal(name: str) -> str:
-    """Checkpoint name -> transformers' parameter name (model.language_model.*, model.visual.*)."""
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
-    return name
+def ps_tp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def _sum_qk_norm_grads(models) -> None:
+    """Sum the q/k RMSNorm gradients over TP ranks (each rank holds the heads of its shard)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    for m in models:
+        for name, p in m.named_parameters():
+            if ("q_layernorm" in name or "k_layernorm" in name) and p.grad is not None:
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ _FAMILIES = {
     "mixtral": ("llamafactory_mca.models.mixtral", "MixtralBridge"),
     "qwen2_vl": ("llamafactory_mca.models.qwen2_vl", "Qwen2VLBridge"),
     "qwen2_5_vl": ("llamafactory_mca.models.qwen2_5_vl", "Qwen2_5_VLBridge"),
+    "qwen3_vl": ("llamafactory_mca.models.qwen3_vl", "Qwen3VLBridge"),
 }
 
 
