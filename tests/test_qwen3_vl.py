@@ -95,3 +95,70 @@ def test_interleaved_mrope_matches_hf():
     for channel, row in ((1, 1), (2, 2), (3, 0)):
         expected = (pos[row].float() * hf.inv_freq[channel]).t()
         assert torch.allclose(ours[:, :, 0, channel], expected, rtol=1e-6, atol=0), channel
+
+
+# --------------------------------------------------------------------------------------------- sft end to end
+
+STEPS = 4
+VL_REL_TOL = 1e-6
+
+
+def _recipe(model: str, out: str, **overrides) -> dict:
+    from lf_runs import make_recipe
+
+    return make_recipe(model, out, dataset="tiny_vl", template="qwen3_vl_nothink", cutoff_len=256, max_steps=STEPS,
+                       **overrides)
+
+
+@pytest.fixture(scope="module")
+def q3vl_train_model(tmp_path_factory):
+    from tests.vl_helpers import make_tiny_vl_model
+
+    return make_tiny_vl_model(str(tmp_path_factory.mktemp("tiny_q3vl") / "qwen3_vl"), family="qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def hf_q3vl(q3vl_train_model, tmp_path_factory):
+    """The one Hugging Face reference run (batch 2 x accumulation 2; the vision tower and projector trained, so
+    the DeepStack mergers' gradients come back from the language model)."""
+    from tests.vl_helpers import train_vl
+
+    tmp = tmp_path_factory.mktemp("hf_q3vl")
+    return train_vl(tmp, "hf_q3vl", _recipe(q3vl_train_model, str(tmp / "out"), **UNFROZEN), mca=False)
+
+
+UNFROZEN = dict(freeze_vision_tower=False, freeze_multi_modal_projector=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_qwen3_vl_sft_single_process_parity_and_export(q3vl_train_model, hf_q3vl, tmp_path):
+    from lf_runs import assert_parity
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from tests.vl_helpers import train_vl
+
+    out = train_vl(tmp_path, "mca_q3vl", _recipe(q3vl_train_model, str(tmp_path / "out"), **UNFROZEN))
+    assert_parity(hf_q3vl, out, expected=STEPS, rel_tol=VL_REL_TOL)
+    ours = Qwen3VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).state_dict()
+    theirs = Qwen3VLForConditionalGeneration.from_pretrained(hf_q3vl, dtype=torch.float32).state_dict()
+    init = Qwen3VLForConditionalGeneration.from_pretrained(q3vl_train_model, dtype=torch.float32).state_dict()
+    assert ours.keys() == theirs.keys()
+    deepstack = [k for k in ours if "deepstack_merger_list" in k]
+    assert deepstack and any(not torch.equal(ours[k], init[k]) for k in deepstack)  # trained through DeepStack
+    for k in ours:  # Adam turns fp32 loss noise into larger weight differences (as test_vl_train)
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-2, atol=2e-3, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_qwen3_vl_sft_pp2_parity(q3vl_train_model, hf_q3vl, tmp_path):
+    """PP=2 on the HF run's 2 x 2 split: layers 0-1 and DeepStack maps 0-1 on stage 0, layer 2 and map 2 on stage
+    1 (the maps travel with the hidden states, their gradients come back the same way)."""
+    from lf_runs import assert_parity
+
+    from tests.vl_helpers import train_vl
+
+    out = train_vl(tmp_path, "mca_q3vl_pp", _recipe(q3vl_train_model, str(tmp_path / "out"), save_hf_model=False,
+                                                     pipeline_model_parallel_size=2, **UNFROZEN), nproc=2)
+    assert_parity(hf_q3vl, out, expected=STEPS, rel_tol=VL_REL_TOL)

@@ -112,6 +112,94 @@ FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_ro
 }
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIM = os.path.join(REPO, "tests", "hf_conv3d_shim")
+
+
+def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
+    """Tiny Qwen2-VL (family "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl") or Qwen3-VL ("qwen3_vl": 4 text layers,
+    DeepStack after layers 0-2) + tokenizer + processor, all built offline (seeded), for LLaMA-Factory runs."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from make_tiny_model import _corpus
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import transformers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = "What is in the image? Describe the picture. red green blue yellow square circle white background"
+    tok.train_from_iterator(_corpus() + [words], trainer=trainers.BpeTrainer(
+        vocab_size=480, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=special[1:], model_max_length=4096, padding_side="right",
+                                   clean_up_tokenization_spaces=False)
+    ids = {t: fast.convert_tokens_to_ids(t) for t in special}
+    pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
+    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=512, rms_norm_eps=1e-6, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    video_processor = Qwen2VLVideoProcessor(**pixels)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
+    elif family == "qwen2_5_vl":  # block 0 windowed (16-pixel windows), block 1 full attention; gated MLP
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                      fullatt_block_indexes=[1])
+        names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+    elif family == "qwen3_vl":
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0, 1, 2])
+        text.update(num_hidden_layers=4, head_dim=16)
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+        video_processor = Qwen3VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64 * 4})
+        names = ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor")
+    else:
+        raise ValueError(family)
+    config_cls, model_cls, processor_cls = (getattr(transformers, n) for n in names)
+    processor = processor_cls(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
+                              video_processor=video_processor)
+    config = config_cls(
+        text_config=text, vision_config=vision,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def train_vl(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -> str:
+    """`lf_runs.train`; the Hugging Face reference run (mca=False) with tests/hf_conv3d_shim on PYTHONPATH."""
+    import lf_runs
+
+    if mca:
+        return lf_runs.train(tmp_path, name, recipe, nproc=nproc, mca=True)
+    original = lf_runs.clean_env
+
+    def with_shim(**extra):
+        extra["PYTHONPATH"] = SHIM + os.pathsep + extra.get("PYTHONPATH", REPO)
+        return original(**extra)
+
+    lf_runs.clean_env = with_shim
+    try:
+        return lf_runs.train(tmp_path, name, recipe, nproc=nproc, mca=False)
+    finally:
+        lf_runs.clean_env = original
+
+
 def make_inputs(hf_config, seed: int = 7) -> dict:
     """Two rows, one image each ([1, 4, 4] and [1, 4, 6] patch grids -> 4 and 6 image tokens), right padding."""
     g = torch.Generator().manual_seed(seed)
