@@ -16,8 +16,8 @@ RMSNorm) as a megatron GPTModel with interleaved mRoPE and DeepStack.
 * Pipeline parallelism: the maps are computed on the first stage and travel with the micro-batch inside the
   tensor sent between stages, [hidden ; map_0 ; ... ; map_{K-1}] along the sequence dimension, while a later
   stage still owns layers < K; the receiving stage splits it again (rows beyond the local sequence length are
-  the maps). Megatron's p2p exchanges the tensor shape per micro-batch (`variable_seq_lengths`, our default
-  with the alltoall dispatcher), and the backward pass returns the maps' gradients to the first stage through
+  the maps). Megatron's p2p then exchanges the tensor shape per micro-batch (`variable_seq_lengths`, switched on
+  by the trainer for such models: `varying_p2p_shapes`), and the backward pass returns the maps' gradients to the first stage through
   the same tensor. Batches without images or videos send the plain hidden states.
 * Interleaved mRoPE: rotary channel i takes its position from the height row when i % 3 == 1 and
   i < 3 * mrope_section[1], from the width row when i % 3 == 2 and i < 3 * mrope_section[2], else from the
@@ -140,6 +140,8 @@ def qwen3_vl_model_class():
             super().__init__(*args, hf_config=hf_config, **kwargs)
             self.num_deepstack = len(getattr(hf_config.vision_config, "deepstack_visual_indexes", ()) or ())
             self.rotary_pos_emb = InterleavedMRoPE(self.rotary_pos_emb)
+            # the trainer then exchanges p2p shapes per micro-batch (training/loop.configure_schedule)
+            self.varying_p2p_shapes = self.num_deepstack > 0 and ps.get_pipeline_model_parallel_world_size() > 1
 
         def embed_with_deepstack(self, input_ids, pixel_values=None, image_grid_thw=None,
                                  pixel_values_videos=None, video_grid_thw=None):
@@ -225,10 +227,11 @@ class Qwen3VLBridge(Qwen2VLBridge):
         return False
 
     def transformer_config(self, hf_config, mca_args, params_dtype: torch.dtype = torch.float32):
-        """The text model's TransformerConfig; DeepStack maps cross pipeline stages inside the p2p tensor, whose
-        shape then varies: pipeline parallelism needs megatron's per-micro-batch shapes."""
+        """The text model's TransformerConfig. DeepStack maps cross pipeline stages inside the p2p tensor, whose
+        shape then varies per micro-batch, which megatron's allgather MoE dispatcher does not allow."""
         config = super().transformer_config(hf_config, mca_args, params_dtype)
-        if config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
+        if (config.pipeline_model_parallel_size > 1 and config.num_moe_experts
+                and config.moe_token_dispatcher_type == "allgather"):
             raise ValueError(
                 f"`moe_token_dispatcher_type`: {hf_config.model_type} with pipeline parallelism sends its DeepStack "
                 "features between stages in tensors of varying shape, which the allgather dispatcher does not "
