@@ -2,7 +2,8 @@
 layers 0-2, interleaved mRoPE, learned vision position embeddings) with one image per row (different grids).
 
 One `torchrun --nproc_per_node 2` launch (tests/vl_helpers.py) over dp2 (TP=1), tp2, tp2sp and pp2 (vision tower on
-the first stage; layers 2-3 and DeepStack map 2 on the second, which receives the maps with the hidden states):
+the first stage; layers 2-3 and DeepStack map 2 on the second, which receives the maps with the hidden states), and
+dp2 / tp2sp / pp2 again with a video beside the images (one frame group per temporal step after a timestamp token):
 logits equal Hugging Face's Qwen3VLForConditionalGeneration (fp32, positions from HF's get_rope_index), parameter
 gradients (vision tower and DeepStack mergers included) equal HF's (dp2, tp2), export is bit-exact and
 save_hf_pretrained reloads with transformers to the same weights.
@@ -15,7 +16,7 @@ import torch
 
 from tests.workers import launch_worker
 
-LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2")
+LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "dp2video", "tp2spvideo", "pp2video")
 TOL = 1e-5
 
 
@@ -41,7 +42,7 @@ def test_qwen3_vl_logits_parity(results, layout):
             assert r["image_effect"] > 1e-3, r  # the image features really enter the language model
             assert r["last_deepstack_effect"] > 1e-3, r  # and so does the DeepStack map of layer 2
     assert diffs and max(diffs) <= TOL, diffs
-    if layout == "pp2":  # vision tower on stage 0; stage 1 (layers 2, 3) received [hidden ; 3 DeepStack maps]
+    if layout.startswith("pp2"):  # vision tower on stage 0; stage 1 (layers 2, 3) received [hidden ; 3 DeepStack maps]
         assert [results[rank][layout]["has_vision"] for rank in (0, 1)] == [True, False]
         assert results[1][layout]["received_rows"] % 4 == 0 and results[1][layout]["received_rows"] > 0
 

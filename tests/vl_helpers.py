@@ -23,6 +23,10 @@ LAYOUTS = {
     "tp2": dict(tensor_model_parallel_size=2),
     "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": dict(pipeline_model_parallel_size=2),
+    # the same with a video in row 0 (make_inputs(video=True)); logits and round trip only
+    "dp2video": dict(),
+    "tp2spvideo": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    "pp2video": dict(pipeline_model_parallel_size=2),
 }
 
 
@@ -200,25 +204,45 @@ def train_vl(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True
         lf_runs.clean_env = original
 
 
-def make_inputs(hf_config, seed: int = 7) -> dict:
-    """Two rows, one image each ([1, 4, 4] and [1, 4, 6] patch grids -> 4 and 6 image tokens), right padding."""
+def make_inputs(hf_config, seed: int = 7, video: bool = False) -> dict:
+    """Two rows, one image each ([1, 4, 4] and [1, 4, 6] patch grids -> 4 and 6 image tokens), right padding.
+    `video`: row 0 also holds a video of 2 temporal steps of a [4, 4] grid (4 tokens per step), laid out as the
+    family's processor does: Qwen3-VL one <vision_start> frame <vision_end> group per step after a timestamp
+    token, the others one group; Qwen2.5-VL with second_per_grid_ts 1.5."""
     g = torch.Generator().manual_seed(seed)
     grids = torch.tensor([[1, 4, 4], [1, 4, 6]])
     vc = hf_config.vision_config
     patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     pixel_values = torch.randn(int(grids.prod(-1).sum()), patch_dim, generator=g)
     merge = vc.spatial_merge_size ** 2
+    vs, ve = hf_config.vision_start_token_id, hf_config.vision_end_token_id
     rows = []
     for i, grid in enumerate(grids):
         n_img = int(grid.prod()) // merge
         pre = torch.randint(0, 990, (3 + i,), generator=g).tolist()
         post = torch.randint(0, 990, (5,), generator=g).tolist()
-        rows.append(pre + [hf_config.vision_start_token_id] + [hf_config.image_token_id] * n_img
-                    + [hf_config.vision_end_token_id] + post)
+        rows.append(pre + [vs] + [hf_config.image_token_id] * n_img + [ve] + post)
+    out = {}
+    if video:
+        vgrid = torch.tensor([[2, 4, 4]])
+        per_step = 16 // merge
+        if hf_config.model_type.startswith("qwen3_vl"):
+            for step in range(2):
+                rows[0] += [900 + step, vs] + [hf_config.video_token_id] * per_step + [ve]
+        else:
+            rows[0] += [vs] + [hf_config.video_token_id] * (2 * per_step) + [ve]
+        rows[0] += torch.randint(0, 990, (3,), generator=g).tolist()
+        out = dict(pixel_values_videos=torch.randn(2 * 16, patch_dim, generator=g), video_grid_thw=vgrid)
+        if hf_config.model_type == "qwen2_5_vl":
+            out["second_per_grid_ts"] = torch.tensor([1.5])
     s = -(-max(len(r) for r in rows) // 4) * 4  # divisible by tp under sequence parallelism
     input_ids = torch.tensor([r + [0] * (s - len(r)) for r in rows])
     attention_mask = torch.tensor([[1] * len(r) + [0] * (s - len(r)) for r in rows])
-    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grids)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grids,
+                **out)
+
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def forward(models, inputs, position_ids, keep_local: list | None = None,
@@ -246,7 +270,7 @@ def forward(models, inputs, position_ids, keep_local: list | None = None,
         model.set_input_tensor(None)
     extra = {}
     if pp_rank == 0:
-        extra = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        extra = {k: inputs[k] for k in VISION_KEYS if k in inputs}
     y = model(input_ids=inputs["input_ids"], position_ids=position_ids, attention_mask=None, **extra)
     if pp_rank < pp - 1:
         dist.send(torch.tensor(y.shape, dtype=torch.long), dst=group_ranks[pp_rank + 1])
@@ -262,7 +286,6 @@ def forward(models, inputs, position_ids, keep_local: list | None = None,
 
 
 def check(model_dir: str, layout: str, work: str) -> dict:
-    import importlib
 
     import torch.distributed as dist
     import transformers
@@ -270,13 +293,12 @@ def check(model_dir: str, layout: str, work: str) -> dict:
 
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
-    from llamafactory_mca.training.multimodal import internal_hf_name
+    from llamafactory_mca.training.multimodal import internal_hf_name, rope_fn
 
     res: dict = {"layout": layout}
     hf_config = AutoConfig.from_pretrained(model_dir)
-    _, hf_cls_name, rope_module = FAMILIES[hf_config.model_type]
+    _, hf_cls_name, _ = FAMILIES[hf_config.model_type]
     HFModel = getattr(transformers, hf_cls_name)
-    get_rope_index = importlib.import_module(rope_module).get_rope_index
     bridge = bridge_for(hf_config.model_type)
     mca_args = MegatronArguments(**LAYOUTS[layout])
     models = bridge.build_model(hf_config, mca_args, torch.float32, init_weights=False)
@@ -284,9 +306,10 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     for m in models:
         m.eval()
     res["has_vision"] = models[0].vision_model is not None
-    inputs = make_inputs(hf_config)
-    position_ids = get_rope_index(hf_config, inputs["input_ids"], inputs["image_grid_thw"],
-                                  attention_mask=inputs["attention_mask"])
+    video = layout.endswith("video")
+    inputs = make_inputs(hf_config, video=video)
+    position_ids = rope_fn(hf_config)(inputs["input_ids"], inputs["image_grid_thw"], inputs.get("video_grid_thw"),
+                                      inputs["attention_mask"], second_per_grid_ts=inputs.get("second_per_grid_ts"))
     backward = layout in ("dp2", "tp2")  # pipeline backward needs the schedule; covered by the trainer tests
     V = hf_config.text_config.vocab_size
     real = inputs["attention_mask"].bool()
@@ -305,7 +328,8 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     if logits is not None:
         hf = HFModel.from_pretrained(model_dir, dtype=torch.float32)
         hf.eval()
-        mm = (inputs["input_ids"] == hf_config.image_token_id).int()
+        mm = (inputs["input_ids"] == hf_config.image_token_id).int() \
+            + 2 * (inputs["input_ids"] == hf_config.video_token_id).int()
         with torch.set_grad_enabled(backward):
             ref = hf(**inputs, mm_token_type_ids=mm).logits
             if backward:
