@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.workers import launch_worker
+from tests import vl_helpers
 
 LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2")
 TOL = 1e-5
@@ -21,13 +21,10 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def results(request, tmp_path_factory):
-    from tests import vl_helpers
-
     family = request.param
     model = str(tmp_path_factory.mktemp(family) / family)
     {"qwen2_vl": vl_helpers.make_tiny_qwen2_vl, "qwen2_5_vl": vl_helpers.make_tiny_qwen2_5_vl}[family](model)
-    return launch_worker("vl_helpers.py", ["--model", model, "--layouts", ",".join(LAYOUTS)],
-                         tmp_path_factory.mktemp("results"), key=("layout",))
+    return vl_helpers.launch_checks(model, LAYOUTS, tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -50,21 +47,14 @@ def test_vl_logits_parity(results, layout):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", ("dp2", "tp2"))
 def test_vl_grads_match_hf(results, layout):
-    r = results[0][layout]
-    assert "error" not in r, r["error"]
-    assert "grad_error" not in r, r["grad_error"]
-    assert r["grad_max_rel_diff"] <= 1e-5, r
+    vl_helpers.assert_grads_match(results[0][layout])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_vl_round_trip_bit_exact(results, layout):
-    r = results[0][layout]
-    assert "error" not in r, r["error"]
-    assert r["missing"] == [] and r["extra"] == [] and r["not_equal"] == [], r
-    assert r["saved_shards"] > 1
-    assert r["reload_not_equal"] == [], r
+    vl_helpers.assert_round_trip(results[0][layout])
 
 
 @pytest.mark.parametrize("model_type,bridge", [("qwen2_vl", "Qwen2VLBridge"), ("qwen2_5_vl", "Qwen2_5_VLBridge")])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.workers import launch_worker
+from tests import vl_helpers
 
 LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "dp2video", "tp2spvideo", "pp2video")
 TOL = 1e-5
@@ -22,11 +22,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from tests import vl_helpers
-
     model = vl_helpers.make_tiny_qwen3_vl(str(tmp_path_factory.mktemp("qwen3_vl") / "qwen3_vl"))
-    return launch_worker("vl_helpers.py", ["--model", model, "--layouts", ",".join(LAYOUTS)],
-                         tmp_path_factory.mktemp("results"), key=("layout",))
+    return vl_helpers.launch_checks(model, LAYOUTS, tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -51,21 +48,14 @@ def test_qwen3_vl_logits_parity(results, layout):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", ("dp2", "tp2"))
 def test_qwen3_vl_grads_match_hf(results, layout):
-    r = results[0][layout]
-    assert "error" not in r, r["error"]
-    assert "grad_error" not in r, r["grad_error"]
-    assert r["grad_max_rel_diff"] <= 1e-5, r
+    vl_helpers.assert_grads_match(results[0][layout])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_qwen3_vl_round_trip_bit_exact(results, layout):
-    r = results[0][layout]
-    assert "error" not in r, r["error"]
-    assert r["missing"] == [] and r["extra"] == [] and r["not_equal"] == [], r
-    assert r["saved_shards"] > 1
-    assert r["reload_not_equal"] == [], r
+    vl_helpers.assert_round_trip(results[0][layout])
 
 
 def test_qwen3_vl_bridge_registered():

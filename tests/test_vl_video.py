@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.workers import launch_worker
+from tests import vl_helpers
 
 LAYOUTS = ("dp2video", "tp2spvideo", "pp2video")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from tests import vl_helpers
-
     model = vl_helpers.make_tiny_qwen2_5_vl(str(tmp_path_factory.mktemp("qwen2_5_vl") / "qwen2_5_vl"))
-    return launch_worker("vl_helpers.py", ["--model", model, "--layouts", ",".join(LAYOUTS)],
-                         tmp_path_factory.mktemp("results"), key=("layout",))
+    return vl_helpers.launch_checks(model, LAYOUTS, tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -36,8 +33,7 @@ def test_qwen2_5_vl_video_logits_and_round_trip(results, layout):
             diffs.append(r["logits_max_abs_diff"])
             assert r["image_effect"] > 1e-3, r
     assert diffs and max(diffs) <= 1e-5, diffs
-    r = results[0][layout]
-    assert r["missing"] == [] and r["extra"] == [] and r["not_equal"] == [] and r["reload_not_equal"] == [], r
+    vl_helpers.assert_round_trip(results[0][layout])
 
 
 def test_qwen2_5_vl_training_rope_takes_video_seconds():

@@ -384,6 +384,29 @@ def _sum_qk_norm_grads(models) -> None:
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
 
+def launch_checks(model: str, layouts, tmp_path_factory) -> list:
+    """Run `check` under torchrun (2 ranks) for `layouts` on `model`; per rank {layout: result}."""
+    from tests.workers import launch_worker
+
+    return launch_worker("vl_helpers.py", ["--model", model, "--layouts", ",".join(layouts)],
+                         tmp_path_factory.mktemp("results"), key=("layout",))
+
+
+def assert_grads_match(r: dict) -> None:
+    """The layout's parameter gradients equal HF's to 1e-5 relative."""
+    assert "error" not in r, r["error"]
+    assert "grad_error" not in r, r["grad_error"]
+    assert r["grad_max_rel_diff"] <= 1e-5, r
+
+
+def assert_round_trip(r: dict) -> None:
+    """Export is bit-exact and save_hf_pretrained (several shards) reloads with transformers to the same weights."""
+    assert "error" not in r, r["error"]
+    assert r["missing"] == [] and r["extra"] == [] and r["not_equal"] == [], r
+    assert r["saved_shards"] > 1
+    assert r["reload_not_equal"] == [], r
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
