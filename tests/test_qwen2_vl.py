@@ -31,14 +31,7 @@ def results(request, tmp_path_factory):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_vl_logits_parity(results, layout):
-    diffs = []
-    for rank_results in results:
-        r = rank_results[layout]
-        assert "error" not in r, r["error"]
-        if "logits_max_abs_diff" in r:
-            diffs.append(r["logits_max_abs_diff"])
-            assert r["image_effect"] > 1e-3, r  # the image features really enter the language model
-    assert diffs and max(diffs) <= TOL, diffs
+    vl_helpers.assert_logits_parity(results, layout, TOL)  # image features really enter the language model
     if layout == "pp2":  # the vision tower lives on the first stage only
         assert [results[rank][layout]["has_vision"] for rank in (0, 1)] == [True, False]
 

@@ -25,14 +25,7 @@ def results(tmp_path_factory):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_qwen2_5_vl_video_logits_and_round_trip(results, layout):
-    diffs = []
-    for rank_results in results:
-        r = rank_results[layout]
-        assert "error" not in r, r["error"]
-        if "logits_max_abs_diff" in r:
-            diffs.append(r["logits_max_abs_diff"])
-            assert r["image_effect"] > 1e-3, r
-    assert diffs and max(diffs) <= 1e-5, diffs
+    vl_helpers.assert_logits_parity(results, layout, 1e-5)
     vl_helpers.assert_round_trip(results[0][layout])
 
 

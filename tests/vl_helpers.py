@@ -392,6 +392,20 @@ def launch_checks(model: str, layouts, tmp_path_factory) -> list:
                          tmp_path_factory.mktemp("results"), key=("layout",))
 
 
+def assert_logits_parity(results: list, layout: str, tol: float = 1e-5, effects: tuple = ("image_effect",)) -> None:
+    """On every rank holding logits: no error, each of `effects` (inputs that must change the logits) > 1e-3, and
+    the logits within `tol` of HF's."""
+    diffs = []
+    for rank_results in results:
+        r = rank_results[layout]
+        assert "error" not in r, r["error"]
+        if "logits_max_abs_diff" in r:
+            diffs.append(r["logits_max_abs_diff"])
+            for effect in effects:
+                assert r[effect] > 1e-3, (effect, r)
+    assert diffs and max(diffs) <= tol, diffs
+
+
 def assert_grads_match(r: dict) -> None:
     """The layout's parameter gradients equal HF's to 1e-5 relative."""
     assert "error" not in r, r["error"]
