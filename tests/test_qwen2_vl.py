@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.workers import launch_worker
+from tests import vl_helpers
 
 LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2")
 TOL = 1e-5
@@ -21,27 +21,17 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def results(request, tmp_path_factory):
-    from tests import vl_helpers
-
     family = request.param
     model = str(tmp_path_factory.mktemp(family) / family)
     {"qwen2_vl": vl_helpers.make_tiny_qwen2_vl, "qwen2_5_vl": vl_helpers.make_tiny_qwen2_5_vl}[family](model)
-    return launch_worker("vl_helpers.py", ["--model", model, "--layouts", ",".join(LAYOUTS)],
-                         tmp_path_factory.mktemp("results"), key=("layout",))
+    return vl_helpers.launch_checks(model, LAYOUTS, tmp_path_factory)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_vl_logits_parity(results, layout):
-    diffs = []
-    for rank_results in results:
-        r = rank_results[layout]
-        assert "error" not in r, r["error"]
-        if "logits_max_abs_diff" in r:
-            diffs.append(r["logits_max_abs_diff"])
-            assert r["image_effect"] > 1e-3, r  # the image features really enter the language model
-    assert diffs and max(diffs) <= TOL, diffs
+    vl_helpers.assert_logits_parity(results, layout, TOL)  # image features really enter the language model
     if layout == "pp2":  # the vision tower lives on the first stage only
         assert [results[rank][layout]["has_vision"] for rank in (0, 1)] == [True, False]
 
@@ -50,21 +40,14 @@ def test_vl_logits_parity(results, layout):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", ("dp2", "tp2"))
 def test_vl_grads_match_hf(results, layout):
-    r = results[0][layout]
-    assert "error" not in r, r["error"]
-    assert "grad_error" not in r, r["grad_error"]
-    assert r["grad_max_rel_diff"] <= 1e-5, r
+    vl_helpers.assert_grads_match(results[0][layout])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_vl_round_trip_bit_exact(results, layout):
-    r = results[0][layout]
-    assert "error" not in r, r["error"]
-    assert r["missing"] == [] and r["extra"] == [] and r["not_equal"] == [], r
-    assert r["saved_shards"] > 1
-    assert r["reload_not_equal"] == [], r
+    vl_helpers.assert_round_trip(results[0][layout])
 
 
 @pytest.mark.parametrize("model_type,bridge", [("qwen2_vl", "Qwen2VLBridge"), ("qwen2_5_vl", "Qwen2_5_VLBridge")])

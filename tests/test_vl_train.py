@@ -19,86 +19,15 @@ with tests/hf_conv3d_shim (test-only sitecustomize).
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-from conftest import REPO
+from tests.vl_helpers import make_tiny_vl_model, train_vl
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4
 VL_REL_TOL = 1e-6
-SHIM = os.path.join(REPO, "tests", "hf_conv3d_shim")
-
-
-def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
-    """Tiny Qwen2-VL (or Qwen2.5-VL: family="qwen2_5_vl") + tokenizer + processor, all built offline (seeded)."""
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from make_tiny_model import _corpus
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor)
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|image_pad|>", "<|video_pad|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    words = "What is in the image? Describe the picture. red green blue yellow square circle white background"
-    tok.train_from_iterator(_corpus() + [words], trainer=trainers.BpeTrainer(
-        vocab_size=480, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=special[1:], model_max_length=4096, padding_side="right",
-                                   clean_up_tokenization_spaces=False)
-    ids = {t: fast.convert_tokens_to_ids(t) for t in special}
-    pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
-    v25 = family == "qwen2_5_vl"
-    processor = (Qwen2_5_VLProcessor if v25 else Qwen2VLProcessor)(
-        image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
-        video_processor=Qwen2VLVideoProcessor(**pixels))
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    if v25:  # block 0 windowed (16-pixel windows), block 1 full attention; gated MLP
-        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
-                      fullatt_block_indexes=[1])
-    config = (Qwen2_5_VLConfig if v25 else Qwen2VLConfig)(
-        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=512, rms_norm_eps=1e-6, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    torch.manual_seed(0)
-    (Qwen2_5_VLForConditionalGeneration if v25 else Qwen2VLForConditionalGeneration)(config).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def _train(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -> str:
-    import lf_runs
-
-    if mca:
-        return lf_runs.train(tmp_path, name, recipe, nproc=nproc, mca=True)
-    original = lf_runs.clean_env
-
-    def with_shim(**extra):
-        extra["PYTHONPATH"] = SHIM + os.pathsep + extra.get("PYTHONPATH", REPO)
-        return original(**extra)
-
-    lf_runs.clean_env = with_shim
-    try:
-        return lf_runs.train(tmp_path, name, recipe, nproc=nproc, mca=False)
-    finally:
-        lf_runs.clean_env = original
 
 
 def _recipe(model: str, out: str, **overrides) -> dict:
@@ -116,14 +45,14 @@ def vl_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_vl(vl_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_vl")
-    return _train(tmp, "hf_vl", _recipe(vl_model, str(tmp / "out")), mca=False)
+    return train_vl(tmp, "hf_vl", _recipe(vl_model, str(tmp / "out")), mca=False)
 
 
 def test_vl_sft_single_process_parity_and_export(vl_model, hf_vl, tmp_path):
     from lf_runs import assert_parity
     from transformers import Qwen2VLForConditionalGeneration
 
-    out = _train(tmp_path, "mca_vl", _recipe(vl_model, str(tmp_path / "out")))
+    out = train_vl(tmp_path, "mca_vl", _recipe(vl_model, str(tmp_path / "out")))
     assert_parity(hf_vl, out, expected=STEPS, rel_tol=VL_REL_TOL)
     ours = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).state_dict()
     theirs = Qwen2VLForConditionalGeneration.from_pretrained(hf_vl, dtype=torch.float32).state_dict()
@@ -145,8 +74,8 @@ def test_vl25_sft_single_process_parity(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = make_tiny_vl_model(str(tmp_path / "qwen2_5_vl"), family="qwen2_5_vl")
-    hf = _train(tmp_path, "hf_vl25", _recipe(model, str(tmp_path / "hf")), mca=False)
-    out = _train(tmp_path, "mca_vl25", _recipe(model, str(tmp_path / "out")))
+    hf = train_vl(tmp_path, "hf_vl25", _recipe(model, str(tmp_path / "hf")), mca=False)
+    out = train_vl(tmp_path, "mca_vl25", _recipe(model, str(tmp_path / "out")))
     assert_parity(hf, out, expected=STEPS, rel_tol=VL_REL_TOL)
     ours = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).state_dict()
     theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).state_dict()
@@ -162,7 +91,7 @@ def test_vl_sft_parallel_parity(vl_model, hf_vl, tmp_path, layout):
     another curve (test_loss_weighting.py runs PP=2 on the 1 x 4 split against HF's 1 x 4)."""
     from lf_runs import assert_parity
 
-    out = _train(tmp_path, "mca_vl_par", _recipe(vl_model, str(tmp_path / "out"), save_hf_model=False, **layout),
+    out = train_vl(tmp_path, "mca_vl_par", _recipe(vl_model, str(tmp_path / "out"), save_hf_model=False, **layout),
                  nproc=2)
     assert_parity(hf_vl, out, expected=STEPS, rel_tol=VL_REL_TOL)
 
@@ -173,8 +102,8 @@ def test_vl_sft_vision_trained_parity(vl_model, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
     flags = dict(freeze_vision_tower=False, freeze_multi_modal_projector=False)
-    hf = _train(tmp_path, "hf_vl_unfrozen", _recipe(vl_model, str(tmp_path / "hf"), **flags), mca=False)
-    out = _train(tmp_path, "mca_vl_unfrozen", _recipe(vl_model, str(tmp_path / "out"), **flags))
+    hf = train_vl(tmp_path, "hf_vl_unfrozen", _recipe(vl_model, str(tmp_path / "hf"), **flags), mca=False)
+    out = train_vl(tmp_path, "mca_vl_unfrozen", _recipe(vl_model, str(tmp_path / "out"), **flags))
     assert_parity(hf, out, expected=STEPS, rel_tol=VL_REL_TOL)
     ours = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).state_dict()
     theirs = Qwen2VLForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).state_dict()

@@ -23,6 +23,10 @@ LAYOUTS = {
     "tp2": dict(tensor_model_parallel_size=2),
     "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": dict(pipeline_model_parallel_size=2),
+    # the same with a video in row 0 (make_inputs(video=True)); logits and round trip only
+    "dp2video": dict(),
+    "tp2spvideo": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    "pp2video": dict(pipeline_model_parallel_size=2),
 }
 
 
@@ -79,36 +83,172 @@ def make_tiny_qwen2_5_vl(path: str, seed: int = 0) -> str:
     return _perturb_and_save(model, path)
 
 
+def make_tiny_qwen3_vl(path: str, seed: int = 0) -> str:
+    """Tiny Qwen3-VL: 4 text layers with 3 DeepStack maps (after layers 0, 1, 2: under PP=2 the maps reach both
+    stages), interleaved mRoPE over 8 rotary channels (head_dim 16), 3 vision blocks with a 4 x 4 table of learned
+    position embeddings (interpolated to each grid)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=128, vocab_size=1001, rms_norm_eps=1e-6,
+                         max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                          "rope_theta": 10000.0}),
+        vision_config=dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
+        image_token_id=1000, video_token_id=999, vision_start_token_id=998, vision_end_token_id=997,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3VLForConditionalGeneration(config)
+    return _perturb_and_save(model, path)
+
+
 FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_rope_index)
     "qwen2_vl": (make_tiny_qwen2_vl, "Qwen2VLForConditionalGeneration", "llamafactory_mca.models.qwen2_vl"),
     "qwen2_5_vl": (make_tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration",
                    "llamafactory_mca.models.qwen2_5_vl"),
+    "qwen3_vl": (make_tiny_qwen3_vl, "Qwen3VLForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
 }
 
 
-def make_inputs(hf_config, seed: int = 7) -> dict:
-    """Two rows, one image each ([1, 4, 4] and [1, 4, 6] patch grids -> 4 and 6 image tokens), right padding."""
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIM = os.path.join(REPO, "tests", "hf_conv3d_shim")
+
+
+def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
+    """Tiny Qwen2-VL (family "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl") or Qwen3-VL ("qwen3_vl": 4 text layers,
+    DeepStack after layers 0-2) + tokenizer + processor, all built offline (seeded), for LLaMA-Factory runs."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from make_tiny_model import _corpus
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import transformers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = "What is in the image? Describe the picture. red green blue yellow square circle white background"
+    tok.train_from_iterator(_corpus() + [words], trainer=trainers.BpeTrainer(
+        vocab_size=480, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=special[1:], model_max_length=4096, padding_side="right",
+                                   clean_up_tokenization_spaces=False)
+    ids = {t: fast.convert_tokens_to_ids(t) for t in special}
+    pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
+    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=512, rms_norm_eps=1e-6, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    video_processor = Qwen2VLVideoProcessor(**pixels)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
+    elif family == "qwen2_5_vl":  # block 0 windowed (16-pixel windows), block 1 full attention; gated MLP
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                      fullatt_block_indexes=[1])
+        names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+    elif family == "qwen3_vl":
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0, 1, 2])
+        text.update(num_hidden_layers=4, head_dim=16)
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+        video_processor = Qwen3VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64 * 4})
+        names = ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor")
+    else:
+        raise ValueError(family)
+    config_cls, model_cls, processor_cls = (getattr(transformers, n) for n in names)
+    processor = processor_cls(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=fast,
+                              video_processor=video_processor)
+    config = config_cls(
+        text_config=text, vision_config=vision,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def train_vl(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool = True) -> str:
+    """`lf_runs.train`; the Hugging Face reference run (mca=False) with tests/hf_conv3d_shim on PYTHONPATH."""
+    import lf_runs
+
+    if mca:
+        return lf_runs.train(tmp_path, name, recipe, nproc=nproc, mca=True)
+    original = lf_runs.clean_env
+
+    def with_shim(**extra):
+        extra["PYTHONPATH"] = SHIM + os.pathsep + extra.get("PYTHONPATH", REPO)
+        return original(**extra)
+
+    lf_runs.clean_env = with_shim
+    try:
+        return lf_runs.train(tmp_path, name, recipe, nproc=nproc, mca=False)
+    finally:
+        lf_runs.clean_env = original
+
+
+def make_inputs(hf_config, seed: int = 7, video: bool = False) -> dict:
+    """Two rows, one image each ([1, 4, 4] and [1, 4, 6] patch grids -> 4 and 6 image tokens), right padding.
+    `video`: row 0 also holds a video of 2 temporal steps of a [4, 4] grid (4 tokens per step), laid out as the
+    family's processor does: Qwen3-VL one <vision_start> frame <vision_end> group per step after a timestamp
+    token, the others one group; Qwen2.5-VL with second_per_grid_ts 1.5."""
     g = torch.Generator().manual_seed(seed)
     grids = torch.tensor([[1, 4, 4], [1, 4, 6]])
     vc = hf_config.vision_config
     patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     pixel_values = torch.randn(int(grids.prod(-1).sum()), patch_dim, generator=g)
     merge = vc.spatial_merge_size ** 2
+    vs, ve = hf_config.vision_start_token_id, hf_config.vision_end_token_id
     rows = []
     for i, grid in enumerate(grids):
         n_img = int(grid.prod()) // merge
         pre = torch.randint(0, 990, (3 + i,), generator=g).tolist()
         post = torch.randint(0, 990, (5,), generator=g).tolist()
-        rows.append(pre + [hf_config.vision_start_token_id] + [hf_config.image_token_id] * n_img
-                    + [hf_config.vision_end_token_id] + post)
+        rows.append(pre + [vs] + [hf_config.image_token_id] * n_img + [ve] + post)
+    out = {}
+    if video:
+        vgrid = torch.tensor([[2, 4, 4]])
+        per_step = 16 // merge
+        if hf_config.model_type.startswith("qwen3_vl"):
+            for step in range(2):
+                rows[0] += [900 + step, vs] + [hf_config.video_token_id] * per_step + [ve]
+        else:
+            rows[0] += [vs] + [hf_config.video_token_id] * (2 * per_step) + [ve]
+        rows[0] += torch.randint(0, 990, (3,), generator=g).tolist()
+        out = dict(pixel_values_videos=torch.randn(2 * 16, patch_dim, generator=g), video_grid_thw=vgrid)
+        if hf_config.model_type == "qwen2_5_vl":
+            out["second_per_grid_ts"] = torch.tensor([1.5])
     s = -(-max(len(r) for r in rows) // 4) * 4  # divisible by tp under sequence parallelism
     input_ids = torch.tensor([r + [0] * (s - len(r)) for r in rows])
     attention_mask = torch.tensor([[1] * len(r) + [0] * (s - len(r)) for r in rows])
-    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grids)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=grids,
+                **out)
 
 
-def forward(models, inputs, position_ids, keep_local: list | None = None) -> torch.Tensor | None:
-    """Forward through pipeline stages with plain p2p; full-vocab logits on the last stage."""
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def forward(models, inputs, position_ids, keep_local: list | None = None,
+            info: dict | None = None) -> torch.Tensor | None:
+    """Forward through pipeline stages with plain p2p; full-vocab logits on the last stage. `info` gets the rows
+    of the tensor a later stage received (`received_rows`)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -118,19 +258,22 @@ def forward(models, inputs, position_ids, keep_local: list | None = None) -> tor
     group_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     model = models[0]
     config = model.config
-    b, s = inputs["input_ids"].shape
-    hidden_shape = (s // tp if config.sequence_parallel else s, b, config.hidden_size)
-    if pp_rank > 0:
-        buf = torch.empty(hidden_shape, dtype=config.params_dtype)
+    if pp_rank > 0:  # the shape first: Qwen3-VL stages send their DeepStack maps along (rows beyond the sequence)
+        shape = torch.empty(3, dtype=torch.long)
+        dist.recv(shape, src=group_ranks[pp_rank - 1])
+        buf = torch.empty(shape.tolist(), dtype=config.params_dtype)
+        if info is not None:
+            info["received_rows"] = int(shape[0])
         dist.recv(buf, src=group_ranks[pp_rank - 1])
         model.set_input_tensor(buf)
     else:
         model.set_input_tensor(None)
     extra = {}
     if pp_rank == 0:
-        extra = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        extra = {k: inputs[k] for k in VISION_KEYS if k in inputs}
     y = model(input_ids=inputs["input_ids"], position_ids=position_ids, attention_mask=None, **extra)
     if pp_rank < pp - 1:
+        dist.send(torch.tensor(y.shape, dtype=torch.long), dst=group_ranks[pp_rank + 1])
         dist.send(y.contiguous(), dst=group_ranks[pp_rank + 1])
         return None
     if keep_local is not None:
@@ -143,7 +286,6 @@ def forward(models, inputs, position_ids, keep_local: list | None = None) -> tor
 
 
 def check(model_dir: str, layout: str, work: str) -> dict:
-    import importlib
 
     import torch.distributed as dist
     import transformers
@@ -151,12 +293,12 @@ def check(model_dir: str, layout: str, work: str) -> dict:
 
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
+    from llamafactory_mca.training.multimodal import internal_hf_name, rope_fn
 
     res: dict = {"layout": layout}
     hf_config = AutoConfig.from_pretrained(model_dir)
-    _, hf_cls_name, rope_module = FAMILIES[hf_config.model_type]
+    _, hf_cls_name, _ = FAMILIES[hf_config.model_type]
     HFModel = getattr(transformers, hf_cls_name)
-    get_rope_index = importlib.import_module(rope_module).get_rope_index
     bridge = bridge_for(hf_config.model_type)
     mca_args = MegatronArguments(**LAYOUTS[layout])
     models = bridge.build_model(hf_config, mca_args, torch.float32, init_weights=False)
@@ -164,9 +306,10 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     for m in models:
         m.eval()
     res["has_vision"] = models[0].vision_model is not None
-    inputs = make_inputs(hf_config)
-    position_ids = get_rope_index(hf_config, inputs["input_ids"], inputs["image_grid_thw"],
-                                  attention_mask=inputs["attention_mask"])
+    video = layout.endswith("video")
+    inputs = make_inputs(hf_config, video=video)
+    position_ids = rope_fn(hf_config)(inputs["input_ids"], inputs["image_grid_thw"], inputs.get("video_grid_thw"),
+                                      inputs["attention_mask"], second_per_grid_ts=inputs.get("second_per_grid_ts"))
     backward = layout in ("dp2", "tp2")  # pipeline backward needs the schedule; covered by the trainer tests
     V = hf_config.text_config.vocab_size
     real = inputs["attention_mask"].bool()
@@ -175,7 +318,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     ce = torch.nn.functional.cross_entropy
     with torch.set_grad_enabled(backward):
         local = []
-        logits = forward(models, inputs, position_ids, keep_local=local)
+        logits = forward(models, inputs, position_ids, keep_local=local, info=res)
         if backward:  # vocab-parallel loss on this rank's logits (the TP gather above has no autograd)
             from megatron.core import tensor_parallel
 
@@ -185,7 +328,8 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     if logits is not None:
         hf = HFModel.from_pretrained(model_dir, dtype=torch.float32)
         hf.eval()
-        mm = (inputs["input_ids"] == hf_config.image_token_id).int()
+        mm = (inputs["input_ids"] == hf_config.image_token_id).int() \
+            + 2 * (inputs["input_ids"] == hf_config.video_token_id).int()
         with torch.set_grad_enabled(backward):
             ref = hf(**inputs, mm_token_type_ids=mm).logits
             if backward:
@@ -194,12 +338,21 @@ def check(model_dir: str, layout: str, work: str) -> dict:
         with torch.no_grad():  # the image really enters: without pixels the logits differ
             plain = hf(input_ids=inputs["input_ids"]).logits
         res["image_effect"] = float((plain - ref.detach())[real].abs().max())
+        mergers = getattr(hf.model.visual, "deepstack_merger_list", None)
+        if mergers is not None:  # Qwen3-VL: the last DeepStack map really enters (after layer K-1)
+            with torch.no_grad():
+                mergers[-1].linear_fc2.weight.zero_()
+                mergers[-1].linear_fc2.bias.zero_()
+                without = hf(**inputs, mm_token_type_ids=mm).logits
+            res["last_deepstack_effect"] = float((without - ref.detach())[real].abs().max())
     if backward:
         from tests.seq_helpers import _compare_grads, _grads_hf_named
 
+        if ps_tp_size() > 1:  # what megatron's finalize_model_grads sums over TP: q/k norms (Qwen3-VL)
+            _sum_qk_norm_grads(models)
         grads = _grads_hf_named(bridge, models)
         if dist.get_rank() == 0:
-            res.update(_compare_grads({_hf_internal(k): v for k, v in grads.items()}, hf))
+            res.update(_compare_grads({internal_hf_name(k): v for k, v in grads.items()}, hf))
 
     exported = dict(bridge.export_hf_state_dict(models))
     if dist.get_rank() == 0:
@@ -214,13 +367,58 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     return res
 
 
-def _hf_internal(name: str) -> str:
-    """Checkpoint name -> transformers' parameter name (model.language_model.*, model.visual.*)."""
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
-    return name
+def ps_tp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def _sum_qk_norm_grads(models) -> None:
+    """Sum the q/k RMSNorm gradients over TP ranks (each rank holds the heads of its shard)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    for m in models:
+        for name, p in m.named_parameters():
+            if ("q_layernorm" in name or "k_layernorm" in name) and p.grad is not None:
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+
+
+def launch_checks(model: str, layouts, tmp_path_factory) -> list:
+    """Run `check` under torchrun (2 ranks) for `layouts` on `model`; per rank {layout: result}."""
+    from tests.workers import launch_worker
+
+    return launch_worker("vl_helpers.py", ["--model", model, "--layouts", ",".join(layouts)],
+                         tmp_path_factory.mktemp("results"), key=("layout",))
+
+
+def assert_logits_parity(results: list, layout: str, tol: float = 1e-5, effects: tuple = ("image_effect",)) -> None:
+    """On every rank holding logits: no error, each of `effects` (inputs that must change the logits) > 1e-3, and
+    the logits within `tol` of HF's."""
+    diffs = []
+    for rank_results in results:
+        r = rank_results[layout]
+        assert "error" not in r, r["error"]
+        if "logits_max_abs_diff" in r:
+            diffs.append(r["logits_max_abs_diff"])
+            for effect in effects:
+                assert r[effect] > 1e-3, (effect, r)
+    assert diffs and max(diffs) <= tol, diffs
+
+
+def assert_grads_match(r: dict) -> None:
+    """The layout's parameter gradients equal HF's to 1e-5 relative."""
+    assert "error" not in r, r["error"]
+    assert "grad_error" not in r, r["grad_error"]
+    assert r["grad_max_rel_diff"] <= 1e-5, r
+
+
+def assert_round_trip(r: dict) -> None:
+    """Export is bit-exact and save_hf_pretrained (several shards) reloads with transformers to the same weights."""
+    assert "error" not in r, r["error"]
+    assert r["missing"] == [] and r["extra"] == [] and r["not_equal"] == [], r
+    assert r["saved_shards"] > 1
+    assert r["reload_not_equal"] == [], r
 
 
 def main(argv=None) -> int:

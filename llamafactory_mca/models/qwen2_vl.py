@@ -20,6 +20,7 @@ Context parallelism is not supported for this family yet (image tokens would hav
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Optional
 
@@ -47,7 +48,10 @@ class CompatReader(SafetensorsReader):
         return name if name in self.weight_map else self._alias.get(name, name)
 
 
-def _gpt_with_vision():
+@functools.lru_cache(maxsize=None)
+def vl_gpt_model_class():
+    """The GPTModel subclass of the Qwen-VL families (built lazily: megatron is imported on first use).
+    Qwen3-VL subclasses it (models/qwen3_vl.py)."""
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
@@ -66,44 +70,62 @@ def _gpt_with_vision():
 
                 self.vision_model = vision_cls._from_config(hf_config.vision_config, dtype=self.config.params_dtype)
 
-        def _vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        def vision_output(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Any:
+            """The vision tower's output for `pixel_values` (an output object or a tensor, per family)."""
             dtype = next(self.vision_model.parameters()).dtype
-            out = self.vision_model(pixel_values.to(dtype), grid_thw=grid_thw)
-            return getattr(out, "pooler_output", out)
+            return self.vision_model(pixel_values.to(dtype), grid_thw=grid_thw)
 
-        def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                  video_grid_thw=None) -> torch.Tensor:
-            """[s, b, h] decoder input (sequence-parallel scattered when SP is on)."""
+        def word_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+            """[b, s, h] word embeddings, full over TP (no sequence-parallel scatter)."""
             word = self.embedding.word_embeddings
             reduce_scatter = word.reduce_scatter_embeddings
             word.reduce_scatter_embeddings = False
             try:
-                emb = word(input_ids)  # [b, s, h], full over TP
+                return word(input_ids)
             finally:
                 word.reduce_scatter_embeddings = reduce_scatter
-            for values, grid, token in ((pixel_values, image_grid_thw, self.image_token_id),
-                                        (pixel_values_videos, video_grid_thw, self.video_token_id)):
-                if values is None:
-                    continue
-                feats = self._vision(values, grid).to(emb.dtype)
-                mask = input_ids == token
-                if int(mask.sum()) != feats.shape[0]:
-                    raise ValueError(
-                        f"{int(mask.sum())} placeholder tokens {token} but {feats.shape[0]} vision features")
-                emb = emb.masked_scatter(mask.unsqueeze(-1).expand_as(emb), feats)
+
+        def to_decoder_layout(self, emb: torch.Tensor) -> torch.Tensor:
+            """[b, s, h] -> [s, b, h], scattered over TP ranks under sequence parallelism."""
             emb = emb.transpose(0, 1).contiguous()
             if self.config.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             return emb
 
-        def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
-                    pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                    **kwargs):
+        def merge_vision(self, emb: torch.Tensor, input_ids: torch.Tensor, token: int,
+                         feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(`emb` with the placeholder tokens `token` replaced by `feats` in HF's order, the placeholder mask)."""
+            mask = input_ids == token
+            if int(mask.sum()) != feats.shape[0]:
+                raise ValueError(f"{int(mask.sum())} placeholder tokens {token} but {feats.shape[0]} vision features")
+            return emb.masked_scatter(mask.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype)), mask
+
+        def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                  video_grid_thw=None) -> torch.Tensor:
+            """[s, b, h] decoder input (sequence-parallel scattered when SP is on)."""
+            emb = self.word_embeddings(input_ids)
+            for values, grid, token in ((pixel_values, image_grid_thw, self.image_token_id),
+                                        (pixel_values_videos, video_grid_thw, self.video_token_id)):
+                if values is None:
+                    continue
+                out = self.vision_output(values, grid)
+                emb, _ = self.merge_vision(emb, input_ids, token, getattr(out, "pooler_output", out))
+            return self.to_decoder_layout(emb)
+
+        @staticmethod
+        def mrope_positions(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            """[3, b, s] mRoPE positions from [3, b, s], [4, b, s] (text row first) or [b, s] (text only)."""
             if position_ids is not None:
                 if position_ids.dim() == 2:
                     position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
                 elif position_ids.dim() == 3 and position_ids.shape[0] == 4:
                     position_ids = position_ids[1:]
+            return position_ids
+
+        def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
+                    pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                    **kwargs):
+            position_ids = self.mrope_positions(position_ids)
             if self.pre_process and decoder_input is None:
                 decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
                                            video_grid_thw)
@@ -172,7 +194,7 @@ class Qwen2VLBridge(ModelBridge):
     def new_model(self, hf_config, config, mca_args, **kwargs):
         kwargs["position_embedding_type"] = "mrope"
         kwargs["max_sequence_length"] = getattr(self.text_config(hf_config), "max_position_embeddings", 4096)
-        return _gpt_with_vision()(config=config, hf_config=hf_config, vision_cls=self.vision_cls(), **kwargs)
+        return vl_gpt_model_class()(config=config, hf_config=hf_config, vision_cls=self.vision_cls(), **kwargs)
 
     def vision_cls(self):
         """Hugging Face's vision tower class (built on the first stage, weights under `visual.`)."""

@@ -22,6 +22,7 @@ _FAMILIES = {
     "glm4_moe": ("llamafactory_mca.models.glm4_moe", "Glm4MoeBridge"),
     "qwen2_vl": ("llamafactory_mca.models.qwen2_vl", "Qwen2VLBridge"),
     "qwen2_5_vl": ("llamafactory_mca.models.qwen2_5_vl", "Qwen2_5_VLBridge"),
+    "qwen3_vl": ("llamafactory_mca.models.qwen3_vl", "Qwen3VLBridge"),
 }
 
 

@@ -224,7 +224,8 @@ def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int, segments
         position_ids = (given[1:] if given.shape[0] == 4 else given).long()
     elif rope_fn is not None:
         position_ids = rope_fn(input_ids, model_inputs.get("image_grid_thw"), model_inputs.get("video_grid_thw"),
-                               (attention_mask >= 1).long() if attention_mask is not None else None).long()
+                               (attention_mask >= 1).long() if attention_mask is not None else None,
+                               second_per_grid_ts=features.get("second_per_grid_ts")).long()
     return MicroBatch(
         tokens=input_ids.long(),
         position_ids=position_ids,

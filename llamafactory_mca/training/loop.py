@@ -95,7 +95,9 @@ def configure_schedule(models: list, ddp_models: list, optimizer: Any, m: Any, p
         config.batch_p2p_sync = platform.batch_p2p_sync()
         config.overlap_p2p_comm = False
         config.pipeline_dtype = params_dtype
-        config.variable_seq_lengths = False
+        # fixed p2p shapes (batches are padded alike under PP), unless a model sends extra rows along (Qwen3-VL's
+        # DeepStack maps, models/qwen3_vl.py)
+        config.variable_seq_lengths = any(getattr(chunk, "varying_p2p_shapes", False) for chunk in models)
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
         config.timers = None

@@ -1,11 +1,11 @@
-"""Multimodal models (Qwen2-VL, Qwen2.5-VL) in training: mRoPE positions for the batches and LLaMA-Factory's
+"""Multimodal models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) in training: mRoPE positions for the batches and LLaMA-Factory's
 freeze rules.
 
 * Positions: LLaMA-Factory's collator computes the [3, b, s] mRoPE positions only when it holds the Hugging Face
   model (`model.get_rope_index`); ours has none, so `rope_fn` gives the same function on the HF config
-  (`models.qwen2_vl.get_rope_index` / `models.qwen2_5_vl.get_rope_index`, Hugging Face's own code), applied per
-  collated batch with its attention mask. Qwen2.5-VL videos would need the collator's `second_per_grid_ts`
-  (not passed yet): refused.
+  (`get_rope_index` of models.qwen2_vl / qwen2_5_vl / qwen3_vl, Hugging Face's own code), applied per collated
+  batch with its attention mask; Qwen2.5-VL videos take the collator's `second_per_grid_ts` (Qwen3-VL marks its
+  video frames with timestamp text tokens instead).
 * Freezing (finetuning_type: full): LLaMA-Factory freezes the vision tower and the projector by default
   (`freeze_vision_tower`, `freeze_multi_modal_projector` true; `freeze_language_model` false) with substring
   rules on transformers' parameter names (`get_forbidden_modules`). The same rules run here on the Hugging Face
@@ -21,30 +21,40 @@ from typing import Any, Callable, Optional
 from llamafactory_mca.models.model_state import is_multimodal, model_state
 
 
-def _qwen2_vl_rope(hf_config: Any, input_ids, image_grid_thw, video_grid_thw, attention_mask):
+def _qwen2_vl_rope(hf_config: Any, input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                   second_per_grid_ts=None):
     from llamafactory_mca.models.qwen2_vl import get_rope_index
 
     return get_rope_index(hf_config, input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
                           attention_mask=attention_mask)
 
 
-def _qwen2_5_vl_rope(hf_config: Any, input_ids, image_grid_thw, video_grid_thw, attention_mask):
+def _qwen2_5_vl_rope(hf_config: Any, input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                     second_per_grid_ts=None):
     from llamafactory_mca.models.qwen2_5_vl import get_rope_index
 
-    if video_grid_thw is not None:  # temporal positions need the collator's second_per_grid_ts, not passed here
-        raise NotImplementedError("qwen2_5_vl videos are not supported by the Megatron backend's training path yet "
-                                  "(mRoPE needs second_per_grid_ts); train on images")
-    return get_rope_index(hf_config, input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    return get_rope_index(hf_config, input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                          attention_mask=attention_mask, second_per_grid_ts=second_per_grid_ts)
+
+
+def _qwen3_vl_rope(hf_config: Any, input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                   second_per_grid_ts=None):
+    from llamafactory_mca.models.qwen3_vl import get_rope_index
+
+    return get_rope_index(hf_config, input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                          attention_mask=attention_mask)
+
+
+_ROPE_FNS = {"qwen2_vl": _qwen2_vl_rope, "qwen2_5_vl": _qwen2_5_vl_rope, "qwen3_vl": _qwen3_vl_rope,
+             "qwen3_vl_moe": _qwen3_vl_rope}
 
 
 def rope_fn(hf_config: Any) -> Optional[Callable]:
-    """(input_ids, image_grid_thw, video_grid_thw, attention_mask) -> [3, b, s] positions, or None (text models)."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type == "qwen2_vl":
-        return partial(_qwen2_vl_rope, hf_config)
-    if model_type == "qwen2_5_vl":
-        return partial(_qwen2_5_vl_rope, hf_config)
-    return None
+    """(input_ids, image_grid_thw, video_grid_thw, attention_mask, second_per_grid_ts=None) -> [3, b, s] positions
+    (Hugging Face's get_rope_index of the family), or None (text models). `second_per_grid_ts`: the collator's
+    seconds per temporal grid step of each video (Qwen2.5-VL; the other families ignore it)."""
+    found = _ROPE_FNS.get(getattr(hf_config, "model_type", None))
+    return partial(found, hf_config) if found is not None else None
 
 
 def internal_hf_name(name: str) -> str:
