@@ -25,14 +25,15 @@ def make_models(tmp_path_factory) -> dict[str, str]:
         pytest.fail("llamafactory_mca.pth is not in site-packages: install with `pip install . --no-deps` "
                     "(not -e) so that USE_MCA=1 works in every process")
     root = tmp_path_factory.mktemp("models")
-    out = {}
-    for kind, extra in (("dense", []), ("moe", ["--moe"])):
-        path = str(root / kind)
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path, *extra],
-                              env=clean_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[kind] = path
-    return out
+    return {kind: make_tiny_model(str(root / kind), *extra) for kind, extra in (("dense", []), ("moe", ["--moe"]))}
+
+
+def make_tiny_model(path: str, *extra: str) -> str:
+    """scripts/make_tiny_model.py into `path` (extra: its flags, e.g. --moe); returns `path`."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path, *extra],
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return path
 
 
 def make_recipe(model: str, output_dir: str, **overrides) -> dict:

@@ -13,9 +13,7 @@ import json
 import os
 
 import pytest
-from lf_runs import make_recipe, train
-
-from conftest import REPO
+from lf_runs import make_recipe, make_tiny_model, train
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +25,7 @@ KTO = dict(stage="kto", dataset="tiny_kto", pref_beta=0.2, kto_chosen_weight=1.5
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    import subprocess
-    import sys
-
-    from conftest import clean_env
-
-    path = str(tmp_path_factory.mktemp("models") / "dense")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path],
-                          env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return path
+    return make_tiny_model(str(tmp_path_factory.mktemp("models") / "dense"))
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,8 @@ import shutil
 
 import pytest
 import torch
-from lf_runs import make_recipe, train
+from lf_runs import make_recipe, make_tiny_model, train
 
-from conftest import REPO
-
-pytestmark = pytest.mark.slow
 
 STEPS = 4
 RM = dict(stage="rm", dataset="tiny_pairwise", max_steps=STEPS, learning_rate=1.0e-3, warmup_steps=0,
@@ -31,17 +28,9 @@ RM = dict(stage="rm", dataset="tiny_pairwise", max_steps=STEPS, learning_rate=1.
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """The tiny dense model with a seeded value head file and no value-head dropout."""
-    import subprocess
-    import sys
-
     from safetensors.torch import save_file
 
-    from conftest import clean_env
-
-    path = str(tmp_path_factory.mktemp("models") / "dense_rm")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path],
-                          env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = make_tiny_model(str(tmp_path_factory.mktemp("models") / "dense_rm"))
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     config["summary_dropout_prob"] = 0.0
@@ -91,6 +80,7 @@ def _load_reward_model(path: str):
     return load_model(tokenizer, model_args, finetuning_args, is_trainable=False, add_valuehead=True)
 
 
+@pytest.mark.slow
 def test_rm_single_process_and_export(model, hf_rm, tmp_path):
     out = train(tmp_path, "mca_rm", make_recipe(model, str(tmp_path / "out"), **RM))
     assert_rm_parity(hf_rm, out)
@@ -108,9 +98,35 @@ def test_rm_single_process_and_export(model, hf_rm, tmp_path):
     shutil.rmtree(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [dict(pipeline_model_parallel_size=2),
                                     dict(tensor_model_parallel_size=2, sequence_parallel=True)], ids=["pp2", "tp2sp"])
 def test_rm_parallel(model, hf_rm, tmp_path, layout):
     out = train(tmp_path, "mca_rm_par", make_recipe(model, str(tmp_path / "out"), save_hf_model=False, **RM,
                                                     **layout), nproc=2)
     assert_rm_parity(hf_rm, out)
+
+
+@pytest.mark.parametrize("recipe, key", [
+    (dict(stage="rm", finetuning_type="lora"), "finetuning_type"),
+    (dict(stage="rm"), "finetuning_type"),  # LLaMA-Factory's default finetuning_type is lora
+    (dict(stage="rm", finetuning_type="full", context_parallel_size=2), "context_parallel_size"),
+    (dict(stage="kto", finetuning_type="full", neat_packing=True), "neat_packing"),
+    (dict(stage="kto", finetuning_type="lora", loss_weighting="sample"), "loss_weighting"),
+    (dict(stage="rm", finetuning_type="full", loss_weighting="token"), "loss_weighting"),
+])
+def test_stage_refusals(recipe, key):
+    """What rm / kto do not run is refused by the whole-recipe check (before torchrun), naming the key."""
+    from llamafactory_mca.args import McaArgumentError
+    from llamafactory_mca.recipe import check_recipe
+
+    with pytest.raises(McaArgumentError, match=key):
+        check_recipe(dict(model_name_or_path="Qwen/Qwen3-8B", **recipe), 2)
+
+
+def test_stages_accepted():
+    from llamafactory_mca.recipe import check_recipe
+
+    for recipe in (dict(stage="rm", finetuning_type="freeze"), dict(stage="kto", finetuning_type="lora"),
+                   dict(stage="rm", finetuning_type="full", loss_weighting="sample")):
+        check_recipe(dict(model_name_or_path="Qwen/Qwen3-8B", **recipe), 2)

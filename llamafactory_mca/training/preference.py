@@ -128,6 +128,22 @@ def logits_mean(logits: torch.Tensor, rows: slice, mask: torch.Tensor, vocab: in
     return totals.sum() / max(float(tokens.sum()) * vocab, 1.0)
 
 
+def sum_reports(losses: list, key: str, size: int, device: torch.device) -> torch.Tensor:
+    """The loss functions' `key` reports ([size] each) summed over micro-batches and data-parallel ranks, on every
+    rank (the last pipeline stage computes them and broadcasts the sum)."""
+    from megatron.core import parallel_state as ps
+
+    buf = torch.zeros(size, dtype=torch.float64, device=device)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses:
+            buf += item[key].to(device=device, dtype=torch.float64)
+        dist.all_reduce(buf, group=ps.get_data_parallel_group(with_context_parallel=True))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(buf, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return buf
+
+
 class ReferenceTask(SupervisedTask):
     """A stage whose loss compares the policy's sequence log-probs of both rows of a sample with a reference
     model's (dpo, kto). Subclasses give `METRICS`, the collator and `pair_loss`."""
@@ -288,17 +304,7 @@ class ReferenceTask(SupervisedTask):
 
     def reduce(self, run: Run, losses: list) -> torch.Tensor:
         """Sum of the microbatch reports over microbatches and data-parallel ranks, on every rank."""
-        from megatron.core import parallel_state as ps
-
-        buf = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64, device=run.device)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            for item in losses:
-                buf += item["pref"].to(device=run.device, dtype=torch.float64)
-            dist.all_reduce(buf, group=ps.get_data_parallel_group(with_context_parallel=True))
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(buf, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        return buf
+        return sum_reports(losses, "pref", len(self.METRICS) + 1, run.device)
 
     def metrics(self, run: Run, buf: torch.Tensor, prefix: str = "") -> tuple[float, dict[str, float]]:
         """(loss, {prefixed metric: value}) from a reduced report: the weighted means."""
@@ -339,4 +345,4 @@ class ReferenceTask(SupervisedTask):
 
 
 __all__ = ["CPSum", "PairBatches", "ReferenceTask", "label_pad_id", "logits_mean", "logits_sums",
-           "pairwise_collator", "sequence_logps"]
+           "pairwise_collator", "sequence_logps", "sum_reports"]

@@ -21,12 +21,11 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from llamafactory_mca.training import data as mdata
 from llamafactory_mca.training.loop import Run, SupervisedTask, run_schedule, save_final_model
-from llamafactory_mca.training.preference import PairBatches, pairwise_collator
+from llamafactory_mca.training.preference import PairBatches, pairwise_collator, sum_reports
 
 REPORT = ("loss", "accuracy", "pairs", "weight")
 
@@ -102,26 +101,12 @@ class RMTask(SupervisedTask):
         report[3] = weight
         return loss, torch.tensor(weight, dtype=torch.int, device=values.device), {"rm": report}
 
-    def _reduce(self, run: Run, losses: list) -> torch.Tensor:
-        """The micro-batch reports summed over micro-batches and data-parallel ranks, on every rank."""
-        from megatron.core import parallel_state as ps
-
-        buf = torch.zeros(len(REPORT), dtype=torch.float64, device=run.device)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            for item in losses:
-                buf += item["rm"].to(device=run.device, dtype=torch.float64)
-            dist.all_reduce(buf, group=ps.get_data_parallel_group())
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(buf, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        return buf
-
     # ---------------------------------------------------------------------------------------- task API
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
         """One optimizer step's forward/backward over `mbs`; (loss, {})."""
         losses = run_schedule(run.ddp_models, mbs, forward_only=False,
                               forward_step=partial(self._forward_step, run, "train"))
-        buf = self._reduce(run, losses)
+        buf = sum_reports(losses, "rm", len(REPORT), run.device)
         return float(buf[0]) / max(float(buf[3]), 1.0), {}
 
     def evaluate(self, run: Run, name: str, dataset: Any) -> dict[str, float]:
@@ -136,7 +121,7 @@ class RMTask(SupervisedTask):
             with torch.no_grad():
                 losses = run_schedule(run.ddp_models, mbs, forward_only=True,
                                       forward_step=partial(self._forward_step, run, "eval"))
-            total += self._reduce(run, losses)
+            total += sum_reports(losses, "rm", len(REPORT), run.device)
         prefix = f"eval_{name}_" if name else "eval_"
         return {f"{prefix}loss": float(total[0]) / max(float(total[3]), 1.0),
                 f"{prefix}accuracy": float(total[1]) / max(float(total[2]), 1.0)}
