@@ -128,6 +128,15 @@ def logits_mean(logits: torch.Tensor, rows: slice, mask: torch.Tensor, vocab: in
     return totals.sum() / max(float(tokens.sum()) * vocab, 1.0)
 
 
+def forward_step(loss_func: Any, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    """megatron's forward step for text micro-batches: the model's output on the next micro-batch, and
+    `loss_func(micro_batch, output)` bound to it."""
+    mb: mdata.MicroBatch = next(data_iterator)
+    device = next(model.parameters()).device
+    output = model(mb.tokens.to(device), mb.position_ids.to(device), None)
+    return output, partial(loss_func, mb)
+
+
 def sum_reports(losses: list, key: str, size: int, device: torch.device) -> torch.Tensor:
     """The loss functions' `key` reports ([size] each) summed over micro-batches and data-parallel ranks, on every
     rank (the last pipeline stage computes them and broadcasts the sum)."""
@@ -261,10 +270,7 @@ class ReferenceTask(SupervisedTask):
 
     # ---------------------------------------------------------------------------------------- forward / loss
     def _forward_step(self, run: Run, mode: str, data_iterator: Any, model: Any):
-        mb: mdata.MicroBatch = next(data_iterator)
-        device = next(model.parameters()).device
-        output = model(mb.tokens.to(device), mb.position_ids.to(device), None)
-        return output, partial(self._loss_func, run, mode, mb)
+        return forward_step(partial(self._loss_func, run, mode), data_iterator, model)
 
     def _loss_func(self, run: Run, mode: str, mb: mdata.MicroBatch, logits: torch.Tensor):
         n = mb.extra["pairs"]
@@ -345,4 +351,4 @@ class ReferenceTask(SupervisedTask):
 
 
 __all__ = ["CPSum", "PairBatches", "ReferenceTask", "label_pad_id", "logits_mean", "logits_sums",
-           "pairwise_collator", "sequence_logps", "sum_reports"]
+           "forward_step", "pairwise_collator", "sequence_logps", "sum_reports"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from llamafactory_mca.training import data as mdata
 from llamafactory_mca.training.loop import Run, SupervisedTask, run_schedule, save_final_model
-from llamafactory_mca.training.preference import PairBatches, pairwise_collator, sum_reports
+from llamafactory_mca.training.preference import PairBatches, forward_step, pairwise_collator, sum_reports
 
 REPORT = ("loss", "accuracy", "pairs", "weight")
 
@@ -79,10 +79,7 @@ class RMTask(SupervisedTask):
 
     # ---------------------------------------------------------------------------------------- forward / loss
     def _forward_step(self, run: Run, mode: str, data_iterator: Any, model: Any):
-        mb: mdata.MicroBatch = next(data_iterator)
-        device = next(model.parameters()).device
-        values = model(mb.tokens.to(device), mb.position_ids.to(device), None)
-        return values, partial(self._loss_func, run, mode, mb)
+        return forward_step(partial(self._loss_func, run, mode), data_iterator, model)
 
     def _loss_func(self, run: Run, mode: str, mb: mdata.MicroBatch, values: torch.Tensor):
         n = mb.extra["pairs"]
