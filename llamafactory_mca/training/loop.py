@@ -1,7 +1,8 @@
 """The training loop for stages pt / sft on megatron-core's schedules, with the HF Trainer's semantics.
 
 The pieces (`setup_run`, `train`, `evaluate`) are shared by every stage; a task object supplies the
-stage's collator, batches, loss and metrics (`SupervisedTask` here, `training.dpo.DPOTask` for dpo).
+stage's collator, batches, loss and metrics (`SupervisedTask` here; `training.dpo`, `training.kto`, `training.rm` for
+the preference stages).
 
 Per optimizer step (one "global step" as LLaMA-Factory users know it):
   this rank's `gradient_accumulation_steps` microbatches (the HF Trainer's batches for this data-parallel rank)
