@@ -36,6 +36,8 @@ def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int
                 "is not supported by the Megatron backend", "remove use_llama_pro")
     if finetuning_args.stage == "dpo":
         check_dpo(finetuning_args, ftype)
+    if finetuning_args.stage == "kto":
+        check_reference_model(finetuning_args, ftype)
     require(
         not getattr(training_args, "deepspeed", None),
         "deepspeed",
@@ -94,6 +96,11 @@ def check_dpo(finetuning_args: Any, ftype: str) -> None:
             "BCO is not supported by the Megatron backend", "set pref_bco_weight: 0")
     require(finetuning_args.ld_alpha is None, "ld_alpha",
             "LD-DPO is not supported by the Megatron backend", "remove ld_alpha")
+    check_reference_model(finetuning_args, ftype)
+
+
+def check_reference_model(finetuning_args: Any, ftype: str) -> None:
+    """Reference-model options (dpo, kto) the Megatron backend does not implement."""
     require(not (ftype == "lora" and finetuning_args.ref_model), "ref_model",
             "with LoRA the reference model is the base model with the adapter disabled",
             "remove ref_model, or use finetuning_type: full/freeze")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from llamafactory_mca.args import McaArgumentError, coerce_value, require
+from llamafactory_mca.args import MULTIMODAL_MODEL_TYPES, McaArgumentError, coerce_value, require
+from llamafactory_mca.model_config import model_type as local_model_type
 
 # key -> (type, test of the value, what a valid value is)
 _Rule = tuple[type, Callable[[Any], bool], str]
@@ -55,6 +56,27 @@ def check_stage(stage: Any, stages: list[str]) -> None:
             "own trainer")
 
 
+def check_stage_options(recipe: dict[str, Any]) -> None:
+    """McaArgumentError for what the rm and kto stages do not run yet under the Megatron backend."""
+    stage = recipe.get("stage", "sft")
+    if stage not in ("rm", "kto"):
+        return
+    ftype = recipe.get("finetuning_type") or LF_DEFAULT_FINETUNING_TYPE
+    default = "" if recipe.get("finetuning_type") else " (LLaMA-Factory's default finetuning_type)"
+    require(not (stage == "rm" and ftype == "lora"), "finetuning_type",
+            f"stage rm with LoRA{default} is not supported by the Megatron backend yet (its checkpoints would not hold the value "
+            "head)", "set finetuning_type: full or freeze, or run without USE_MCA")
+    cp = coerce_value("context_parallel_size", recipe.get("context_parallel_size") or 1, int)
+    require(cp == 1, "context_parallel_size", f"stage {stage} does not support context parallelism yet",
+            "set context_parallel_size: 1 (use tensor or pipeline parallelism for long sequences)")
+    for key in ("packing", "neat_packing"):
+        require(not _truthy(recipe.get(key)), key, f"stage {stage} trains unpacked samples", f"set {key}: false")
+    model_type = local_model_type(recipe.get("model_name_or_path"))
+    require(model_type not in MULTIMODAL_MODEL_TYPES, "stage",
+            f"stage {stage} is not supported for the vision-language model {model_type} by the Megatron backend yet",
+            "use stage sft or dpo for this model, or run without USE_MCA")
+
+
 def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] = None,
                             schedules: Optional[tuple] = None) -> tuple[dict[str, Any], list[str]]:
     """(recipe without the keys dropped, notices to print once) or McaArgumentError naming key and fix.
@@ -75,6 +97,7 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
             "bf16 and fp16 cannot both be true", "keep one of them")
     if stages is not None:
         check_stage(out.get("stage", "sft"), stages)
+    check_stage_options(out)
     ftype = out.get("finetuning_type")
     if ftype is None:
         notices.append(f"`finetuning_type` is not set: LLaMA-Factory's default '{LF_DEFAULT_FINETUNING_TYPE}' runs "

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 from llamafactory_mca.hookspecs import hookimpl
 
-STAGES = ("pt", "sft", "dpo")
+# stage -> (module, workflow function)
+WORKFLOWS = {
+    "pt": ("llamafactory_mca.trainer", "run_stage"),
+    "sft": ("llamafactory_mca.trainer", "run_stage"),
+    "rm": ("llamafactory_mca.training.rm", "run_rm"),
+    "dpo": ("llamafactory_mca.training.dpo", "run_dpo"),
+    "kto": ("llamafactory_mca.training.kto", "run_kto"),
+}
+STAGES = tuple(WORKFLOWS)
 
 
 @hookimpl
@@ -16,12 +25,7 @@ def mca_supported_stages() -> list[str]:
 
 @hookimpl
 def mca_workflow(stage: str) -> Callable[..., None] | None:
-    if stage not in STAGES:
+    if stage not in WORKFLOWS:
         return None
-    if stage == "dpo":
-        from llamafactory_mca.training.dpo import run_dpo
-
-        return run_dpo
-    from llamafactory_mca import trainer
-
-    return trainer.run_stage
+    module, name = WORKFLOWS[stage]
+    return getattr(importlib.import_module(module), name)

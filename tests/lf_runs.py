@@ -40,6 +40,15 @@ def make_models(tmp_path_factory) -> dict[str, str]:
     return dict(_MODELS)
 
 
+def make_tiny_model(path: str, *extra: str) -> str:
+    """scripts/make_tiny_model.py into `path` (extra: its flags, e.g. --moe); returns `path`. For a model a test
+    changes; the unchanged dense / MoE pair is `make_models`."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_tiny_model.py"), path, *extra],
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return path
+
+
 def make_recipe(model: str, output_dir: str, **overrides) -> dict:
     recipe = dict(
         model_name_or_path=model,

@@ -50,6 +50,7 @@ from llamafactory_mca.models.param_mapping import (
     qkv_layout,
 )
 from llamafactory_mca.models.safetensors_io import SafetensorsReader, parse_size
+from llamafactory_mca.models.value_head import is_value_head_key
 
 __all__ = ["COLUMN", "GLU", "QKV", "REPL", "ROW", "VOCAB", "BridgeParam", "HFNames", "ModelBridge", "Table",
            "dense_table", "global_layer_name", "moe_table", "parse_size", "skip_adapter_params"]
@@ -85,8 +86,9 @@ class BridgeParam:
 
 
 def skip_adapter_params(name: str) -> bool:
-    """The default `skip` of `iter_local_params`: LoRA adapter parameters (`...lora_A.q_proj`) have no HF tensor."""
-    return is_adapter_key(name)
+    """The default `skip` of `iter_local_params`: LoRA adapter parameters (`...lora_A.q_proj`) and the reward
+    model's value head (`v_head.summary.weight`) have no HF tensor of the base model."""
+    return is_adapter_key(name) or is_value_head_key(name)
 
 
 def global_layer_name(model: torch.nn.Module, name: str) -> str:

@@ -1,7 +1,8 @@
 """The training loop for stages pt / sft on megatron-core's schedules, with the HF Trainer's semantics.
 
 The pieces (`setup_run`, `train`, `evaluate`) are shared by every stage; a task object supplies the
-stage's collator, batches, loss and metrics (`SupervisedTask` here, `training.dpo.DPOTask` for dpo).
+stage's collator, batches, loss and metrics (`SupervisedTask` here; `training.dpo`, `training.kto`, `training.rm` for
+the preference stages).
 
 Per optimizer step (one "global step" as LLaMA-Factory users know it):
   this rank's `gradient_accumulation_steps` microbatches (the HF Trainer's batches for this data-parallel rank)
@@ -267,8 +268,15 @@ class SupervisedTask:
                                  micro_batch_size=micro_batch_size, rope_fn=run.rope_fn,
                                  loss_weighting=run.loss_weighting if training else "token")
 
+    def adapt_model(self, run: Run) -> None:
+        """After the fine-tuning method is applied, before DDP and the optimizer (e.g. rm's value head)."""
+
     def prepare(self, run: Run) -> None:
         """After the model, optimizer and bookkeeping exist, before the first step."""
+
+    def save_final_model(self, run: Run) -> None:
+        """What `output_dir` gets when training ends (`save_final_model`; rm adds its value head)."""
+        save_final_model(run)
 
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
         """Forward and backward of one optimizer step's microbatches; returns (loss, metrics to log)."""
@@ -375,6 +383,7 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     platform.setup_platform()  # megatron modules imported while building
     run.bridge.load_hf_weights(run.models, model_args.model_name_or_path)
     run.lora = apply_finetuning_type(run)
+    task.adapt_model(run)
     from llamafactory_mca.training.ddp import wrap_ddp
 
     run.ddp_models = wrap_ddp(m, run.models)
@@ -539,7 +548,7 @@ def train(run: Run, task: Any) -> None:
     book.save_metrics("train", metrics)
     book.save_state()
     if m.save_hf_model:
-        save_final_model(run)
+        task.save_final_model(run)
     if dist.get_rank() == 0 and finetuning_args.plot_loss:
         from llamafactory.extras.ploting import plot_loss
 

@@ -37,8 +37,9 @@ data-parallel ranks, which gives each weighting exactly:
 A "sample" is a row of the micro-batch, or, with `neat_packing`, each packed sample (its segment). With plain
 `packing` the samples of a block are not separable: a packed block counts as one sample.
 
-The preference stage dpo computes one loss per pair: `micro_batch` (the mean over the micro-batch's pairs, as the
-HF path) or `sample` (every pair of the global batch weighs the same); `token` has no meaning there.
+The preference stages dpo and rm compute one loss per pair: `micro_batch` (the mean over the micro-batch's pairs,
+as the HF path) or `sample` (every pair of the global batch weighs the same); `token` has no meaning there. kto's
+loss mixes per-sample terms with a per-micro-batch KL estimate and ftx rescaling: `micro_batch` only.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: args.py imports t
     import torch
 
 LOSS_WEIGHTINGS = ("auto", "token", "micro_batch", "sample")
-PAIRWISE_STAGES = ("dpo",)
+PAIRWISE_STAGES = ("dpo", "rm", "kto")
+MICRO_BATCH_ONLY_STAGES = ("kto",)
 
 
 def check_loss_weighting(weighting: str, stage: Optional[str]) -> None:
@@ -64,6 +66,10 @@ def check_loss_weighting(weighting: str, stage: Optional[str]) -> None:
     if stage in PAIRWISE_STAGES and weighting == "token":
         raise McaArgumentError(f"loss_weighting: token has no meaning for stage {stage} (its loss is one value per pair). "
                          "Fix: set loss_weighting to auto or micro_batch (the HF path's weighting) or sample.")
+    if stage in MICRO_BATCH_ONLY_STAGES and weighting not in ("auto", "micro_batch"):
+        raise McaArgumentError(f"loss_weighting: {weighting} is not implemented for stage {stage} (its loss is one "
+                               "value per micro-batch, as on the HF path). Fix: set loss_weighting to auto or "
+                               "micro_batch.")
 
 
 def hf_model_class(hf_config: Any) -> Optional[type]:
@@ -98,7 +104,7 @@ def hf_trainer_weighting(hf_config: Any, has_processor: bool = False) -> str:
 
 
 def resolve_loss_weighting(weighting: str, stage: str, hf_config: Any, has_processor: bool = False) -> str:
-    """The weighting a run uses: the explicit choice, or for `auto` the HF path's (dpo: micro_batch)."""
+    """The weighting a run uses: the explicit choice, or for `auto` the HF path's (dpo / rm / kto: micro_batch)."""
     check_loss_weighting(weighting, stage)
     if weighting != "auto":
         return weighting
