@@ -101,3 +101,15 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
                            "Megatron's use_distributed_optimizer: true replaces DeepSpeed ZeRO (ZeRO-1-like sharding "
                            "of the optimizer state).")
     return out, notices
+
+
+def check_sliding_window(text_config: dict[str, Any], context_parallel_size: int) -> None:
+    """McaArgumentError when the model's attention has a sliding window (Mistral, Mixtral `sliding_window`) and the
+    layout splits the sequence over context-parallel ranks: the window mask is not split over CP ranks yet."""
+    window = text_config.get("sliding_window")
+    if not window or text_config.get("use_sliding_window") is False:
+        return
+    require(context_parallel_size == 1, "context_parallel_size",
+            f"the model attends through a sliding window (sliding_window: {window}), which is not split over "
+            "context-parallel ranks yet", "set context_parallel_size: 1 (tensor/pipeline parallelism work with the "
+            "window)")
