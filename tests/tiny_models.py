@@ -35,7 +35,28 @@ def _config(kind: str):
     if kind == "mixtral":
         return MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
                              tie_word_embeddings=False, **common)
+    family = _family_config(kind, common)
+    if family is not None:
+        return family
     raise ValueError(kind)
+
+
+def _family_config(kind: str, common: dict):
+    """Configs of the issue-14 MoE families, odd shapes on purpose: a dense first layer, shared experts (qwen2_moe's
+    gated), 6 or 8 experts, grouped sigmoid routing with a score-correction bias and scaled weights (glm4_moe),
+    partial rotary and q/k norm."""
+    from transformers import Glm4MoeConfig, Qwen2MoeConfig
+
+    if kind == "qwen2_moe":
+        return Qwen2MoeConfig(intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                              num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[0],
+                              decoder_sparse_step=1, tie_word_embeddings=False, **common)
+    if kind == "glm4_moe":
+        return Glm4MoeConfig(intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=2,
+                             num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                             first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
+                             head_dim=16, partial_rotary_factor=0.5, tie_word_embeddings=False, **common)
+    return None
 
 
 # Mistral and DeepSeek-V3 (issue 14), odd shapes on purpose: head_dim 24 on a hidden size of 64, a sliding window
@@ -69,6 +90,7 @@ def dsv3_mistral_config(kind: str):
 
 
 KINDS = ("llama", "llama_tied", "llama_rope3", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+FAMILY_KINDS = ("qwen2_moe", "glm4_moe")  # tests/test_family_qwen2_moe_glm4.py
 
 
 def make_tiny_model(kind: str, path: str, seed: int = 0) -> str:
@@ -84,5 +106,8 @@ def make_tiny_model(kind: str, path: str, seed: int = 0) -> str:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the router's expert-choice bias (a buffer)
+                b.copy_(torch.randn_like(b) * 0.1)
     model.save_pretrained(path)
     return path

@@ -12,7 +12,9 @@ concerns live in their own modules; this class is their one entry point for a fa
 
 Hooks a family may override (all public): `check_config`, `text_config`, `rope_parameters`, `rope_theta`,
 `head_dim`, `qk_layernorm`, `add_qkv_bias`, `tied_embeddings`, `num_experts`, `moe_ffn_hidden_size`,
-`moe_topk`, `moe_router_pre_softmax`, `config_overrides`, `vocab_size`, `padded_vocab_size`,
+`moe_topk`, `moe_router_pre_softmax`, the MoE structure / router hooks (`moe_layer_freq`,
+`moe_shared_expert_intermediate_size`, `moe_shared_expert_gate`, `moe_router_score_function`,
+`moe_router_expert_bias`, `moe_router_groups`, `moe_router_topk_scaling_factor`), `config_overrides`, `vocab_size`, `padded_vocab_size`,
 `transformer_config`, `new_model`, `set_hf_rope`, `mask_padded_logits`, `compiled_table`, `reader`.
 API for other modules (export, LoRA, fine-tuning): `canonical_names`, `hf_names_for`, `iter_local_params`
 (-> `BridgeParam`), `megatron_to_hf`, `to_hf`, `shard_context`, `tp_of`, `build_model`, `load_hf_weights`.
@@ -165,6 +167,37 @@ class ModelBridge:
     def moe_router_pre_softmax(self, hf_config) -> bool:
         """True: softmax over all experts then top-k (no renormalisation); False: softmax over the top-k."""
         return False
+
+    # ---- MoE structure and router variants (shared experts, dense layers, sigmoid / group-limited routing)
+
+    def moe_layer_freq(self, hf_config) -> Union[int, list]:
+        """Which decoder layers are MoE layers: 1 (all of them) or megatron's `moe_layer_freq` list, one 0 (dense
+        MLP of `intermediate_size`) or 1 (MoE) per layer."""
+        return 1
+
+    def moe_shared_expert_intermediate_size(self, hf_config) -> Optional[int]:
+        """Hidden size of the shared expert of each MoE layer (all shared experts of a layer as one MLP), or None."""
+        return None
+
+    def moe_shared_expert_gate(self, hf_config) -> bool:
+        """The shared expert's output is scaled by sigmoid(x @ gate_weight.T) (Qwen2-MoE's shared_expert_gate)."""
+        return False
+
+    def moe_router_score_function(self, hf_config) -> str:
+        """`softmax` or `sigmoid` routing scores."""
+        return "softmax"
+
+    def moe_router_expert_bias(self, hf_config) -> bool:
+        """The router adds a per-expert bias (HF `e_score_correction_bias`) to the scores that choose experts."""
+        return False
+
+    def moe_router_groups(self, hf_config) -> tuple[Optional[int], Optional[int]]:
+        """(expert groups, groups kept per token) of group-limited top-k routing, or (None, None)."""
+        return None, None
+
+    def moe_router_topk_scaling_factor(self, hf_config) -> Optional[float]:
+        """Factor on the routing weights of the chosen experts (HF `routed_scaling_factor`), or None."""
+        return None
 
     def config_overrides(self, hf_config) -> dict:
         """Extra TransformerConfig fields of the family."""
@@ -355,6 +388,28 @@ class ModelBridge:
                 yield self._make_entry(
                     compiled, key, (lambda p=param: p.detach()), (lambda t, p=param: p.data.copy_(t)),
                     param.dtype, expert=False)
+            yield from self.iter_mapped_buffers(model, compiled)
+
+    def iter_mapped_buffers(self, model: torch.nn.Module, compiled: list) -> Iterator[BridgeParam]:
+        """A `BridgeParam` for each persistent buffer of one model chunk that the table maps to a Hugging Face
+        tensor (e.g. the router's `expert_bias`, HF's `e_score_correction_bias`); other buffers have none."""
+        for name, buf in model.named_buffers():
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            if name.rsplit(".", 1)[-1] in getattr(owner, "_non_persistent_buffers_set", ()):
+                continue
+            key = global_layer_name(model, name)
+            if lookup(compiled, key) is None:
+                continue
+
+            attr = name.rsplit(".", 1)[-1]
+
+            def get(owner=owner, attr=attr):
+                return getattr(owner, attr).detach()
+
+            def set_(t, owner=owner, attr=attr):
+                getattr(owner, attr).copy_(t)
+
+            yield self._make_entry(compiled, key, get, set_, buf.dtype, expert=False)
 
     def _make_entry(self, compiled, key, get, set_, dtype, expert) -> BridgeParam:
         lookup_key = key.split("#")[0]

@@ -288,13 +288,38 @@ def dense_table(attn_bias: bool = False, qk_norm: bool = False) -> Table:
     return t
 
 
-def moe_table(base: Table, router: str, gate: str, up: str, down: str) -> Table:
-    """`base` with the dense MLP replaced by a router and per-expert MLPs (names relative to the layer)."""
+def moe_table(base: Table, router: str, gate: str, up: str, down: str, keep_dense_mlp: bool = False) -> Table:
+    """`base` with the dense MLP replaced by a router and per-expert MLPs (names relative to the layer).
+
+    `keep_dense_mlp`: keep the dense MLP entries too, for models that mix dense and MoE layers (the canonical
+    names tell them apart: `mlp.linear_fc1` is a dense layer's, `mlp.experts.{E}.linear_fc1` an expert's)."""
     p = "model.layers.{L}."
-    t = {k: v for k, v in base.items() if ".mlp.linear_fc" not in k}
+    t = dict(base) if keep_dense_mlp else {k: v for k, v in base.items() if ".mlp.linear_fc" not in k}
     t["decoder.layers.{L}.mlp.router.weight"] = (p + router, REPL)
     t["decoder.layers.{L}.mlp.experts.{E}.linear_fc1.weight"] = ((p + gate, p + up), GLU)
     t["decoder.layers.{L}.mlp.experts.{E}.linear_fc2.weight"] = (p + down, ROW)
+    return t
+
+
+def shared_expert_entries(module: str, gate: Optional[str] = None, expert_bias: Optional[str] = None) -> Table:
+    """Table entries of a MoE layer's shared expert and router extras (names relative to the layer).
+
+    `module`: the Hugging Face shared-expert MLP (`mlp.shared_expert` in Qwen2-MoE, `mlp.shared_experts` in
+    GLM-4-MoE / DeepSeek) with gate_proj / up_proj / down_proj, split over TP like a dense MLP (megatron's
+    `SharedExpertMLP`); `gate`: the sigmoid gate's weight [1, hidden] (`mlp.shared_expert_gate.weight`,
+    megatron's `shared_experts.gate_weight`); `expert_bias`: the router's score-correction bias used for the
+    expert choice only (`mlp.gate.e_score_correction_bias`, megatron's `router.expert_bias` buffer)."""
+    p = "model.layers.{L}."
+    m = "decoder.layers.{L}.mlp."
+    t: Table = {
+        m + "shared_experts.linear_fc1.weight": ((p + module + ".gate_proj.weight", p + module + ".up_proj.weight"),
+                                                 GLU),
+        m + "shared_experts.linear_fc2.weight": (p + module + ".down_proj.weight", ROW),
+    }
+    if gate:
+        t[m + "shared_experts.gate_weight"] = (p + gate, REPL)
+    if expert_bias:
+        t[m + "router.expert_bias"] = (p + expert_bias, REPL)
     return t
 
 

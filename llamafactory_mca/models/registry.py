@@ -18,6 +18,8 @@ _FAMILIES = {
     "qwen3": ("llamafactory_mca.models.qwen3", "Qwen3Bridge"),
     "qwen3_moe": ("llamafactory_mca.models.qwen3_moe", "Qwen3MoeBridge"),
     "mixtral": ("llamafactory_mca.models.mixtral", "MixtralBridge"),
+    "qwen2_moe": ("llamafactory_mca.models.qwen2_moe", "Qwen2MoeBridge"),
+    "glm4_moe": ("llamafactory_mca.models.glm4_moe", "Glm4MoeBridge"),
     "mistral": ("llamafactory_mca.models.mistral", "MistralBridge"),
     "deepseek_v3": ("llamafactory_mca.models.deepseek_v3", "DeepseekV3Bridge"),
     "qwen2_vl": ("llamafactory_mca.models.qwen2_vl", "Qwen2VLBridge"),

@@ -61,9 +61,12 @@ def use_transformer_engine(mca_args) -> bool:
     return asked
 
 
-def layer_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False) -> ModuleSpec:
-    """The transformer layer spec for `config` (dense or MoE)."""
-    num_experts = config.num_moe_experts
+def layer_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False,
+               num_experts: Optional[int] = -1) -> ModuleSpec:
+    """The transformer layer spec for `config` (dense or MoE); `num_experts=None` gives the dense layer of a MoE
+    model (default: `config.num_moe_experts`)."""
+    if num_experts == -1:
+        num_experts = config.num_moe_experts
     if use_transformer_engine(mca_args):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -100,10 +103,43 @@ def block_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False, 
     Local modules: an explicit block spec, so that the final norm is our FusedRMSNorm as well (megatron's
     fallback WrappedTorchNorm refuses sequence parallelism).
     """
-    spec = layer_spec(config, mca_args, qk_layernorm=qk_layernorm)
-    if use_transformer_engine(mca_args):
-        return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+    pattern = moe_layer_pattern(config)
+    spec = layer_spec(config, mca_args, qk_layernorm=qk_layernorm)
+    if use_transformer_engine(mca_args) and all(pattern):
+        return spec
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=FusedRMSNorm)
+    specs = [spec] * num_layers
+    if not all(pattern):
+        specs = chunk_layer_specs(config, pattern, spec, layer_spec(config, mca_args, qk_layernorm, None), vp_stage)
+    norm = FusedRMSNorm
+    if use_transformer_engine(mca_args):
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm)
+
+
+def moe_layer_pattern(config: TransformerConfig) -> list[int]:
+    """1 (MoE) or 0 (dense) per decoder layer, from `config.moe_layer_freq` as megatron reads it (an int N: every
+    N-th layer from the first; a list: one flag per layer); all 1 for a dense model (one spec for every layer)."""
+    freq = config.moe_layer_freq
+    if not config.num_moe_experts:
+        return [1] * config.num_layers
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    if len(freq) != config.num_layers:
+        raise ValueError(f"moe_layer_freq has {len(freq)} entries for {config.num_layers} layers")
+    return [int(f) for f in freq]
+
+
+def chunk_layer_specs(config: TransformerConfig, pattern: list[int], moe_spec: ModuleSpec, dense_spec: ModuleSpec,
+                      vp_stage: Optional[int]) -> list:
+    """The layer specs of one pipeline chunk's layers (`vp_stage`) of a model mixing MoE and dense layers."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return [moe_spec if flag else dense_spec for flag in pattern[offset: offset + count]]

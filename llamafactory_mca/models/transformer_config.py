@@ -94,7 +94,6 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
             moe_ffn_hidden_size=bridge.moe_ffn_hidden_size(hf_config),
             moe_router_topk=m.moe_router_topk or bridge.moe_topk(hf_config),
             moe_router_pre_softmax=pre_softmax,
-            moe_router_score_function="softmax",
             moe_router_load_balancing_type=balancing,
             moe_aux_loss_coeff=aux,
             moe_z_loss_coeff=m.moe_z_loss_coeff,
@@ -104,8 +103,41 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
             moe_shared_expert_overlap=m.moe_shared_expert_overlap,
             moe_permute_fusion=m.moe_permute_fusion and te,
         )
+        kw.update(moe_structure_fields(bridge, hf_config))
+        kw.update(moe_router_fields(bridge, hf_config))
     kw.update(bridge.config_overrides(hf_config))
     return config_class(kw)(**kw)
+
+
+def moe_structure_fields(bridge: Any, hf_config: Any) -> dict[str, Any]:
+    """TransformerConfig fields of the MoE layout of `bridge`'s family: which layers are MoE (`moe_layer_freq`,
+    the others keep a dense MLP of `intermediate_size`) and the shared expert (`SharedExpertMLP`, its size and
+    optional sigmoid gate)."""
+    kw: dict[str, Any] = {"moe_layer_freq": bridge.moe_layer_freq(hf_config)}
+    shared = bridge.moe_shared_expert_intermediate_size(hf_config)
+    if shared:
+        kw.update(moe_shared_expert_intermediate_size=int(shared),
+                  moe_shared_expert_gate=bool(bridge.moe_shared_expert_gate(hf_config)))
+    return kw
+
+
+def moe_router_fields(bridge: Any, hf_config: Any) -> dict[str, Any]:
+    """TransformerConfig fields of the router variant of `bridge`'s family: score function, expert-choice bias,
+    group-limited top-k and the scaling of the routing weights.
+
+    The expert bias (HF `e_score_correction_bias`) is a fixed buffer on the Hugging Face path (nothing updates it
+    during training), so megatron's aux-loss-free bias update is off (`moe_router_bias_update_rate` 0): both
+    backends route with the bias the model came with."""
+    groups, group_topk = bridge.moe_router_groups(hf_config)
+    kw: dict[str, Any] = {
+        "moe_router_score_function": bridge.moe_router_score_function(hf_config),
+        "moe_router_topk_scaling_factor": bridge.moe_router_topk_scaling_factor(hf_config),
+    }
+    if groups and groups > 1:
+        kw.update(moe_router_num_groups=int(groups), moe_router_group_topk=int(group_topk))
+    if bridge.moe_router_expert_bias(hf_config):
+        kw.update(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0)
+    return kw
 
 
 def config_class(fields: dict) -> type:
