@@ -28,7 +28,7 @@ LAYOUTS = {
     "tp2ep2": dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1),
     "tp1": dict(),
 }
-MOE_KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe")
+MOE_KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3")
 
 
 def pipeline_forward(models, input_ids: torch.Tensor) -> torch.Tensor | None:

@@ -61,8 +61,9 @@ def _family_config(kind: str, common: dict):
 
 # Mistral and DeepSeek-V3 (issue 14), odd shapes on purpose: head_dim 24 on a hidden size of 64, a sliding window
 # shorter than the test sequences, MLA with q/kv LoRA ranks, nope/rope/value head sizes all different, YaRN rope
-# whose attention factor is not 1, rope interleaved or not.
-DSV3_MISTRAL_KINDS = ("mistral", "deepseek_v3_dense", "deepseek_v3_noqlora")
+# whose attention factor is not 1; `deepseek_v3` with a dense first layer, then MoE layers (8 experts in 2 groups, a
+# shared expert, sigmoid routing with the score-correction bias, scaled weights).
+DSV3_MISTRAL_KINDS = ("mistral", "deepseek_v3_dense", "deepseek_v3_noqlora", "deepseek_v3")
 
 
 def dsv3_mistral_config(kind: str):
@@ -82,6 +83,12 @@ def dsv3_mistral_config(kind: str):
                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                  "original_max_position_embeddings": 64, "beta_fast": 32.0,
                                                  "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8},
+                                **mla, **common)
+    if kind == "deepseek_v3":
+        return DeepseekV3Config(q_lora_rank=24, first_k_dense_replace=1, rope_interleave=True,
+                                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                 "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                                 "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
                                 **mla, **common)
     if kind == "deepseek_v3_noqlora":  # no query LoRA (q_proj), default rope
         return DeepseekV3Config(q_lora_rank=None, first_k_dense_replace=4, rope_interleave=True,

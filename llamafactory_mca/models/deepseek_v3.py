@@ -20,6 +20,7 @@ import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from llamafactory_mca.models.bridge import ModelBridge, dense_table
+from llamafactory_mca.models.glm4_moe import Glm4MoeBridge
 from llamafactory_mca.models.param_mapping import mla_table
 
 ROPE_TYPES = ("default", "linear", "yarn")
@@ -48,13 +49,11 @@ def hf_rotary(hf_config) -> tuple[torch.Tensor, float]:
     return rotary.inv_freq.detach().clone(), float(rotary.attention_scaling)
 
 
-class DeepseekV3Bridge(ModelBridge):
-    """DeepSeek-V3: MLA attention; dense layers before `first_k_dense_replace`, MoE layers after."""
-
-    model_types = ("deepseek_v3",)
-    table = mla_table(dense_table(attn_bias=False))
+class MlaBridge(ModelBridge):
+    """The multi-latent attention hooks of DeepSeek-style families (attention only: the MLP is the family's)."""
 
     def check_config(self, hf_config) -> None:
+        """Refuse what MLA does not map (replaces ModelBridge's rope check: MLA takes YaRN too)."""
         rope = self.rope_parameters(hf_config)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         name = hf_config.model_type
@@ -66,14 +65,6 @@ class DeepseekV3Bridge(ModelBridge):
                              "(megatron's MLA applies rope to interleaved channels)")
         if getattr(hf_config, "attention_bias", False):
             raise ValueError(f"{name} with attention_bias=True is not supported by the Megatron bridge yet")
-        if self.moe_layers(hf_config):
-            raise ValueError(f"{name} with MoE layers (first_k_dense_replace < num_hidden_layers) is not supported "
-                             "by the Megatron bridge yet")
-
-    def moe_layers(self, hf_config) -> list[int]:
-        """Indices of the MoE layers (`first_k_dense_replace` and after)."""
-        first = getattr(hf_config, "first_k_dense_replace", 0) or 0
-        return list(range(first, hf_config.num_hidden_layers))
 
     def head_dim(self, hf_config) -> int:
         return hf_config.qk_nope_head_dim + hf_config.qk_rope_head_dim
@@ -84,14 +75,40 @@ class DeepseekV3Bridge(ModelBridge):
     def add_qkv_bias(self, hf_config) -> bool:
         return False
 
-    def num_experts(self, hf_config) -> Optional[int]:
-        return hf_config.n_routed_experts if self.moe_layers(hf_config) else None
-
     def config_overrides(self, hf_config) -> dict:
         return mla_config_fields(self, hf_config)
 
     def set_hf_rope(self, model, hf_config, rope: dict) -> None:
         set_mla_rope(model, hf_config)
+
+
+class DeepseekV3Bridge(Glm4MoeBridge, MlaBridge):
+    """DeepSeek-V3: MLA attention; dense layers before `first_k_dense_replace`, then MoE layers with shared experts
+    and GLM-4-MoE's routing (sigmoid scores, `e_score_correction_bias`, group-limited top-k, scaled weights)."""
+
+    model_types = ("deepseek_v3",)
+    table = {
+        **mla_table(dense_table(attn_bias=False)),
+        **{k: v for k, v in Glm4MoeBridge.table.items() if ".self_attention." not in k},
+    }
+    qk_layernorm = MlaBridge.qk_layernorm  # not GLM-4's use_qk_norm
+
+    def check_config(self, hf_config) -> None:
+        if self.moe_layers(hf_config):
+            super().check_config(hf_config)  # GLM-4-MoE's routing checks, then MlaBridge's
+        else:
+            MlaBridge.check_config(self, hf_config)  # every layer dense (first_k_dense_replace >= layers)
+
+    def moe_layers(self, hf_config) -> list[int]:
+        """Indices of the MoE layers (`first_k_dense_replace` and after)."""
+        first = getattr(hf_config, "first_k_dense_replace", 0) or 0
+        return list(range(first, hf_config.num_hidden_layers))
+
+    def num_experts(self, hf_config) -> Optional[int]:
+        return hf_config.n_routed_experts if self.moe_layers(hf_config) else None
+
+    def new_model(self, hf_config, config, mca_args, **kwargs):
+        return ModelBridge.new_model(self, hf_config, config, mca_args, **kwargs)  # MLA builds its own rope
 
 
 def mla_config_fields(bridge: ModelBridge, hf_config) -> dict:
