@@ -155,6 +155,17 @@ def test_deepseek_v3_moe_config():
     assert cfg.moe_router_topk_scaling_factor == 2.5
 
 
+def test_deepseek_v3_tensor_parallel_must_split_the_latent_ranks():
+    from llamafactory_mca.args import MegatronArguments, McaArgumentError, check_layout_against_model
+
+    config = dsv3_mistral_config(MOE_KIND).to_dict()  # q_lora_rank 24, kv_lora_rank 20 + rope 8 = 28
+    check_layout_against_model(MegatronArguments(tensor_model_parallel_size=4), config)
+    with pytest.raises(McaArgumentError) as err:
+        check_layout_against_model(MegatronArguments(tensor_model_parallel_size=4),
+                                   {**config, "kv_lora_rank": 22})
+    assert "tensor_model_parallel_size" in str(err.value) and "kv_lora_rank + qk_rope_head_dim (30)" in str(err.value)
+
+
 @pytest.mark.parametrize("change,needle", [({"rope_interleave": False}, "rope_interleave"),
                                            ({"attention_bias": True}, "attention_bias"),
                                            ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
