@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from tests.tiny_models import DSV3_MISTRAL_KINDS, dsv3_mistral_config, make_tiny_model
+from tests.dist_helpers import assert_logits_parity, assert_round_trip_bit_exact
+from tests.tiny_models import DSV3_MISTRAL_KINDS, assert_table_covers_checkpoint, dsv3_mistral_config, make_tiny_model
 
 TOL = 1e-5
 DIST_LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "vpp2", "ep2", "tp2ep2")
@@ -183,22 +184,11 @@ def test_deepseek_v3_refuses_unmapped_features(change, needle):
 
 def test_tables_cover_hf_names(tmp_path):
     """Every tensor of each tiny HF checkpoint is named by the family's table."""
-    import re
-
-    from safetensors import safe_open
-
     from llamafactory_mca.models.registry import bridge_for
 
     for kind in DSV3_MISTRAL_KINDS:
         path = make_tiny_model(kind, str(tmp_path / kind))
-        bridge = bridge_for(dsv3_mistral_config(kind).model_type)
-        patterns = []
-        for hf, _kind in bridge.table.values():
-            for name in (hf if isinstance(hf, tuple) else (hf,)):
-                patterns.append(re.compile(re.escape(name).replace(r"\{L\}", r"\d+").replace(r"\{E\}", r"\d+") + "$"))
-        with safe_open(f"{path}/model.safetensors", "pt") as f:
-            for key in f.keys():
-                assert any(p.match(key) for p in patterns), (kind, key)
+        assert_table_covers_checkpoint(bridge_for(dsv3_mistral_config(kind).model_type), path)
 
 
 # ------------------------------------------------------------------------------------ bridge on 2 ranks (slow)
@@ -224,17 +214,8 @@ DIST_CASES = [(layout, kind) for layout in DIST_LAYOUTS for kind in DSV3_MISTRAL
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("layout,kind", DIST_CASES)
 def test_logits_parity_and_round_trip(dist_results, layout, kind):
-    diffs = []
-    for rank_results in dist_results:
-        r = rank_results[(layout, kind)]
-        assert "error" not in r, r["error"]
-        if "logits_max_abs_diff" in r:
-            diffs.append(r["logits_max_abs_diff"])
-            assert r["loss_abs_diff"] <= TOL, r
-    assert diffs and max(diffs) <= TOL, diffs
-    r = dist_results[0][(layout, kind)]
-    assert r["missing"] == [] and r["extra"] == [] and r["not_equal"] == [], r
-    assert r["saved_shards"] > 1 and r["reload_not_equal"] == [], r
+    assert_logits_parity(dist_results, (layout, kind), TOL)
+    assert_round_trip_bit_exact(dist_results[0][(layout, kind)])
 
 
 # ------------------------------------------------------------------------------------ training (slow)

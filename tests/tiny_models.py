@@ -118,3 +118,18 @@ def make_tiny_model(kind: str, path: str, seed: int = 0) -> str:
                 b.copy_(torch.randn_like(b) * 0.1)
     model.save_pretrained(path)
     return path
+
+
+def assert_table_covers_checkpoint(bridge, path: str) -> None:
+    """Every tensor of the HF checkpoint `path/model.safetensors` is named by an entry of `bridge.table`."""
+    import re
+
+    from safetensors import safe_open
+
+    patterns = []
+    for hf, _kind in bridge.table.values():
+        for name in (hf if isinstance(hf, tuple) else (hf,)):
+            patterns.append(re.compile(re.escape(name).replace(r"\{L\}", r"\d+").replace(r"\{E\}", r"\d+") + "$"))
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            assert any(p.match(key) for p in patterns), (type(bridge).__name__, key)
