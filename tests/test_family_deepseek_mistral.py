@@ -236,18 +236,25 @@ def make_trainable_model(kind: str, path: str) -> str:
     return path
 
 
+FAMILY_KINDS = {"mistral": "mistral", "deepseek_v3": MOE_KIND}
+
+
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory):
-    """Per family: the tiny model and LLaMA-Factory's HF run on it (shared by the 1-process and TP=2 checks)."""
+    """Per family, built when first asked for: the tiny model and LLaMA-Factory's HF run on it (shared by the
+    1-process, TP=2 and EP=2 checks)."""
     from lf_runs import make_recipe, train
 
-    out = {}
-    for family, kind in (("mistral", "mistral"), ("deepseek_v3", MOE_KIND)):
-        tmp = tmp_path_factory.mktemp(family)
-        model = make_trainable_model(kind, str(tmp / "model"))
-        hf = train(tmp, f"hf_{family}", make_recipe(model, str(tmp / "hf")), mca=False)
-        out[family] = (model, hf)
-    return out
+    cache = {}
+
+    def run(family: str) -> tuple[str, str]:
+        if family not in cache:
+            tmp = tmp_path_factory.mktemp(family)
+            model = make_trainable_model(FAMILY_KINDS[family], str(tmp / "model"))
+            cache[family] = (model, train(tmp, f"hf_{family}", make_recipe(model, str(tmp / "hf")), mca=False))
+        return cache[family]
+
+    return run
 
 
 def _merge(checkpoint: str, output: str) -> None:
@@ -260,8 +267,8 @@ def _merge(checkpoint: str, output: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("family", ["mistral", "deepseek_v3"])
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("family", list(FAMILY_KINDS))
 def test_training_parity_and_merge(family_runs, family, tmp_path):
     """1 process, TP=2 and (DeepSeek-V3) EP=2 against the HF run; the 1-process run's checkpoint merges into a
     model transformers loads without missing keys, equal to the run's own export. No router aux loss on either
@@ -269,7 +276,7 @@ def test_training_parity_and_merge(family_runs, family, tmp_path):
     from lf_runs import STEPS, assert_parity, make_recipe, train
     from transformers import AutoModelForCausalLM
 
-    model, hf = family_runs[family]
+    model, hf = family_runs(family)
     ours = train(tmp_path, f"mca_{family}", make_recipe(model, str(tmp_path / "out"), save_strategy="steps",
                                                        save_steps=STEPS))
     assert_parity(hf, ours)
