@@ -287,10 +287,11 @@ def test_training_parity_and_merge(family_runs, family, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(ours).state_dict()
     for name, tensor in loaded.state_dict().items():
         torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0, msg=name)
-    tp2 = make_recipe(model, str(tmp_path / "tp2"), tensor_model_parallel_size=2, sequence_parallel=True,
-                      save_hf_model=False)
-    assert_parity(hf, train(tmp_path, f"mca_{family}_tp2", tp2, nproc=2))
     if family == "deepseek_v3":
         ep2 = make_recipe(model, str(tmp_path / "ep2"), per_device_train_batch_size=1, expert_model_parallel_size=2,
                           save_hf_model=False)
         assert_parity(hf, train(tmp_path, f"mca_{family}_ep2", ep2, nproc=2))
+    # deepseek_v3 at TP=2 + SP: steps 1-2 match, step 3 is 1.8e-3 off (a gradient under TP; open, see issue 14)
+    tp2 = make_recipe(model, str(tmp_path / "tp2"), tensor_model_parallel_size=2, sequence_parallel=True,
+                      save_hf_model=False)
+    assert_parity(hf, train(tmp_path, f"mca_{family}_tp2", tp2, nproc=2))
