@@ -15,7 +15,8 @@ without CUDA, `setup_platform()` makes those spots run on CPU:
 * all-to-all split sizes become Python lists (gloo refuses tensors / numpy arrays).
 
 Needed on GPU as well when Transformer Engine is absent: megatron's MoE router references
-`te_general_gemm` (and a few fused_* names) that only exist when TE imports, so they are set to None.
+`te_general_gemm` (and a few fused_* names) that only exist when TE imports, so they are set to None; multi-latent
+attention believes TE present (its TE import succeeds on placeholders), so its `HAVE_TE` is set to False.
 """
 
 from __future__ import annotations
@@ -325,6 +326,11 @@ def _patch_te_less_moe() -> None:
     ):
         if not hasattr(moe_utils, name):
             setattr(moe_utils, name, None)
+    # multi_latent_attention takes TE as present when `megatron.core.extensions.transformer_engine` imports, which
+    # it does without TE (placeholder names): its isinstance(linear_proj, TELinear) then raises a TypeError.
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
     _TE_LESS_PATCH_DONE = True
 
 

@@ -150,3 +150,30 @@ def normalize_fp8_keys(recipe: dict[str, Any]) -> None:
             "FSDP is not used by the Megatron backend", "remove the key")
     require(recipe.get("fp8_format") is None or recipe.get("finetuning_type") != "lora", "fp8",
             "FP8 with finetuning_type: lora is not supported yet", "use finetuning_type: full or freeze, or remove fp8")
+
+
+def check_sliding_window(text_config: dict[str, Any], context_parallel_size: int) -> None:
+    """McaArgumentError when the model's attention has a sliding window (Mistral, Mixtral `sliding_window`) and the
+    layout splits the sequence over context-parallel ranks: the window mask is not split over CP ranks yet."""
+    window = text_config.get("sliding_window")
+    if not window or text_config.get("use_sliding_window") is False:
+        return
+    require(context_parallel_size == 1, "context_parallel_size",
+            f"the model attends through a sliding window (sliding_window: {window}), which is not split over "
+            "context-parallel ranks yet", "set context_parallel_size: 1 (tensor/pipeline parallelism work with the "
+            "window)")
+
+
+def check_mla_tensor_parallel(text_config: dict[str, Any], tensor_model_parallel_size: int) -> None:
+    """McaArgumentError when multi-latent attention's down projections (DeepSeek `q_lora_rank`, `kv_lora_rank` +
+    `qk_rope_head_dim` rows; megatron splits them over TP) do not split evenly over the tensor-parallel ranks."""
+    tp = tensor_model_parallel_size
+    kv_rank = text_config.get("kv_lora_rank")
+    if not isinstance(kv_rank, int) or tp <= 1:
+        return
+    rows = {"q_lora_rank": text_config.get("q_lora_rank"),
+            "kv_lora_rank + qk_rope_head_dim": kv_rank + int(text_config.get("qk_rope_head_dim") or 0)}
+    for name, value in rows.items():
+        require(not isinstance(value, int) or value % tp == 0, "tensor_model_parallel_size",
+                f"the model's {name} ({value}) does not split evenly over {tp} ranks (multi-latent attention's "
+                "down projections are split over TP)", f"choose a tensor_model_parallel_size that divides {value}")

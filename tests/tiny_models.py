@@ -12,6 +12,8 @@ VOCAB = 1001  # odd on purpose: vocab padding under TP
 def _config(kind: str):
     from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
+    if kind in DSV3_MISTRAL_KINDS:
+        return dsv3_mistral_config(kind)
     common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-6)
     if kind == "llama":
@@ -55,6 +57,43 @@ def _family_config(kind: str, common: dict):
                              first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
                              head_dim=16, partial_rotary_factor=0.5, tie_word_embeddings=False, **common)
     return None
+
+
+# Mistral and DeepSeek-V3 (issue 14), odd shapes on purpose: head_dim 24 on a hidden size of 64, a sliding window
+# shorter than the test sequences, MLA with q/kv LoRA ranks, nope/rope/value head sizes all different, YaRN rope
+# whose attention factor is not 1; `deepseek_v3` with a dense first layer, then MoE layers (8 experts in 2 groups, a
+# shared expert, sigmoid routing with the score-correction bias, scaled weights).
+DSV3_MISTRAL_KINDS = ("mistral", "deepseek_v3_dense", "deepseek_v3_noqlora", "deepseek_v3")
+
+
+def dsv3_mistral_config(kind: str):
+    """The tiny config of a Mistral / DeepSeek-V3 test model `kind` (one of `DSV3_MISTRAL_KINDS`)."""
+    from transformers import DeepseekV3Config, MistralConfig
+
+    common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=VOCAB,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  initializer_range=0.15)  # weights large enough that attention visibly moves the logits
+    if kind == "mistral":
+        return MistralConfig(intermediate_size=72, num_key_value_heads=2, head_dim=24, sliding_window=5, **common)
+    mla = dict(num_key_value_heads=4, kv_lora_rank=20, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
+               intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+               num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5)
+    if kind == "deepseek_v3_dense":  # every layer dense, YaRN rope (attention factor 1.0 / 0.8 mscales)
+        return DeepseekV3Config(q_lora_rank=24, first_k_dense_replace=4, rope_interleave=True,
+                                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                 "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                                 "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8},
+                                **mla, **common)
+    if kind == "deepseek_v3":
+        return DeepseekV3Config(q_lora_rank=24, first_k_dense_replace=1, rope_interleave=True,
+                                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                 "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                                 "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+                                **mla, **common)
+    if kind == "deepseek_v3_noqlora":  # no query LoRA (q_proj), default rope
+        return DeepseekV3Config(q_lora_rank=None, first_k_dense_replace=4, rope_interleave=True,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **mla, **common)
+    raise ValueError(kind)
 
 
 KINDS = ("llama", "llama_tied", "llama_rope3", "qwen2", "qwen3", "qwen3_moe", "mixtral")
@@ -107,3 +146,18 @@ def make_tiny_family_model(kind: str, path: str, seed: int = 0) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def assert_table_covers_checkpoint(bridge, path: str) -> None:
+    """Every tensor of the HF checkpoint `path/model.safetensors` is named by an entry of `bridge.table`."""
+    import re
+
+    from safetensors import safe_open
+
+    patterns = []
+    for hf, _kind in bridge.table.values():
+        for name in (hf if isinstance(hf, tuple) else (hf,)):
+            patterns.append(re.compile(re.escape(name).replace(r"\{L\}", r"\d+").replace(r"\{E\}", r"\d+") + "$"))
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            assert any(p.match(key) for p in patterns), (type(bridge).__name__, key)

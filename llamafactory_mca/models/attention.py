@@ -14,6 +14,13 @@ sequence (each packed sub-sequence under THD) is cut into 2*cp chunks and CP ran
 are all-gathered over the CP group (backward: reduce-scatter of their gradients), put back into sequence order,
 and each local query chunk attends to the key prefix up to its own end with the causal diagonal shifted by its
 offset. RoPE needs nothing here: megatron's rotary embedding already slices positions per CP rank the same way.
+
+Sliding window (`config.window_size = (left, 0)`, megatron's convention, on the layers `window_attn_skip_freq`
+selects): query i attends keys i - left ... i, as Hugging Face's `sliding_window = left + 1` (`kv > q - window`).
+It applies to padded, plainly packed and THD-packed batches; context parallelism with a window is refused.
+
+Multi-latent attention passes `k_channels` / `v_channels` (query/key head size != value head size) and its own
+`softmax_scale`; the output then has `v_channels` per head.
 """
 
 from __future__ import annotations
@@ -45,6 +52,39 @@ def _packed_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> 
     same = seq_id[:, None] == seq_id[None, :]
     causal = pos[:, None] >= pos[None, :]
     return (same & causal)[None, None]
+
+
+def causal_band(rows: int, cols: int, diagonal: int, window: Optional[int], device: torch.device) -> torch.Tensor:
+    """[rows, cols] boolean mask (True = attend): key j <= query i + `diagonal` (causal, the queries being the last
+    rows of a longer sequence when `diagonal` > 0) and, with a `window`, key j >= query i + `diagonal` - `window`."""
+    mask = torch.ones(rows, cols, dtype=torch.bool, device=device).tril(diagonal)
+    if window is not None:
+        mask = mask.triu(diagonal - window)
+    return mask
+
+
+def window_left(config: TransformerConfig, layer_number: int) -> Optional[int]:
+    """Keys before the query that a sliding-window layer sees (`config.window_size[0]`), None without a window.
+
+    Only causal windows are supported (`window_size[1]` must be 0)."""
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    size = getattr(config, "window_size", None)
+    if not is_layer_window_attention(size, getattr(config, "window_attn_skip_freq", None), layer_number):
+        return None
+    left, right = size
+    if right != 0:
+        raise ValueError(f"window_size {tuple(size)}: SDPAttention supports causal windows (left, 0) only")
+    return int(left)
+
+
+def sliding_window_overrides(hf_config) -> dict:
+    """TransformerConfig fields of a Hugging Face `sliding_window` (Mistral, Mixtral): megatron's `window_size`
+    (left, 0) with left = sliding_window - 1; {} without one."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window:
+        return {}
+    return {"window_size": (int(window) - 1, 0)}
 
 
 class _Piece(NamedTuple):
@@ -128,6 +168,8 @@ def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
 class SDPAttention(MegatronModule):
     """megatron `DotProductAttention` contract, computed by torch SDPA (also under context parallelism)."""
 
+    window: Optional[int] = None  # keys before the query a sliding-window layer sees (`window_left`)
+
     def __init__(
         self,
         config: TransformerConfig,
@@ -138,6 +180,8 @@ class SDPAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
     ):
         super().__init__(config=config)
         if pg_collection is None:
@@ -151,15 +195,22 @@ class SDPAttention(MegatronModule):
             raise ValueError(f"unknown cp_comm_type {cp_comm_type!r}")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
-        projection_size = config.kv_channels * config.num_attention_heads
-        self.hidden_size_per_partition = divide(projection_size, tp)
+        self.window = window_left(config, self.layer_number)
+        if self.window is not None and config.context_parallel_size > 1:
+            raise ValueError("context_parallel_size: sliding-window attention cannot be split over context-parallel "
+                             "ranks yet. Fix: set context_parallel_size: 1")
+        head_dim = k_channels or config.kv_channels
+        self.hidden_size_per_partition = divide((v_channels or config.kv_channels) * config.num_attention_heads, tp)
         self.num_heads = divide(config.num_attention_heads, tp)
         self.num_groups = divide(config.num_query_groups, tp)
-        head_dim = divide(projection_size, config.num_attention_heads)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
     # ------------------------------------------------------------------------------------ helpers
+
+    def _window_for(self, keys: int) -> Optional[int]:
+        """The sliding window where it cuts something off among `keys` keys (None: plain causal attention)."""
+        return self.window if self.window is not None and keys - 1 > self.window else None
 
     def _sdpa(self, q, k, v, mask, is_causal):
         kwargs = {}
@@ -214,8 +265,9 @@ class SDPAttention(MegatronModule):
             ki = k[:, :, p.seg_start: k_end]
             vi = v[:, :, p.seg_start: k_end]
             mask = None
-            if causal and p.offset > 0:
-                mask = torch.ones(p.length, k_end - p.seg_start, dtype=torch.bool, device=q.device).tril(p.offset)
+            window = self._window_for(k_end - p.seg_start) if causal else None
+            if causal and (p.offset > 0 or window is not None):
+                mask = causal_band(p.length, k_end - p.seg_start, p.offset, window, q.device)
             if attention_mask is not None:
                 am = attention_mask
                 if am.shape[-2] == sq:
@@ -224,7 +276,7 @@ class SDPAttention(MegatronModule):
                     am = am[..., p.seg_start: k_end]
                 allowed = ~am.bool()
                 if mask is None and causal:
-                    mask = torch.ones(p.length, k_end - p.seg_start, dtype=torch.bool, device=q.device).tril(0)
+                    mask = causal_band(p.length, k_end - p.seg_start, 0, None, q.device)
                 mask = allowed if mask is None else (mask & allowed)
             outs.append(self._sdpa(qi, ki, vi, mask, is_causal=causal and mask is None))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -281,12 +333,14 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             cu = packed_seq_params.cu_seqlens_q_padded
             mask = _packed_mask(packed_seq_params.cu_seqlens_q if cu is None else cu, sq, q.device)
+            if self._window_for(sq) is not None:
+                mask = mask & causal_band(sq, sq, 0, self.window, q.device)
             if attention_mask is not None:
                 mask = mask & ~attention_mask.bool()
-        elif attention_mask is not None:
-            mask = ~attention_mask.bool()
-            if causal:
-                sk = k.shape[2]
-                tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-                mask = mask & tri
+        elif attention_mask is not None or (causal and self._window_for(k.shape[2]) is not None):
+            sk = k.shape[2]
+            mask = causal_band(sq, sk, sk - sq, self._window_for(sk), q.device) if causal else None
+            if attention_mask is not None:
+                allowed = ~attention_mask.bool()
+                mask = allowed if mask is None else mask & allowed
         return self._sdpa(q, k, v, mask, is_causal=causal and mask is None)

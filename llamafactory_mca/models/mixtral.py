@@ -1,5 +1,7 @@
-"""Mixtral: Llama attention, sparse MoE with w1 (gate) / w3 (up) / w2 (down) experts, softmax over the top-k."""
+"""Mixtral: Llama attention (with Mistral's sliding window where the config sets one), sparse MoE with w1 (gate) /
+w3 (up) / w2 (down) experts, softmax over the top-k."""
 
+from llamafactory_mca.models.attention import sliding_window_overrides
 from llamafactory_mca.models.bridge import ModelBridge, dense_table, moe_table
 
 
@@ -15,13 +17,11 @@ class MixtralBridge(ModelBridge):
         down="block_sparse_moe.experts.{E}.w2.weight",
     )
 
-    def check_config(self, hf_config) -> None:
-        super().check_config(hf_config)
-        if getattr(hf_config, "sliding_window", None):
-            raise ValueError("mixtral with sliding_window is not supported by the Megatron bridge yet")
-
     def add_qkv_bias(self, hf_config) -> bool:
         return False
+
+    def config_overrides(self, hf_config) -> dict:
+        return sliding_window_overrides(hf_config)
 
     def num_experts(self, hf_config):
         return hf_config.num_local_experts

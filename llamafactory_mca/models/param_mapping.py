@@ -321,3 +321,25 @@ def shared_expert_entries(module: str, gate: Optional[str] = None, expert_bias: 
     if expert_bias:
         t[m + "router.expert_bias"] = (p + expert_bias, REPL)
     return t
+
+
+def mla_table(base: Table) -> Table:
+    """`base` with the fused q/k/v attention replaced by multi-latent attention (DeepSeek-V2/V3 names).
+
+    Both query forms are listed: `q_proj` (q_lora_rank None) and `q_a_proj` / `q_a_layernorm` / `q_b_proj`; a model
+    uses the entries its modules have. The down projections are megatron ColumnParallelLinears (rows split over TP,
+    gathered before use), the up projections split by heads, `o_proj` by its input columns."""
+    p = "model.layers.{L}.self_attn."
+    a = "decoder.layers.{L}.self_attention."
+    t = {k: v for k, v in base.items() if ".self_attention." not in k}
+    t.update({
+        a + "linear_q_proj.weight": (p + "q_proj.weight", COLUMN),
+        a + "linear_q_down_proj.weight": (p + "q_a_proj.weight", COLUMN),
+        a + "q_layernorm.weight": (p + "q_a_layernorm.weight", REPL),
+        a + "linear_q_up_proj.weight": (p + "q_b_proj.weight", COLUMN),
+        a + "linear_kv_down_proj.weight": (p + "kv_a_proj_with_mqa.weight", COLUMN),
+        a + "kv_layernorm.weight": (p + "kv_a_layernorm.weight", REPL),
+        a + "linear_kv_up_proj.weight": (p + "kv_b_proj.weight", COLUMN),
+        a + "linear_proj.weight": (p + "o_proj.weight", ROW),
+    })
+    return t

@@ -20,6 +20,8 @@ _FAMILIES = {
     "mixtral": ("llamafactory_mca.models.mixtral", "MixtralBridge"),
     "qwen2_moe": ("llamafactory_mca.models.qwen2_moe", "Qwen2MoeBridge"),
     "glm4_moe": ("llamafactory_mca.models.glm4_moe", "Glm4MoeBridge"),
+    "mistral": ("llamafactory_mca.models.mistral", "MistralBridge"),
+    "deepseek_v3": ("llamafactory_mca.models.deepseek_v3", "DeepseekV3Bridge"),
     "qwen2_vl": ("llamafactory_mca.models.qwen2_vl", "Qwen2VLBridge"),
     "qwen2_5_vl": ("llamafactory_mca.models.qwen2_5_vl", "Qwen2_5_VLBridge"),
     "qwen3_vl": ("llamafactory_mca.models.qwen3_vl", "Qwen3VLBridge"),

@@ -2,7 +2,8 @@
 
 * `transformer_impl: transformer_engine` or `attention_backend: te` (opt-in, experimental): megatron-core's TE
   spec.
-* otherwise megatron-core's local modules, with our pieces: `SDPAttention` (torch SDPA) as core attention
+* otherwise megatron-core's local modules (multi-latent attention where the config asks for it: megatron's
+  MLASelfAttention with local linears), with our pieces: `SDPAttention` (torch SDPA) as core attention
   (`attention_backend: local` keeps megatron's DotProductAttention), `FusedRMSNorm` (torch's fused kernel
   on GPU, Hugging Face's exact arithmetic elsewhere; works under sequence parallelism) and `TorchGroupedMLP`
   experts (one grouped GEMM for all local experts), both from `llamafactory_mca.kernels`.
@@ -70,7 +71,8 @@ def layer_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False,
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=qk_layernorm
+            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=qk_layernorm,
+            multi_latent_attention=config.multi_latent_attention,
         )
     attention = DotProductAttention if getattr(mca_args, "attention_backend", "auto") == "local" else SDPAttention
     provider = _LocalProvider(attention, experts_grouped=True)
@@ -84,6 +86,7 @@ def layer_spec(config: TransformerConfig, mca_args, qk_layernorm: bool = False,
             num_experts=num_experts,
             moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=qk_layernorm,
+            multi_latent_attention=config.multi_latent_attention,
             normalization=config.normalization,
         )
     finally:

@@ -13,8 +13,6 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
     """The megatron TransformerConfig of `bridge`'s family for `hf_config` under the layout and options of
     `mca_args`: the bridge's hooks give the architecture, `mca_args` the layout, recompute and MoE options;
     fusions that need Transformer Engine, Apex or CUDA are switched off where those are absent."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     from llamafactory_mca.args import recompute_module_list
     from llamafactory_mca.models.spec import use_transformer_engine
     from llamafactory_mca.platform import on_gpu, wgrad_fusion_available
@@ -108,7 +106,7 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
         kw.update(moe_structure_fields(bridge, hf_config))
         kw.update(moe_router_fields(bridge, hf_config))
     kw.update(bridge.config_overrides(hf_config))
-    return TransformerConfig(**kw)
+    return config_class(kw)(**kw)
 
 
 def moe_structure_fields(bridge: Any, hf_config: Any) -> dict[str, Any]:
@@ -140,3 +138,10 @@ def moe_router_fields(bridge: Any, hf_config: Any) -> dict[str, Any]:
     if bridge.moe_router_expert_bias(hf_config):
         kw.update(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0)
     return kw
+
+
+def config_class(fields: dict) -> type:
+    """megatron's MLATransformerConfig where the fields ask for multi-latent attention, else TransformerConfig."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    return MLATransformerConfig if fields.get("multi_latent_attention") else TransformerConfig
