@@ -474,7 +474,7 @@ def check_layout_against_model(m: MegatronArguments, config: dict) -> None:
     from llamafactory_mca.recipe_checks import check_mla_tensor_parallel, check_sliding_window  # (imports args)
 
     check_sliding_window(text, cp)
-    check_mla_tensor_parallel(text, tp)
+    check_mla_tensor_parallel(text, tp, m.sequence_parallel)
     experts = model_config.num_experts(text)
     require(ep == 1 or experts, "expert_model_parallel_size",
             f"the model ({model_type}) is dense: it has no experts to spread over {ep} ranks",

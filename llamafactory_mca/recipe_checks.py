@@ -164,13 +164,18 @@ def check_sliding_window(text_config: dict[str, Any], context_parallel_size: int
             "window)")
 
 
-def check_mla_tensor_parallel(text_config: dict[str, Any], tensor_model_parallel_size: int) -> None:
+def check_mla_tensor_parallel(text_config: dict[str, Any], tensor_model_parallel_size: int,
+                              sequence_parallel: bool = True) -> None:
     """McaArgumentError when multi-latent attention's down projections (DeepSeek `q_lora_rank`, `kv_lora_rank` +
-    `qk_rope_head_dim` rows; megatron splits them over TP) do not split evenly over the tensor-parallel ranks."""
+    `qk_rope_head_dim` rows; megatron splits them over TP) do not split evenly over the tensor-parallel ranks, or
+    when TP runs without sequence parallelism (the shared rope key's gradient is only summed over the TP ranks on
+    the sequence-parallel path: models/deepseek_v3.py, sequence_local_down_projection)."""
     tp = tensor_model_parallel_size
     kv_rank = text_config.get("kv_lora_rank")
     if not isinstance(kv_rank, int) or tp <= 1:
         return
+    require(sequence_parallel, "sequence_parallel", f"multi-latent attention at tensor_model_parallel_size {tp} "
+            "trains correctly only with sequence parallelism", "set sequence_parallel: true")
     rows = {"q_lora_rank": text_config.get("q_lora_rank"),
             "kv_lora_rank + qk_rope_head_dim": kv_rank + int(text_config.get("qk_rope_head_dim") or 0)}
     for name, value in rows.items():

@@ -80,6 +80,7 @@ class MlaBridge(ModelBridge):
 
     def set_hf_rope(self, model, hf_config, rope: dict) -> None:
         set_mla_rope(model, hf_config)
+        use_sequence_local_kv_down_projection(model)
 
 
 class DeepseekV3Bridge(Glm4MoeBridge, MlaBridge):
@@ -147,3 +148,35 @@ def set_mla_rope(model: torch.nn.Module, hf_config) -> None:
         if shared is None:
             shared = HFRotaryEmbedding(inv_freq, scaling, cp_group=attention.rotary_pos_emb.cp_group)
         attention.rotary_pos_emb = shared
+
+
+def sequence_local_down_projection(module: torch.nn.Module, input_: torch.Tensor):
+    """`linear_kv_down_proj` (a ColumnParallelLinear) computed on this rank's sequence chunk with the full weight.
+
+    megatron's MLA with a column-parallel down projection all-gathers its output over the TP ranks and takes the
+    shared rope key (`k_pos_emb`) from it; that gather's backward keeps only this rank's columns of the gradient, yet
+    every rank's heads use the rope key: the other ranks' contributions to it are lost (training drifts from the HF
+    path at TP=2 + SP from the first update on). With the full output on the local sequence chunk MLA takes its
+    other branch instead: the rope key is all-gathered over the sequence, whose backward reduce-scatters (sums) the
+    heads' contributions. The weight stays column-split: it is gathered for the product, and its gradient
+    (partial over the sequence on each rank) is reduce-scattered back onto the shards."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    weight = gather_from_sequence_parallel_region(module.weight, tensor_parallel_output_grad=True,
+                                                  group=module.tp_group)
+    return torch.nn.functional.linear(input_, weight), None
+
+
+def use_sequence_local_kv_down_projection(model: torch.nn.Module) -> None:
+    """Every MLA layer of `model` at TP > 1 with sequence parallelism computes `linear_kv_down_proj` as
+    `sequence_local_down_projection` does (the recipe check requires sequence parallelism with TP for MLA)."""
+    import functools
+
+    from megatron.core.utils import get_pg_size
+
+    decoder = getattr(model, "decoder", None)
+    for layer in getattr(decoder, "layers", []):
+        down = getattr(layer.self_attention, "linear_kv_down_proj", None)
+        if down is None or get_pg_size(down.tp_group) <= 1 or not down.config.sequence_parallel:
+            continue
+        down.forward = functools.partial(sequence_local_down_projection, down)
