@@ -83,6 +83,7 @@ def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llamafactory_mca import checkpoint
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models import lora
     from llamafactory_mca.models.registry import bridge_for
@@ -92,7 +93,8 @@ def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
     bridge = bridge_for(hf_config.model_type)
     models = bridge.build_model(hf_config, MegatronArguments(**LAYOUTS[layout]), torch.float32, init_weights=False)
     bridge.load_hf_weights(models, model_dir)
-    state = lora.apply_lora(bridge, models, SimpleNamespace(), SimpleNamespace(adapter_name_or_path=[adapter_dir]))
+    state = lora.apply_lora(bridge, models, SimpleNamespace(), SimpleNamespace(adapter_name_or_path=[adapter_dir],
+                                                                             model_name_or_path=model_dir))
     res["target_parameters"] = state.target_parameters
     res["expert_adapters"] = len(state.experts)
     res["ep_etp"] = [state.experts[0].adapter.ep_size, state.experts[0].adapter.etp_size]
@@ -106,6 +108,11 @@ def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
         ours = pipeline_forward(models, input_ids)
     out = os.path.join(work, f"adapter-{layout}")
     lora.save_peft_adapter(models, state, out, base_model_name_or_path=model_dir)
+    if layout == "ep2":  # a checkpoint of the expert adapters the other layouts load
+        checkpoint.save_checkpoint(os.path.join(work, "ckpt"), 1, models, hf_config=hf_config,
+                                   extra_info=lora.checkpoint_marker(state))
+    else:
+        res.update(load_ep2_checkpoint(bridge, hf_config, model_dir, layout, work))
     merged = os.path.join(work, f"merged-{layout}")
     lora.save_merged_hf(bridge, models, state, merged)
     with torch.no_grad():
@@ -124,11 +131,55 @@ def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
         m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
         with torch.no_grad():
             res["merged_hf_logits_diff"] = float((m(input_ids=input_ids).logits - ref).abs().max())
+        if layout == "dp2":  # `llamafactory-mca merge` of the EP=2 checkpoint: the PEFT adapter, the merged model
+            from llamafactory_mca.export.lora_merge import merge_lora_checkpoint
+
+            ckpt = os.path.join(work, "ckpt", "checkpoint-1")
+            cli_adapter = merge_lora_checkpoint(ckpt, os.path.join(work, "cli-adapter"), save_tokenizer=False)
+            again = load_file(os.path.join(cli_adapter, "adapter_model.safetensors"))
+            res["cli_adapter_equal"] = sorted(again) == sorted(orig) and all(torch.equal(again[k], orig[k])
+                                                                             for k in orig)
+            res["cli_adapter_logits_diff"] = float((peft_logits(model_dir, cli_adapter, input_ids) - ref).abs().max())
+            cli_merged = merge_lora_checkpoint(ckpt, os.path.join(work, "cli-merged"), merge_lora=True,
+                                               save_tokenizer=False)
+            m = AutoModelForCausalLM.from_pretrained(cli_merged, dtype=torch.float32).eval()
+            with torch.no_grad():
+                res["cli_merged_logits_diff"] = float((m(input_ids=input_ids).logits - ref).abs().max())
         # the adapter PEFT loaded is not a no-op: the base model alone is far away
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             res["adapter_effect"] = float((base(input_ids=input_ids).logits - ref).abs().max())
     return res
+
+
+def load_ep2_checkpoint(bridge, hf_config, model_dir: str, layout: str, work: str) -> dict:
+    """Fresh adapters (PEFT's initialisation) in this layout, then the EP=2 layout's checkpoint: every expert and
+    attention factor equals, bit for bit, the adapter the EP=2 model exported."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from llamafactory_mca import checkpoint
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models import lora
+
+    models = bridge.build_model(hf_config, MegatronArguments(**LAYOUTS[layout]), torch.float32, init_weights=False)
+    bridge.load_hf_weights(models, model_dir)
+    ft = SimpleNamespace(lora_rank=4, lora_alpha=8, lora_dropout=0.0, use_rslora=False, lora_target=["all"])
+    state = lora.apply_lora(bridge, models, ft, SimpleNamespace(model_name_or_path=model_dir,
+                                                                adapter_name_or_path=None), seed=3)
+    saved = load_file(os.path.join(work, "adapter-ep2", "adapter_model.safetensors"))
+    before = lora.adapter_state_dict(state)
+    checkpoint.load_checkpoint(os.path.join(work, "ckpt", "checkpoint-1"), models)
+    after = lora.adapter_state_dict(state)
+    res: dict = {}
+    if dist.get_rank() == 0:
+        res["ckpt_differs_before"] = sorted(before) == sorted(saved) and any(
+            not torch.equal(before[k], saved[k]) for k in saved)
+        res["ckpt_loaded_equal"] = sorted(after) == sorted(saved) and all(torch.equal(after[k], saved[k])
+                                                                          for k in saved)
+    return res  # (rank 0 holds the gathered adapter)
 
 
 def main(argv=None) -> int:

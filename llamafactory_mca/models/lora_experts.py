@@ -84,6 +84,14 @@ def factors_to_peft(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     return peft_a, peft_b
 
 
+def stack_factors(lora_a: dict, lora_b: dict, param: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of fused parameter `param` from our named factors ({name: tensor} of lora_A / lora_B): gate_up_proj's
+    B is its gate and up rows stacked."""
+    if param == "gate_up_proj":
+        return lora_a["gate_up_proj"], torch.cat([lora_b["gate_proj"], lora_b["up_proj"]], dim=1)
+    return lora_a["down_proj"], lora_b["down_proj"]
+
+
 def expert_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """scaling * B_e A_e for every expert: [E, out, in] in the Hugging Face orientation of the fused parameter."""
     return torch.bmm(b.float(), a.float()) * scaling
@@ -180,11 +188,11 @@ class ExpertLora(torch.nn.Module):
     def full(self, param: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's experts' factors of `param` with the expert-TP slices gathered: (A [E_local, r, in],
         B [E_local, out, r]). Collective over the expert-TP group."""
-        if param == "gate_up_proj":
-            a = self.lora_A["gate_up_proj"].detach()
-            gate, up = (self._gather(self.lora_B[n].detach(), 1) for n in ("gate_proj", "up_proj"))
-            return a, torch.cat([gate, up], dim=1)
-        return self._gather(self.lora_A["down_proj"].detach(), 2), self.lora_B["down_proj"].detach()
+        a = {n: self._gather(p.detach(), self.etp_axis("A", n)) if self.etp_sliced("A", n) else p.detach()
+             for n, p in self.lora_A.items()}
+        b = {n: self._gather(p.detach(), self.etp_axis("B", n)) if self.etp_sliced("B", n) else p.detach()
+             for n, p in self.lora_B.items()}
+        return stack_factors(a, b, param)
 
     def _gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         if self.etp_size == 1:
@@ -213,8 +221,8 @@ class ExpertLora(torch.nn.Module):
             return None
         from llamafactory_mca.kernels.grouped_gemm import grouped_mm
 
-        a = self._replicated(self.lora_A["gate_up_proj"]).to(x.dtype)
-        b = torch.cat([self.lora_B["gate_proj"], self.lora_B["up_proj"]], dim=1).to(x.dtype)
+        a, b = stack_factors(self.lora_A, self.lora_B, "gate_up_proj")
+        a, b = self._replicated(a).to(x.dtype), b.to(x.dtype)
         h = grouped_mm(x, a.transpose(1, 2), offs, empty_groups=empty)
         return grouped_mm(h, b.transpose(1, 2), offs, empty_groups=empty) * self.state.scaling
 
@@ -240,10 +248,10 @@ class ExpertLora(torch.nn.Module):
         s, h = self.state.scaling, self.hidden
         d1 = d2 = None
         if "gate_up_proj" in self.params:
-            b = torch.cat([self.lora_B["gate_proj"], self.lora_B["up_proj"]], dim=1)
-            d1 = expert_delta(self.lora_A["gate_up_proj"], b, s).transpose(1, 2).reshape(h, -1)
+            d1 = expert_delta(*stack_factors(self.lora_A, self.lora_B, "gate_up_proj"), s).transpose(1, 2)
+            d1 = d1.reshape(h, -1)
         if "down_proj" in self.params:
-            d2 = expert_delta(self.lora_A["down_proj"], self.lora_B["down_proj"], s).transpose(1, 2).reshape(-1, h)
+            d2 = expert_delta(*stack_factors(self.lora_A, self.lora_B, "down_proj"), s).transpose(1, 2).reshape(-1, h)
         return d1, d2
 
     # ---- checkpoints
