@@ -56,13 +56,14 @@ from llamafactory_mca.models.param_mapping import COLUMN, GLU, QKV, ROW, mapping
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-# a (sharded) state-dict key of an adapter tensor: `<base module>.lora_<A|B>.<HF module short name>`
-ADAPTER_KEY_RE = re.compile(r"^(?P<base>.+)\.lora_(?P<which>[AB])\.(?P<short>[A-Za-z0-9_]+)$")
+# a (sharded) state-dict key of an adapter tensor: `<base module>.lora_<A|B|M>.<HF module short name>` (M: DoRA's
+# magnitude vector, PEFT's `lora_magnitude_vector`)
+ADAPTER_KEY_RE = re.compile(r"^(?P<base>.+)\.lora_(?P<which>[ABM])\.(?P<short>[A-Za-z0-9_]+)$")
 
 
 def is_adapter_key(key: str) -> bool:
     """A parameter name or (sharded) state-dict key of a LoRA adapter tensor (the one test for it)."""
-    return ".lora_A." in key or ".lora_B." in key
+    return ".lora_A." in key or ".lora_B." in key or ".lora_M." in key
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -71,7 +72,8 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
 
 
 def peft_lora_config(r: int, alpha: float, dropout: float, use_rslora: bool, target_modules: Sequence[str],
-                     base_model_name_or_path: Optional[str], target_parameters: Sequence[str] = ()):
+                     base_model_name_or_path: Optional[str], target_parameters: Sequence[str] = (),
+                     use_dora: bool = False):
     """The PEFT `LoraConfig` (inference mode, causal LM) of an adapter with these settings; `target_parameters`:
     the adapted fused expert parameters (gate_up_proj / down_proj), written as PEFT's `mlp.experts.<name>`."""
     from peft import LoraConfig, TaskType
@@ -79,7 +81,7 @@ def peft_lora_config(r: int, alpha: float, dropout: float, use_rslora: bool, tar
     extra = {"target_parameters": [peft_target_parameter(p) for p in target_parameters]} if target_parameters else {}
     return LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=True, r=r, lora_alpha=alpha,
                       lora_dropout=dropout, use_rslora=use_rslora, target_modules=list(target_modules),
-                      base_model_name_or_path=base_model_name_or_path, **extra)
+                      base_model_name_or_path=base_model_name_or_path, use_dora=use_dora, **extra)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class LoraState:
     target_parameters: list[str] = field(default_factory=list)  # adapted fused expert parameters (gate_up_proj ...)
     experts: list = field(default_factory=list)  # the TorchGroupedMLP modules of this rank with an `adapter`
     enabled: bool = True
+    use_dora: bool = False  # DoRA: a trainable magnitude per output row of each adapted linear (`lora_M`)
     base_model_name_or_path: Optional[str] = None  # the Hugging Face model the adapter belongs to
 
     @property
@@ -123,8 +126,57 @@ class _LoraMixin:
     def forward(self, input_, *args, **kwargs):  # noqa: D102
         out, bias = super().forward(input_, *args, **kwargs)
         if self.lora_state.enabled and getattr(self, "lora_A", None) is not None:
-            out = out + self._lora_delta(input_).to(out.dtype)
+            delta = self._lora_delta(input_).to(out.dtype)
+            if self.lora_state.use_dora:
+                # PEFT's DoRA: y = W x + b + (m / |W + s B A| - 1) W x + (m / |W + s B A|) s B A x, the norm detached
+                scale = self._dora_scale().to(out.dtype)
+                base = out - self.bias if (self.bias is not None and not self.skip_bias_add) else out
+                out = out + (scale - 1) * base + scale * delta
+            else:
+                out = out + delta
         return out, bias
+
+    # ---- DoRA
+    def _weight_norm(self) -> torch.Tensor:
+        """|W + s B A| per output row of the local (fused) weight, detached; a row-parallel layer sums the squares
+        of its input slices over TP ranks (every rank gets the full-row norm)."""
+        with torch.no_grad():
+            w = self.weight.float() + self.lora_delta_weight().float()
+            sq = (w * w).sum(dim=1)
+            if self.lora_kind == ROW:
+                import torch.distributed as dist
+                from megatron.core import parallel_state as ps
+
+                if ps.get_tensor_model_parallel_world_size() > 1:
+                    dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+            return sq.sqrt().to(self.weight.dtype)
+
+    def _dora_scale(self) -> torch.Tensor:
+        """m / |W + s B A| in the local output layout (1 for the fused slots without adapter)."""
+        from megatron.core.tensor_parallel import mappings
+
+        mags, masks = [], []
+        for _, short, size in self.lora_slots:
+            if short in self.lora_M:
+                m = self.lora_M[short]
+                if self.lora_kind == ROW and self.sequence_parallel:  # each rank sees its slice of the tokens
+                    m = mappings.copy_to_tensor_model_parallel_region(m)
+                mags.append(m)
+                masks.append(torch.ones(size, dtype=torch.bool, device=m.device))
+            else:
+                mags.append(self.weight.new_ones(size))
+                masks.append(torch.zeros(size, dtype=torch.bool, device=self.weight.device))
+        mag, mask = self._fuse(mags), self._fuse(masks)
+        return torch.where(mask, mag / self._weight_norm(), torch.ones_like(mag))
+
+    def slot_values(self, fused: torch.Tensor) -> list:
+        """Inverse of `_fuse` for a vector in the local output layout: one piece per slot."""
+        sizes = [size for _, _, size in self.lora_slots]
+        if self.lora_kind == QKV:
+            g = self.lora_groups
+            per = fused.reshape(g, -1).split([n // g for n in sizes], dim=-1)
+            return [p.reshape(-1) for p in per]
+        return list(fused.split(sizes))
 
     # ---- math
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +218,13 @@ class _LoraMixin:
             return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
+    def merged_weight(self) -> torch.Tensor:
+        """The local weight with the adapter merged in: W + s B A, with DoRA scaled per row by m / |W + s B A|."""
+        w = self.weight + self.lora_delta_weight().to(self.weight.dtype)
+        if self.lora_state.use_dora:
+            w = w * self._dora_scale().detach().to(w.dtype).unsqueeze(1)
+        return w
+
     def lora_delta_weight(self) -> torch.Tensor:
         """scale * B A in the local (TP-sharded, fused) layout of `self.weight`."""
         scale = self.lora_state.scaling
@@ -191,7 +250,7 @@ class _LoraMixin:
         if column:
             axes["bias"] = 0
         for key in state_dict:
-            if key.startswith("lora_B.") and column:
+            if (key.startswith("lora_B.") or key.startswith("lora_M.")) and column:
                 axes[key] = 0
             elif key.startswith("lora_A.") and not column:
                 axes[key] = 1
@@ -308,14 +367,14 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
             raise ValueError(f"adapter {resume}: regex target_modules are not supported by the Megatron backend")
         state = LoraState(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
                           dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=bool(cfg.get("use_rslora", False)),
-                          target_modules=[])
+                          target_modules=[], use_dora=bool(cfg.get("use_dora", False)))
         requested = list(targets) + [peft_target_parameter(p)
                                      for p in expert_params_of(cfg.get("target_parameters") or [])]
     else:
         state = LoraState(r=finetuning_args.lora_rank,
                           alpha=float(finetuning_args.lora_alpha or finetuning_args.lora_rank * 2),
                           dropout=float(finetuning_args.lora_dropout), use_rslora=bool(finetuning_args.use_rslora),
-                          target_modules=[])
+                          target_modules=[], use_dora=bool(getattr(finetuning_args, "use_dora", False)))
         requested = list(finetuning_args.lora_target)
 
     state.base_model_name_or_path = getattr(model_args, "model_name_or_path", None) if model_args is not None else None
@@ -331,6 +390,14 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
         raise ValueError("`lora_dropout`: PEFT's LoRA on expert parameters (target_parameters) has no dropout, so "
                          "the Megatron backend's expert adapters have none either. Fix: set lora_dropout: 0, or "
                          "remove the experts from lora_target.")
+    if state.use_dora and state.target_parameters:
+        raise ValueError("`use_dora`: PEFT has no DoRA for expert parameters (target_parameters). Fix: remove the "
+                         "experts from lora_target (e.g. lora_target: q_proj,k_proj,v_proj,o_proj), or set "
+                         "use_dora: false.")
+    if state.use_dora and state.dropout > 0:
+        raise ValueError("`lora_dropout`: DoRA with dropout is not supported by the Megatron backend (PEFT then runs "
+                         "the base layer a second time on the dropped-out input). Fix: set lora_dropout: 0, or "
+                         "use_dora: false.")
 
     tp_rank, tp = _tp_info()
     hf_config = hf_config_of(models[0])
@@ -351,6 +418,7 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
         module.lora_state = state
         module.lora_A = torch.nn.ParameterDict()
         module.lora_B = torch.nn.ParameterDict()
+        module.lora_M = torch.nn.ParameterDict()
         in_full = in_local * (tp if kind == ROW else 1)
         for (path, short, size) in module.lora_slots:
             if short not in state.target_modules:
@@ -370,6 +438,12 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
             module.lora_A[short] = pa
             module.lora_B[short] = pb
         module.__class__ = _lora_class(type(module))
+        if state.use_dora:  # PEFT's initial magnitude: |W + s B A| (B = 0: the base rows' norms)
+            for (_, short, _), norm in zip(module.lora_slots, module.slot_values(module._weight_norm())):
+                if short in module.lora_A:
+                    pm = torch.nn.Parameter(norm.clone().contiguous())
+                    _mark_tp(pm, kind != ROW, 0)
+                    module.lora_M[short] = pm
         state.modules.append(module)
     if state.target_parameters:
         _add_expert_adapters(bridge, models, state, seed)
@@ -406,6 +480,7 @@ def checkpoint_marker(state: LoraState) -> dict:
     base = state.base_model_name_or_path
     out = {"finetuning_type": "lora", "adapter_only": True, "base_model_name_or_path": base,
            "lora": {"r": state.r, "alpha": state.alpha, "dropout": state.dropout, "use_rslora": state.use_rslora,
+                    "use_dora": state.use_dora,
                     "target_modules": list(state.target_modules),
                     "target_parameters": list(state.target_parameters)}}
     if base and os.path.isdir(base):
@@ -463,7 +538,7 @@ def merge(state: LoraState) -> None:
     """W += scale * B A in place, on every rank's shards; the adapters then stay disabled."""
     with torch.no_grad():
         for module in state.modules:
-            module.weight.add_(module.lora_delta_weight().to(module.weight.dtype))
+            module.weight.copy_(module.merged_weight())
         for experts in state.experts:
             for weight, delta in zip((experts.weight1, experts.weight2), experts.adapter.local_delta_weights()):
                 if delta is not None:
@@ -483,6 +558,9 @@ def save_merged_hf(bridge: Any, models: Sequence[torch.nn.Module], state: LoraSt
 
 
 def _peft_key(path: str, which: str) -> str:
+    """PEFT's file key of a module's lora_A / lora_B weight, or (`which` M) of its DoRA magnitude vector."""
+    if which == "M":
+        return f"{PEFT_PREFIX}{path}.lora_magnitude_vector"
     return f"{PEFT_PREFIX}{path}.lora_{which}.weight"
 
 
@@ -508,6 +586,13 @@ def adapter_state_dict(state: LoraState) -> dict[str, torch.Tensor]:
                 a, b = (full, b) if row else (a, full)
             local[_peft_key(path, "A")] = a.to("cpu").clone()
             local[_peft_key(path, "B")] = b.to("cpu").clone()
+            if short in module.lora_M:
+                m = module.lora_M[short].detach()
+                if tp > 1 and not row:
+                    parts = [torch.empty_like(m) for _ in range(tp)]
+                    dist.all_gather(parts, m.contiguous(), group=group)
+                    m = torch.cat(parts)
+                local[_peft_key(path, "M")] = m.to("cpu").clone()
     writer = tp_rank == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
     experts = _local_expert_factors(state)
     if not dist.is_initialized():
@@ -555,7 +640,7 @@ def _assemble_expert_factors(parts: Sequence[dict]) -> dict[str, torch.Tensor]:
 def peft_config_dict(state: LoraState, base_model_name_or_path: Optional[str]):
     """The PEFT `LoraConfig` of this adapter (`peft_lora_config`)."""
     return peft_lora_config(state.r, state.alpha, state.dropout, state.use_rslora, state.target_modules,
-                            base_model_name_or_path, state.target_parameters)
+                            base_model_name_or_path, state.target_parameters, state.use_dora)
 
 
 def save_peft_adapter(models: Sequence[torch.nn.Module], state: LoraState, output_dir: str,
@@ -594,6 +679,8 @@ def load_peft_adapter(state: LoraState, path: str) -> None:
         tensors = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
     # PeftModel.save_pretrained strips the adapter name ("default"); accept files that kept it
     tensors = {re.sub(r"\.lora_([AB])\.default\.weight$", r".lora_\1.weight", k): v for k, v in tensors.items()}
+    tensors = {re.sub(r"\.lora_magnitude_vector\.default(\.weight)?$", ".lora_magnitude_vector", k): v
+               for k, v in tensors.items()}
     tp_rank, tp = _tp_info()
     missing = []
     with torch.no_grad():
@@ -617,6 +704,13 @@ def load_peft_adapter(state: LoraState, path: str) -> None:
                                      f"{tuple(pa.shape)}/{tuple(pb.shape)} for this layout")
                 pa.copy_(a.to(pa.dtype))
                 pb.copy_(b.to(pb.dtype))
+                if short in module.lora_M:
+                    km = _peft_key(path_, "M")
+                    if km not in tensors:
+                        missing.append(km)
+                        continue
+                    m = tensors[km] if row else tensors[km].chunk(tp, dim=0)[tp_rank]
+                    module.lora_M[short].copy_(m.to(module.lora_M[short].dtype))
         for experts in state.experts:
             adapter = experts.adapter
             for param in adapter.params:
