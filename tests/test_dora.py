@@ -66,7 +66,7 @@ def test_dora_parity(dense, init_adapter, hf_run, tmp_path, layout):
     from safetensors.torch import load_file
 
     extra, nproc = ({}, 1) if layout == "1proc" else ({"tensor_model_parallel_size": 2}, 2)
-    recipe = _dora(make_recipe(dense, str(tmp_path / "out"), save_hf_model=False, **extra), init_adapter)
+    recipe = _dora(make_recipe(dense, str(tmp_path / "out"), **extra), init_adapter)
     ours = train(tmp_path, f"mca_dora_{layout}", recipe, nproc=nproc)
     assert_parity(hf_run, ours)
     theirs, mine = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (hf_run, ours))

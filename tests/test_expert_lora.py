@@ -43,7 +43,7 @@ def _lora(recipe: dict, adapter: str) -> dict:
 
 
 def _recipe(moe: str, out: str, **overrides) -> dict:
-    return make_recipe(moe, out, moe_router_load_balancing_type="none", save_hf_model=False, **overrides)
+    return make_recipe(moe, out, moe_router_load_balancing_type="none", **overrides)
 
 
 @pytest.fixture(scope="module")
