@@ -2,15 +2,14 @@
 
     torchrun --nproc_per_node 2 tests/expert_lora_worker.py --model DIR --adapter DIR --out OUT --layouts dp2,ep2,tp2etp
 
-Per layout: build the megatron Qwen3-MoE model, load the HF weights, resume the PEFT adapter (attention
-`target_modules` + expert `target_parameters`), compare logits with `PeftModel.from_pretrained(hf, adapter)`;
-export the adapter (PEFT format: bit-identical tensors, same logits in PEFT); merge it into the base weights and
-export a HF model whose logits match as well. `make_model` / `make_adapter` build the inputs (no tests here).
+Per layout, lora_worker's checks on a Qwen3-MoE model with a PEFT adapter on attention (`target_modules`) and the
+experts (`target_parameters`): logits against `PeftModel.from_pretrained(hf, adapter)`, the PEFT export
+(bit-identical tensors, same logits in PEFT), the merged model; then `expert_checks`. `make_model` /
+`make_adapter` build the inputs (no tests here).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,9 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dist_helpers import LAYOUTS, pipeline_forward  # noqa: E402
-
-from tests.workers import run_cases  # noqa: E402
+from dist_helpers import LAYOUTS  # noqa: E402
+from lora_worker import main as lora_worker_main  # noqa: E402
 
 LAYOUTS = {**LAYOUTS, "tp2etp": dict(tensor_model_parallel_size=2, sequence_parallel=True,
                                      expert_tensor_parallel_size=2)}
@@ -48,23 +46,11 @@ def make_model(path: str) -> str:
     return path
 
 
-def make_adapter(model_dir: str, path: str, seed: int, target_parameters=EXPERTS, target_modules=ATTENTION) -> str:
-    """A PEFT adapter (r=4, alpha=8) on attention and the fused expert parameters with random A *and* B."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def make_adapter(model_dir: str, path: str, seed: int) -> str:
+    """A PEFT adapter (r=4, alpha=8) on attention and the fused expert parameters, B random (`make_lora_adapter`)."""
+    from lf_runs import make_lora_adapter
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(target_modules),
-                                            target_parameters=list(target_parameters), task_type="CAUSAL_LM"))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-            elif "lora_A" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return path
+    return make_lora_adapter(model_dir, path, seed, target_modules=ATTENTION, target_parameters=EXPERTS)
 
 
 def peft_logits(model_dir: str, adapter_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -76,80 +62,45 @@ def peft_logits(model_dir: str, adapter_dir: str, input_ids: torch.Tensor) -> to
         return PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=input_ids).logits
 
 
-def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
-    from types import SimpleNamespace
-
+def expert_checks(model_dir: str, layout: str, res: dict, ctx) -> None:
+    """After lora_worker's checks: the expert adapters' layout; the EP=2 layout writes a checkpoint that the
+    others load (bit-exactly), and `llamafactory-mca merge` turns it into the PEFT adapter / merged model (dp2)."""
     import torch.distributed as dist
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from llamafactory_mca import checkpoint
-    from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models import lora
-    from llamafactory_mca.models.registry import bridge_for
 
-    res: dict = {"layout": layout}
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    bridge = bridge_for(hf_config.model_type)
-    models = bridge.build_model(hf_config, MegatronArguments(**LAYOUTS[layout]), torch.float32, init_weights=False)
-    bridge.load_hf_weights(models, model_dir)
-    state = lora.apply_lora(bridge, models, SimpleNamespace(), SimpleNamespace(adapter_name_or_path=[adapter_dir],
-                                                                             model_name_or_path=model_dir))
+    state = ctx.state
     res["target_parameters"] = state.target_parameters
-    res["expert_adapters"] = len(state.experts)
     res["ep_etp"] = [state.experts[0].adapter.ep_size, state.experts[0].adapter.etp_size]
-    res["non_adapter_trainable"] = [n for m in models for n, p in m.named_parameters()
-                                    if p.requires_grad and ".lora_" not in n]
-    for m in models:
-        m.eval()
-    torch.manual_seed(123)
-    input_ids = torch.randint(0, hf_config.vocab_size, (2, 16))
-    with torch.no_grad():
-        ours = pipeline_forward(models, input_ids)
-    out = os.path.join(work, f"adapter-{layout}")
-    lora.save_peft_adapter(models, state, out, base_model_name_or_path=model_dir)
-    if layout == "ep2":  # a checkpoint of the expert adapters the other layouts load
-        checkpoint.save_checkpoint(os.path.join(work, "ckpt"), 1, models, hf_config=hf_config,
+    if layout == "ep2":
+        checkpoint.save_checkpoint(os.path.join(ctx.work, "ckpt"), 1, ctx.models, hf_config=ctx.hf_config,
                                    extra_info=lora.checkpoint_marker(state))
     else:
-        res.update(load_ep2_checkpoint(bridge, hf_config, model_dir, layout, work))
-    merged = os.path.join(work, f"merged-{layout}")
-    lora.save_merged_hf(bridge, models, state, merged)
-    with torch.no_grad():
-        ours_merged = pipeline_forward(models, input_ids)
-    ref = peft_logits(model_dir, adapter_dir, input_ids)
-    if ours is not None:
-        vocab = hf_config.vocab_size
-        res["logits_vs_peft"] = float((ours[..., :vocab] - ref).abs().max())
-        res["merged_logits_vs_peft"] = float((ours_merged[..., :vocab] - ref).abs().max())
-    if dist.get_rank() == 0:
-        orig, saved = load_file(os.path.join(adapter_dir, "adapter_model.safetensors")), load_file(
-            os.path.join(out, "adapter_model.safetensors"))
-        res["export_keys_equal"] = sorted(orig) == sorted(saved)
-        res["export_not_equal"] = sorted(k for k in orig if k in saved and not torch.equal(orig[k], saved[k]))
-        res["exported_adapter_logits_diff"] = float((peft_logits(model_dir, out, input_ids) - ref).abs().max())
-        m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-        with torch.no_grad():
-            res["merged_hf_logits_diff"] = float((m(input_ids=input_ids).logits - ref).abs().max())
-        if layout == "dp2":  # `llamafactory-mca merge` of the EP=2 checkpoint: the PEFT adapter, the merged model
-            from llamafactory_mca.export.lora_merge import merge_lora_checkpoint
+        res.update(load_ep2_checkpoint(ctx.bridge, ctx.hf_config, model_dir, layout, ctx.work))
+    if dist.get_rank() != 0:
+        return
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # the adapter PEFT loaded is not a no-op: the base model alone is far away
+        res["adapter_effect"] = float((base(input_ids=ctx.input_ids).logits - ctx.ref).abs().max())
+    if layout == "dp2":  # `llamafactory-mca merge` of the EP=2 checkpoint: the PEFT adapter, the merged model
+        from safetensors.torch import load_file
 
-            ckpt = os.path.join(work, "ckpt", "checkpoint-1")
-            cli_adapter = merge_lora_checkpoint(ckpt, os.path.join(work, "cli-adapter"), save_tokenizer=False)
-            again = load_file(os.path.join(cli_adapter, "adapter_model.safetensors"))
-            res["cli_adapter_equal"] = sorted(again) == sorted(orig) and all(torch.equal(again[k], orig[k])
-                                                                             for k in orig)
-            res["cli_adapter_logits_diff"] = float((peft_logits(model_dir, cli_adapter, input_ids) - ref).abs().max())
-            cli_merged = merge_lora_checkpoint(ckpt, os.path.join(work, "cli-merged"), merge_lora=True,
-                                               save_tokenizer=False)
-            m = AutoModelForCausalLM.from_pretrained(cli_merged, dtype=torch.float32).eval()
-            with torch.no_grad():
-                res["cli_merged_logits_diff"] = float((m(input_ids=input_ids).logits - ref).abs().max())
-        # the adapter PEFT loaded is not a no-op: the base model alone is far away
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        from llamafactory_mca.export.lora_merge import merge_lora_checkpoint
+
+        ckpt = os.path.join(ctx.work, "ckpt", "checkpoint-1")
+        orig = load_file(os.path.join(ctx.work, "adapter-ep2", "adapter_model.safetensors"))
+        cli_adapter = merge_lora_checkpoint(ckpt, os.path.join(ctx.work, "cli-adapter"), save_tokenizer=False)
+        again = load_file(os.path.join(cli_adapter, "adapter_model.safetensors"))
+        res["cli_adapter_equal"] = sorted(again) == sorted(orig) and all(torch.equal(again[k], orig[k]) for k in orig)
+        cli_logits = peft_logits(model_dir, cli_adapter, ctx.input_ids)
+        res["cli_adapter_logits_diff"] = float((cli_logits - ctx.ref).abs().max())
+        cli_merged = merge_lora_checkpoint(ckpt, os.path.join(ctx.work, "cli-merged"), merge_lora=True,
+                                           save_tokenizer=False)
+        m = AutoModelForCausalLM.from_pretrained(cli_merged, dtype=torch.float32).eval()
         with torch.no_grad():
-            res["adapter_effect"] = float((base(input_ids=input_ids).logits - ref).abs().max())
-    return res
+            res["cli_merged_logits_diff"] = float((m(input_ids=ctx.input_ids).logits - ctx.ref).abs().max())
 
 
 def load_ep2_checkpoint(bridge, hf_config, model_dir: str, layout: str, work: str) -> dict:
@@ -183,16 +134,10 @@ def load_ep2_checkpoint(bridge, hf_config, model_dir: str, layout: str, work: st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--layouts", required=True)
-    a = p.parse_args(argv)
+    def extra(model_dir: str, layout: str):
+        return lambda res, ctx: expert_checks(model_dir, layout, res, ctx)
 
-    cases = [(layout, None) for layout in a.layouts.split(",")]
-    return run_cases(a.out, cases, lambda _case, layout, work: check(a.model, a.adapter, layout, work), LAYOUTS,
-                     lambda _case, layout: {"layout": layout})
+    return lora_worker_main(argv, LAYOUTS, extra)
 
 
 if __name__ == "__main__":

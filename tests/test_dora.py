@@ -15,29 +15,10 @@ import os
 
 import pytest
 import torch
-from lf_runs import LORA_TARGETS, assert_parity, make_models, make_recipe, train
+from lf_runs import assert_parity, make_lora_adapter, make_models, make_recipe, train
 from workers import launch_worker
 
 pytestmark = pytest.mark.slow
-
-
-def make_dora_adapter(model_dir: str, path: str, seed: int) -> str:
-    """A PEFT DoRA adapter (r=4, alpha=8, every linear) with random A, B and magnitudes, saved to `path`."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                            use_dora=True, task_type="CAUSAL_LM"))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +28,8 @@ def dense(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def init_adapter(dense, tmp_path_factory):
-    return make_dora_adapter(dense, str(tmp_path_factory.mktemp("dora") / "init"), seed=5)
+    """A PEFT DoRA adapter (every linear) with random B and perturbed magnitudes."""
+    return make_lora_adapter(dense, str(tmp_path_factory.mktemp("dora") / "init"), seed=5, use_dora=True)
 
 
 def _dora(recipe: dict, adapter: str) -> dict:
