@@ -21,8 +21,6 @@ import torch
 from lf_runs import assert_parity, losses, make_models, make_recipe, train
 from workers import launch_worker
 
-pytestmark = pytest.mark.slow
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from expert_lora_worker import ATTENTION, EXPERTS, make_adapter, make_model  # noqa: E402
 
@@ -68,6 +66,7 @@ def _assert_same_adapter(hf_dir: str, ours_dir: str) -> None:
     assert sorted(cfg["target_modules"]) == sorted(ATTENTION) and cfg["target_parameters"] == EXPERTS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["1proc", "ep2", "tp2etp"])
 def test_expert_lora_parity(moe, init_adapter, hf_run, tmp_path, layout):
     out = str(tmp_path / "out")
@@ -83,6 +82,7 @@ def test_expert_lora_parity(moe, init_adapter, hf_run, tmp_path, layout):
     _assert_same_adapter(hf_run, ours)
 
 
+@pytest.mark.slow
 def test_expert_lora_resume_after_changing_ep(moe, init_adapter, hf_run, tmp_path):
     """A checkpoint written under EP=2 (adapter tensors and their optimizer state) resumes in one process (EP=1)
     and continues with the HF run's losses."""
@@ -99,6 +99,7 @@ def test_expert_lora_resume_after_changing_ep(moe, init_adapter, hf_run, tmp_pat
         assert abs(a - b) <= 1e-4 * abs(a), (hf, ours)
 
 
+@pytest.mark.slow
 def test_expert_lora_logits_exports_and_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("expert_lora_worker")
     model = make_model(str(root / "model"))
@@ -123,3 +124,24 @@ def test_expert_lora_logits_exports_and_checkpoints(tmp_path_factory):
                     assert r["cli_adapter_equal"], r
                     assert r["cli_adapter_logits_diff"] <= 1e-5 and r["cli_merged_logits_diff"] <= 1e-5, r
                 assert r["export_keys_equal"] and r["export_not_equal"] == [], r
+
+
+@pytest.mark.parametrize("keys, key", [
+    (dict(lora_dropout=0.1), "lora_dropout"),  # expert adapters have no dropout (PEFT refuses it too)
+    (dict(use_dora=True), "use_dora"),  # PEFT has no DoRA for target_parameters
+    (dict(use_dora=True, lora_dropout=0.1, lora_target=["q_proj"]), "lora_dropout"),  # DoRA: no dropout
+])
+def test_lora_options_refused_before_anything_is_built(tmp_path, keys, key):
+    from types import SimpleNamespace
+
+    from llamafactory_mca.arg_hooks import check_lora
+    from llamafactory_mca.args import McaArgumentError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "num_experts": 4,
+                                                       "num_hidden_layers": 2}))
+    ft = SimpleNamespace(**{**dict(use_dora=False, pissa_init=False, use_llama_pro=False, additional_target=None,
+                                   create_new_adapter=False, lora_dropout=0.0, lora_target=["all"]), **keys})
+    model = SimpleNamespace(model_name_or_path=str(tmp_path), adapter_name_or_path=None, quantization_bit=None)
+    with pytest.raises(McaArgumentError, match=key):
+        check_lora(model, ft)
+    check_lora(model, SimpleNamespace(**{**vars(ft), "lora_dropout": 0.0, "use_dora": False}))  # fine
