@@ -113,6 +113,26 @@ def init_factors(path: str, param: str, num_experts: int, r: int, n_in: int, n_o
     return peft_to_factors(peft_a, torch.zeros(n_in, r * num_experts), num_experts)
 
 
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over `group` (a factor replicated over expert-TP ranks, each
+    of which sees one slice of F). Unlike megatron's copy_to_tensor_model_parallel_region it also reduces a
+    non-contiguous gradient (ours arrive transposed from the grouped GEMM): that one all-reduces a contiguous copy
+    and returns the unreduced original."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class ExpertLora(torch.nn.Module):
     """The per-expert adapters of one `TorchGroupedMLP` (its `adapter` child): factors of this rank's experts and
     expert-TP slice, the deltas its forward adds (`fc1_delta` / `fc2_delta`), checkpoints and merge."""
@@ -205,11 +225,7 @@ class ExpertLora(torch.nn.Module):
 
     # ---- forward
     def _replicated(self, p: torch.Tensor) -> torch.Tensor:
-        if self.etp_size == 1:
-            return p
-        from megatron.core.tensor_parallel import mappings
-
-        return mappings.copy_to_tensor_model_parallel_region(p, group=self.etp_group)
+        return p if self.etp_size == 1 else _SumGradOverGroup.apply(p, self.etp_group)
 
     def active(self) -> bool:
         """Do the adapters run (not disabled, e.g. for DPO's reference pass)?"""
