@@ -8,6 +8,7 @@ from typing import Any
 from llamafactory_mca.args import MULTIMODAL_MODEL_TYPES, MegatronArguments, require
 from llamafactory_mca.hookspecs import hookimpl
 from llamafactory_mca.model_config import model_type as local_model_type
+from llamafactory_mca.model_config import num_experts, read_local_config, text_config
 from llamafactory_mca.plan.options import PlanArguments
 from llamafactory_mca.recipe_checks import FINETUNING_TYPES
 
@@ -59,8 +60,21 @@ def mca_validate_args(mca_args: dict[type, Any], lf_args: tuple, world_size: int
 
 
 def check_lora(model_args: Any, finetuning_args: Any) -> None:
-    """LoRA options the Megatron backend does not implement."""
-    for key, bad in (("use_dora", finetuning_args.use_dora), ("pissa_init", finetuning_args.pissa_init),
+    """LoRA options the Megatron backend does not implement (DoRA runs on the dense linears, without dropout; expert
+    adapters have no dropout, as PEFT's)."""
+    dropout = float(getattr(finetuning_args, "lora_dropout", 0.0) or 0.0)
+    require(not (finetuning_args.use_dora and dropout > 0), "lora_dropout",
+            "DoRA with dropout is not supported by the Megatron backend", "set lora_dropout: 0, or use_dora: false")
+    config = read_local_config(getattr(model_args, "model_name_or_path", None))
+    targets = [t.strip() for t in (finetuning_args.lora_target or []) if isinstance(t, str)]
+    experts = bool(config and num_experts(text_config(config))) and any(
+        t in ("all", "experts", "mlp.experts.gate_up_proj", "mlp.experts.down_proj") for t in targets)
+    if experts and not getattr(model_args, "adapter_name_or_path", None):
+        require(dropout == 0, "lora_dropout", "LoRA on MoE experts has no dropout (as PEFT's target_parameters)",
+                "set lora_dropout: 0, or list the attention modules in lora_target (e.g. q_proj,k_proj,v_proj,o_proj)")
+        require(not finetuning_args.use_dora, "use_dora", "DoRA is not available for MoE experts (nor in PEFT)",
+                "set use_dora: false, or list the attention modules in lora_target (e.g. q_proj,k_proj,v_proj,o_proj)")
+    for key, bad in (("pissa_init", finetuning_args.pissa_init),
                      ("use_llama_pro", finetuning_args.use_llama_pro),
                      ("additional_target", finetuning_args.additional_target),
                      ("quantization_bit", getattr(model_args, "quantization_bit", None))):

@@ -149,20 +149,23 @@ def make_dpo_data(root) -> str:
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_lora_adapter(model_dir: str, path: str, seed: int) -> str:
-    """A PEFT adapter (r=4, alpha=8, every linear module) on `model_dir` whose B matrices are random too (PEFT
-    starts B at zero), so the adapter changes the model from step 1; saved to `path`."""
+def make_lora_adapter(model_dir: str, path: str, seed: int, **config) -> str:
+    """A PEFT adapter (r=4, alpha=8, every linear module; `config`: other LoraConfig values, e.g. use_dora or
+    target_parameters) on `model_dir` whose B matrices are random too (PEFT starts B at zero) and DoRA magnitudes
+    perturbed, so the adapter changes the model from step 1; saved to `path`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                            task_type="CAUSAL_LM"))
+    config = {"target_modules": LORA_TARGETS, **config}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", **config))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return path

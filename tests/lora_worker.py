@@ -25,7 +25,10 @@ from tests.workers import run_cases  # noqa: E402
 LAYOUTS = {**LAYOUTS, "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True)}
 
 
-def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
+def check(model_dir: str, adapter_dir: str, layout: str, work: str, layouts: dict = LAYOUTS,
+          extra=None) -> dict:
+    """The checks of the module docstring for one layout; `extra(res, ctx)` adds more (ctx: bridge, hf_config,
+    models, state, input_ids, ref (PEFT's logits, rank 0), work) after them."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -40,9 +43,10 @@ def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
     res: dict = {"layout": layout}
     hf_config = AutoConfig.from_pretrained(model_dir)
     bridge = bridge_for(hf_config.model_type)
-    models = bridge.build_model(hf_config, MegatronArguments(**LAYOUTS[layout]), torch.float32, init_weights=False)
+    models = bridge.build_model(hf_config, MegatronArguments(**layouts[layout]), torch.float32, init_weights=False)
     bridge.load_hf_weights(models, model_dir)
-    state = lora.apply_lora(bridge, models, SimpleNamespace(), SimpleNamespace(adapter_name_or_path=[adapter_dir]))
+    state = lora.apply_lora(bridge, models, SimpleNamespace(), SimpleNamespace(adapter_name_or_path=[adapter_dir],
+                                                                             model_name_or_path=model_dir))
     res["non_adapter_trainable"] = [n for m in models for n, p in m.named_parameters()
                                     if p.requires_grad and ".lora_" not in n]
     for m in models:
@@ -77,6 +81,9 @@ def check(model_dir: str, adapter_dir: str, layout: str, work: str) -> dict:
             res["exported_adapter_logits_diff"] = float((again - ref).abs().max())
             m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
             res["merged_hf_logits_diff"] = float((m(input_ids=input_ids).logits - ref).abs().max())
+    if extra is not None:
+        extra(res, SimpleNamespace(bridge=bridge, hf_config=hf_config, models=models, state=state,
+                                   input_ids=input_ids, ref=ref if dist.get_rank() == 0 else None, work=work))
     return res
 
 
@@ -101,7 +108,8 @@ def assert_results(out: str, tol: float = 1e-5) -> set:
     return seen
 
 
-def main(argv=None) -> int:
+def main(argv=None, layouts: dict = LAYOUTS, extra=None) -> int:
+    """Run `check` for every --layouts entry; `extra(model_dir, layout)` gives check's extra callback (or None)."""
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", required=True)
@@ -109,9 +117,11 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", required=True)
     a = p.parse_args(argv)
 
+    def run(_case, layout: str, work: str) -> dict:
+        return check(a.model, a.adapter, layout, work, layouts, extra(a.model, layout) if extra else None)
+
     cases = [(layout, None) for layout in a.layouts.split(",")]
-    return run_cases(a.out, cases, lambda _case, layout, work: check(a.model, a.adapter, layout, work), LAYOUTS,
-                     lambda _case, layout: {"layout": layout})
+    return run_cases(a.out, cases, run, layouts, lambda _case, layout: {"layout": layout})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,16 @@ from llamafactory_mca.export.files import (
     hf_config_of_dir,
     publish,
 )
-from llamafactory_mca.models.lora import ADAPTER_KEY_RE, is_adapter_key, lora_scaling, peft_lora_config
+from llamafactory_mca.models.lora import ADAPTER_KEY_RE, PEFT_PREFIX, is_adapter_key, lora_scaling, peft_lora_config
+from llamafactory_mca.models.lora_experts import (
+    EXPERT_PARAMS,
+    expert_delta,
+    expert_params_of,
+    factors_to_peft,
+    peft_expert_keys,
+    peft_to_factors,
+    stack_factors,
+)
 from llamafactory_mca.models.safetensors_io import SafetensorsReader, StreamingSafetensorsWriter, parse_size
 
 
@@ -39,8 +48,6 @@ def adapter_from_checkpoint(checkpoint_path: str, bridge: Any = None) -> dict[st
     source of truth; full tensors, whatever TP layout wrote them). Single process."""
     from torch.distributed.checkpoint import FileSystemReader, load
 
-    from llamafactory_mca.models.lora import PEFT_PREFIX
-
     if bridge is None:
         bridge = bridge_for_config(hf_config_of_dir(checkpoint_path), checkpoint_path)
     meta = checkpoint_tensor_meta(checkpoint_path)
@@ -51,12 +58,25 @@ def adapter_from_checkpoint(checkpoint_path: str, bridge: Any = None) -> dict[st
     sd = {k: torch.empty(meta[k][0], dtype=meta[k][1]) for k in keys}
     load(sd, storage_reader=FileSystemReader(checkpoint_path), no_dist=True)
     out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict] = {}  # decoder.layers.L.mlp.experts -> {"A": {name: t}, "B": {name: t}}
     for key, m in keys.items():
+        if m.group("base").endswith(".mlp.experts.adapter"):
+            layer = experts.setdefault(m.group("base")[:-len(".adapter")], {"A": {}, "B": {}})
+            layer[m.group("which")][m.group("short")] = sd[key]
+            continue
         hf_names, _kind = bridge.hf_names_for(m.group("base") + ".weight")
         module = [h.rsplit(".", 1)[0] for h in hf_names if h.rsplit(".", 2)[-2] == m.group("short")]
         if len(module) != 1:
             raise CheckpointError(f"{checkpoint_path}: adapter tensor {key} maps to no Hugging Face module")
-        out[f"{PEFT_PREFIX}{module[0]}.lora_{m.group('which')}.weight"] = sd[key]
+        which = m.group("which")
+        suffix = "lora_magnitude_vector" if which == "M" else f"lora_{which}.weight"
+        out[f"{PEFT_PREFIX}{module[0]}.{suffix}"] = sd[key]
+    for base, factors in experts.items():
+        hf_path = bridge.hf_names_for(f"{base}.0.linear_fc1.weight")[0][0].rsplit(".", 3)[0]
+        adapted = [p for p in EXPERT_PARAMS if p in factors["A"]]
+        for param in adapted:
+            ka, kb = peft_expert_keys(hf_path, param, adapted, PEFT_PREFIX)
+            out[ka], out[kb] = factors_to_peft(*stack_factors(factors["A"], factors["B"], param))
     return out
 
 
@@ -72,8 +92,10 @@ def adapter_config(checkpoint_path: str, info: dict) -> dict:
     if not lora:
         raise CheckpointError(f"{checkpoint_path} has no {ADAPTER_CONFIG} and its marker no LoRA settings. Fix: copy "
                               f"the adapter_config.json of the run (output_dir) into {checkpoint_path}.")
-    return peft_lora_config(lora["r"], lora["alpha"], lora.get("dropout", 0.0), lora.get("use_rslora", False),
-                            lora["target_modules"], info.get("base_model_name_or_path")).to_dict()
+    config = peft_lora_config(lora["r"], lora["alpha"], lora.get("dropout", 0.0), lora.get("use_rslora", False),
+                              lora["target_modules"], info.get("base_model_name_or_path"),
+                              lora.get("target_parameters") or (), bool(lora.get("use_dora"))).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}  # JSON, as PEFT writes it
 
 
 def resolve_base_model(checkpoint_path: str, info: dict, adapter_config: dict, base_model: Optional[str]) -> str:
@@ -117,18 +139,15 @@ def merge_lora_checkpoint(
     as a full model. The base is streamed tensor by tensor. Single process, no GPU, no megatron model."""
     from safetensors.torch import save_file
 
-    from llamafactory_mca.models.lora import (
-        ADAPTER_CONFIG,
-        ADAPTER_WEIGHTS,
-        PEFT_PREFIX,
-    )
+    from llamafactory_mca.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     checkpoint_path = os.path.normpath(checkpoint_path)
     output_path = os.path.normpath(output_path)
     info = verify_checkpoint(checkpoint_path)
     check_output_dir(output_path, overwrite)
     hf_config = hf_config_of_dir(checkpoint_path)
-    adapter = adapter_from_checkpoint(checkpoint_path, bridge_for_config(hf_config, checkpoint_path))
+    bridge = bridge_for_config(hf_config, checkpoint_path)
+    adapter = adapter_from_checkpoint(checkpoint_path, bridge)
     config = adapter_config(checkpoint_path, info)
     tmp = fresh_tmp(output_path)
     try:
@@ -140,17 +159,13 @@ def merge_lora_checkpoint(
             with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
         else:
-            if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-                raise CheckpointError(f"{checkpoint_path}: DoRA / rank_pattern / alpha_pattern adapters cannot be "
+            if config.get("rank_pattern") or config.get("alpha_pattern"):
+                raise CheckpointError(f"{checkpoint_path}: rank_pattern / alpha_pattern adapters cannot be "
                                       "merged here. Fix: merge with peft's merge_and_unload.")
             base = resolve_base_model(checkpoint_path, info, config, base_model)
             r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
             scaling = lora_scaling(r, alpha, bool(config.get("use_rslora")))
-            deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            for key in adapter:
-                if key.endswith(".lora_A.weight"):
-                    module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
-                    deltas[module + ".weight"] = (adapter[key], adapter[key.replace(".lora_A.", ".lora_B.")])
+            updates = merge_updates(adapter, config, scaling, bridge, hf_config)
             reader = base_model_reader(base)
             if dtype is None:
                 dtype = config_dtype(hf_config, None)
@@ -158,7 +173,7 @@ def merge_lora_checkpoint(
             for name, (shape, st_dtype) in reader.tensor_index().items():
                 out_dtype = dtype if (dtype is not None and st_dtype.is_floating_point) else st_dtype
                 specs.append((name, shape, out_dtype))
-            missing = sorted(set(deltas) - {n for n, _, _ in specs})
+            missing = sorted(set(updates) - {n for n, _, _ in specs})
             if missing:
                 raise CheckpointError(f"the base model {base} lacks {missing[:3]}, which the adapter modifies. Fix: "
                                       "pass the base model the LoRA run was trained on (--base_model).")
@@ -167,9 +182,8 @@ def merge_lora_checkpoint(
                 with torch.no_grad():
                     for name, _shape, out_dtype in specs:
                         t = reader.read(name)
-                        if name in deltas:
-                            a, b = deltas[name]
-                            t = (t.float() + (b.float() @ a.float()) * scaling)
+                        if name in updates:
+                            t = updates[name](t.float())
                         writer.write(name, t.to(out_dtype))
                         del t
             except BaseException:
@@ -195,6 +209,58 @@ def merge_lora_checkpoint(
         raise
     publish(tmp, output_path)
     return output_path
+
+
+def merge_updates(adapter: dict[str, torch.Tensor], config: dict, scaling: float, bridge: Any,
+                  hf_config: Any) -> dict[str, Any]:
+    """{Hugging Face tensor name of the base model: W (fp32) -> W with the adapter merged} of a PEFT adapter (PEFT's
+    merge): W + scaling * B A per adapted linear (DoRA: scaled per row by m / |W + scaling * B A|), and for
+    expert `target_parameters` per expert's gate / up / down tensor as the base model stores them (the bridge's
+    names: per-expert tensors in the checkpoint, fused in transformers' memory)."""
+    adapted = expert_params_of(config.get("target_parameters") or [])
+    expert_keys = set()
+    updates: dict[str, Any] = {}
+    num_experts = bridge.num_experts(bridge.text_config(hf_config)) if adapted else 0
+    for key in adapter:
+        if not key.endswith(".lora_A.weight") or ".experts." in key:
+            continue
+        module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        a, b = adapter[key], adapter[key.replace(".lora_A.", ".lora_B.")]
+        magnitude = adapter.get(f"{PEFT_PREFIX}{module}.lora_magnitude_vector")
+        if config.get("use_dora") and magnitude is None:
+            raise CheckpointError(f"the DoRA adapter lacks {module}.lora_magnitude_vector. Fix: export the adapter "
+                                  "again from its checkpoint.")
+        updates[module + ".weight"] = lambda w, a=a, b=b, m=magnitude: dora_merge(
+            w, (b.float() @ a.float()) * scaling, m)
+    for layer in range(bridge.text_config(hf_config).num_hidden_layers if adapted else 0):
+        fc1 = bridge.hf_names_for(f"decoder.layers.{layer}.mlp.experts.0.linear_fc1.weight")[0]
+        hf_path = fc1[0].rsplit(".", 3)[0]
+        for param in adapted:
+            ka, kb = peft_expert_keys(hf_path, param, adapted, PEFT_PREFIX)
+            if ka not in adapter or kb not in adapter:
+                raise CheckpointError(f"the adapter lacks {ka} / {kb} (its target_parameters name {param}).")
+            expert_keys.update((ka, kb))
+            factors = peft_to_factors(adapter[ka], adapter[kb], num_experts)
+            fc = "linear_fc1" if param == "gate_up_proj" else "linear_fc2"
+            for e in range(num_experts):
+                names = bridge.hf_names_for(f"decoder.layers.{layer}.mlp.experts.{e}.{fc}.weight")[0]
+                rows = factors[1].shape[1] // len(names)  # gate_up_proj: gate rows, then up rows
+                for i, name in enumerate(names):
+                    updates[name] = lambda w, f=factors, e=e, i=i, rows=rows: w + expert_delta(
+                        f[0][e:e + 1], f[1][e:e + 1, i * rows:(i + 1) * rows], scaling)[0]
+    unused = sorted(k for k in adapter if ".experts." in k and k not in expert_keys)
+    if unused:
+        raise CheckpointError(f"adapter tensors {unused[:3]} belong to no expert parameter of its config's "
+                              "target_parameters. Fix: export the adapter with its adapter_config.json.")
+    return updates
+
+
+def dora_merge(weight: torch.Tensor, delta: torch.Tensor, magnitude: Optional[torch.Tensor]) -> torch.Tensor:
+    """W + delta, or with a DoRA magnitude m PEFT's merge (m / |W + delta|) (W + delta), norms per output row."""
+    merged = weight + delta
+    if magnitude is None:
+        return merged
+    return merged * (magnitude.float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
 
 
 def base_model_reader(path: str) -> SafetensorsReader:

@@ -80,6 +80,21 @@ class TorchGroupedMLP(GroupedMLP):
         self._fused_swiglu = (
             config.gated_linear_unit and config.activation_func is F.silu and weighted_bias_swiglu_impl is not None
         )
+        # Adapter hook: an nn.Module with active(), fc1_delta(x, offs, empty), fc2_delta(h, offs, empty), anchor()
+        # and its own sharded_state_dict (models/lora_experts.ExpertLora); None without adapters.
+        self.adapter = None
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):  # noqa: D102
+        # GroupedMLP's own method treats every state-dict entry but weight1 as weight2: hide the adapter from it
+        adapter = self._modules.pop("adapter", None)
+        try:
+            out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            if adapter is not None:
+                self._modules["adapter"] = adapter
+        if adapter is not None:
+            out.update(adapter.sharded_state_dict(prefix, sharded_offsets, metadata))
+        return out
 
     def _act_with_probs(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         if self._fused_swiglu:
@@ -107,6 +122,7 @@ class TorchGroupedMLP(GroupedMLP):
         if x.dtype != w1.dtype:  # e.g. fp32 activations reaching bf16 weights: follow the weights
             x = x.to(w1.dtype)
 
+        adapter = self.adapter if (self.adapter is not None and self.adapter.active()) else None
         if x.shape[0] == 0:
             # No token for the local experts: keep the weights in the graph so they get (zero) gradients.
             h = x @ self.weight1.view(H, -1)
@@ -114,7 +130,8 @@ class TorchGroupedMLP(GroupedMLP):
                 h = _weighted_swiglu_eager(h, probs)
             else:
                 h = self.activation_func_with_probs(h, probs)
-            return h @ self.weight2.view(-1, H), None
+            out = h @ self.weight2.view(-1, H)
+            return (out + adapter.anchor().to(out.dtype) if adapter is not None else out), None
 
         offs = offsets_from_counts(tokens_per_expert, x.device)
         empty = None
@@ -122,6 +139,15 @@ class TorchGroupedMLP(GroupedMLP):
             empty = bool((tokens_per_expert == 0).any())
 
         fc1 = self._gemm(x, w1, offs, empty, self.weight1)
+        if adapter is not None:
+            # per-expert adapters (models/lora_experts.py) on the same grouped GEMM; no activation recompute with
+            # them (the recomputed activation would also feed the adapter's fc2 path)
+            delta = adapter.fc1_delta(x, offs, empty)
+            fc1 = fc1 if delta is None else fc1 + delta
+            inter = self._act_with_probs(fc1, probs)
+            out = self._gemm(inter, w2, offs, empty, self.weight2)
+            delta = adapter.fc2_delta(inter, offs, empty)
+            return (out if delta is None else out + delta), None
         if self.activation_recompute:
             self.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput()
             inter = self.activation_checkpoint.checkpoint(self._act_with_probs, fc1, probs)
