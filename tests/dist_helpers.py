@@ -175,22 +175,3 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def assert_logits_parity(per_rank: list, case: tuple, tol: float) -> None:
-    """The ranks of `case` (from `launch_worker(..., key=("layout", "kind"))`) ran without error, and the ranks that
-    produced logits match Hugging Face's to `tol`, loss included (vocab padding must not change it)."""
-    diffs = []
-    for rank_results in per_rank:
-        r = rank_results[case]
-        assert "error" not in r, r["error"]
-        if "logits_max_abs_diff" in r:
-            diffs.append(r["logits_max_abs_diff"])
-            assert r["loss_abs_diff"] <= tol, r
-    assert diffs and max(diffs) <= tol, diffs
-
-
-def assert_round_trip_bit_exact(result: dict) -> None:
-    """Rank 0's result of a case: every HF tensor exported back bit-exactly, the sharded save reloads the same."""
-    assert "error" not in result, result["error"]
-    assert result["missing"] == [] and result["extra"] == [] and result["not_equal"] == [], result
-    assert result["saved_shards"] > 1 and result["reload_not_equal"] == [], result

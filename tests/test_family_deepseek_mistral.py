@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from tests.dist_helpers import assert_logits_parity, assert_round_trip_bit_exact
+from tests.dist_helpers import assert_logits_parity, assert_round_trip
 from tests.tiny_models import DSV3_MISTRAL_KINDS, assert_table_covers_checkpoint, dsv3_mistral_config, make_tiny_model
 
 TOL = 1e-5
@@ -214,8 +214,8 @@ DIST_CASES = [(layout, kind) for layout in DIST_LAYOUTS for kind in DSV3_MISTRAL
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("layout,kind", DIST_CASES)
 def test_logits_parity_and_round_trip(dist_results, layout, kind):
-    assert_logits_parity(dist_results, (layout, kind), TOL)
-    assert_round_trip_bit_exact(dist_results[0][(layout, kind)])
+    assert_logits_parity(dist_results, layout, kind, TOL)
+    assert_round_trip(dist_results, layout, kind)
 
 
 # ------------------------------------------------------------------------------------ training (slow)

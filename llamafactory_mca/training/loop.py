@@ -680,9 +680,9 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
     from llamafactory_mca.models import lora
 
     state = lora.state_of(ddp_models)
-    extra_files = extra_info = None
+    save_adapter = extra_info = None
     if state is not None:
-        def extra_files(tmp_dir: str) -> None:
+        def save_adapter(tmp_dir: str) -> None:
             lora.save_peft_adapter(ddp_models, state, tmp_dir, base_model_name_or_path=state.base_model_name_or_path)
 
         extra_info = lora.checkpoint_marker(state)
@@ -697,7 +697,7 @@ def _save_checkpoint(book: HFTrainerBookkeeping, ddp_models: list, optimizer: An
         hf_config=hf_config,
         tokenizer=tokenizer,
         save_total_limit=training_args.save_total_limit,
-        extra_files=extra_files,
+        extra_files=save_adapter,
         extra_info=extra_info,
         save_only_model=bool(getattr(training_args, "save_only_model", False)) and not resumable,
     )
