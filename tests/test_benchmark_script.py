@@ -23,7 +23,8 @@ def _trainer_importable() -> str | None:
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("scenario", [pytest.param("s1", marks=pytest.mark.extended), "s3x2",
                                       pytest.param("s4x2", marks=pytest.mark.extended),
-                                      pytest.param("r_moe", marks=pytest.mark.extended), "r_vl"])
+                                      pytest.param("r_moe", marks=pytest.mark.extended),
+                                      pytest.param("r_vl", marks=pytest.mark.extended)])
 def test_benchmark_script_tiny(tmp_path, scenario):
     """s1: a pre-training scenario; s3x2 / s4x2: the 2-GPU MoE and long-context scenarios at tiny shapes on one
     process (their layouts dropped); r_moe / r_vl: the example recipes (MoE, Qwen2-VL) run as they are, merged

@@ -43,7 +43,7 @@ def hf_run(dense, init_adapter, tmp_path_factory):
     return train(tmp, "hf_dora", _dora(make_recipe(dense, str(tmp / "out")), init_adapter), mca=False)
 
 
-@pytest.mark.parametrize("layout", ["1proc", "tp2"])
+@pytest.mark.parametrize("layout", [pytest.param("1proc", marks=pytest.mark.extended), "tp2"])
 def test_dora_parity(dense, init_adapter, hf_run, tmp_path, layout):
     from safetensors.torch import load_file
 

@@ -92,6 +92,7 @@ def test_dpo_sigmoid_parallel(models, dpo_data, hf_sigmoid, tmp_path, layout):
     assert_dpo_parity(hf_sigmoid, out)
 
 
+@pytest.mark.extended
 def test_dpo_sample_weighting_on_equal_micro_batches(models, dpo_data, hf_sigmoid, tmp_path):
     """`loss_weighting: sample` sums the pairs and divides by the pairs of the global batch; with micro-batches of
     equal size (2 x 2 here) that is the HF path's mean of micro-batch means, so loss and metrics match it."""

@@ -67,7 +67,7 @@ def _assert_same_adapter(hf_dir: str, ours_dir: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["1proc", "ep2", "tp2etp"])
+@pytest.mark.parametrize("layout", [pytest.param("1proc", marks=pytest.mark.extended), "ep2", "tp2etp"])
 def test_expert_lora_parity(moe, init_adapter, hf_run, tmp_path, layout):
     out = str(tmp_path / "out")
     if layout == "1proc":
@@ -83,6 +83,7 @@ def test_expert_lora_parity(moe, init_adapter, hf_run, tmp_path, layout):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "known gap: the optimizer state does not load across EP>1 -> EP=1 (megatron keeps expert parameters, adapters "
     "included, in a second chained optimizer only when EP>1; the load fails with KeyError 'pre_wd_mult'). The "

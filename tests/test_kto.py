@@ -62,7 +62,7 @@ def test_kto_single_process(model, hf_kto, tmp_path):
     assert_kto_parity(hf_kto, out)
 
 
-@pytest.mark.parametrize("layout", [dict(pipeline_model_parallel_size=2),
+@pytest.mark.parametrize("layout", [pytest.param(dict(pipeline_model_parallel_size=2), marks=pytest.mark.extended),
                                     dict(tensor_model_parallel_size=2, sequence_parallel=True)], ids=["pp2", "tp2sp"])
 def test_kto_parallel(model, hf_kto, tmp_path, layout):
     out = train(tmp_path, "mca_kto_par", make_recipe(model, str(tmp_path / "out"), save_hf_model=False, **KTO,

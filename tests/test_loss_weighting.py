@@ -74,7 +74,7 @@ def test_micro_batch_and_sample_weights():
 
 @pytest.fixture(scope="module")
 def vl25_model(tmp_path_factory):
-    from test_vl_train import make_tiny_vl_model
+    from vl_helpers import make_tiny_vl_model
 
     return make_tiny_vl_model(str(tmp_path_factory.mktemp("tiny_vl25") / "qwen2_5_vl"), family="qwen2_5_vl")
 
@@ -90,7 +90,7 @@ def _vl_recipe(model: str, out: str, bs: int, ga: int, mca: bool = True, **overr
 @pytest.fixture(scope="module")
 def hf_vl25(vl25_model, tmp_path_factory):
     """The HF path's curves for the two splits of the same 4 samples per step."""
-    from test_vl_train import _train
+    from vl_helpers import train_vl as _train
 
     tmp = tmp_path_factory.mktemp("hf_vl25_splits")
     return {(bs, ga): _train(tmp, f"hf_{bs}x{ga}", _vl_recipe(vl25_model, str(tmp / f"hf_{bs}x{ga}"), bs, ga, mca=False),
@@ -116,7 +116,7 @@ def test_hf_path_depends_on_the_split(hf_vl25):
 @pytest.mark.slow
 @pytest.mark.parametrize("bs,ga", [(1, 4), pytest.param(2, 2, marks=pytest.mark.extended)], ids=["1x4", "2x2"])
 def test_vl_auto_weighting_follows_hf_per_split(vl25_model, hf_vl25, tmp_path, bs, ga):
-    from test_vl_train import _train
+    from vl_helpers import train_vl as _train
 
     out = _train(tmp_path, f"mca_{bs}x{ga}", _vl_recipe(vl25_model, str(tmp_path / "out"), bs, ga))
     assert _rel(hf_vl25[(bs, ga)], out) <= VL_REL_TOL
@@ -131,7 +131,7 @@ def test_vl_auto_weighting_follows_hf_per_split(vl25_model, hf_vl25, tmp_path, b
 def test_vl_auto_weighting_parallel(vl25_model, hf_vl25, tmp_path, layout, split):
     """TP=2+SP and PP=2 on the HF split they reproduce; DP=2 (1 x 2 per rank) is the same four single-sample
     micro-batches as the HF path's 1 x 4."""
-    from test_vl_train import _train
+    from vl_helpers import train_vl as _train
 
     out = _train(tmp_path, "mca_par", _vl_recipe(vl25_model, str(tmp_path / "out"), *split, **layout), nproc=2)
     assert _rel(hf_vl25[(1, 4)] if not layout else hf_vl25[split], out) <= VL_REL_TOL
@@ -141,7 +141,7 @@ def test_vl_auto_weighting_parallel(vl25_model, hf_vl25, tmp_path, layout, split
 def test_vl_sample_and_token_weighting(vl25_model, hf_vl25, tmp_path):
     """`sample` at 2 x 2 is the mean of the 4 samples' means: the HF path's 1 x 4 curve. `token` does not depend on
     the split (1 x 4 equals 2 x 2) and is not the HF path's micro-batch curve."""
-    from test_vl_train import _train
+    from vl_helpers import train_vl as _train
 
     sample = _train(tmp_path, "mca_sample", _vl_recipe(vl25_model, str(tmp_path / "sample"), 2, 2,
                                                         loss_weighting="sample"))

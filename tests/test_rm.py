@@ -100,7 +100,8 @@ def test_rm_single_process_and_export(model, hf_rm, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [dict(pipeline_model_parallel_size=2),
-                                    dict(tensor_model_parallel_size=2, sequence_parallel=True)], ids=["pp2", "tp2sp"])
+                                    pytest.param(dict(tensor_model_parallel_size=2, sequence_parallel=True),
+                                                 marks=pytest.mark.extended)], ids=["pp2", "tp2sp"])
 def test_rm_parallel(model, hf_rm, tmp_path, layout):
     out = train(tmp_path, "mca_rm_par", make_recipe(model, str(tmp_path / "out"), save_hf_model=False, **RM,
                                                     **layout), nproc=2)

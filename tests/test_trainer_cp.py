@@ -39,6 +39,7 @@ def test_cp2_sft_parity(models, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_cp2_dpo_parity(models, tmp_path):
     """DPO: sequence log-probs summed over the CP group (autograd-aware), each pair's loss counted once."""
     from test_dpo import SIGMOID, _dpo, assert_dpo_parity

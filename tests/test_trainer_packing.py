@@ -36,6 +36,7 @@ def hf_neat(models, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the same HF run is matched at TP=2+SP and CP=2 below
 def test_neat_packing_parity_single_process(models, hf_neat, tmp_path):
     ours = train(tmp_path, "mca_neat", make_recipe(models["dense"], str(tmp_path / "out"), save_hf_model=False,
                                                    **NEAT))

@@ -72,6 +72,7 @@ def test_tp2_parity(models, hf_dense, tmp_path):
     assert_parity(hf_dense, train(tmp_path, "mca_tp2", recipe, nproc=2))
 
 
+@pytest.mark.extended  # PP=2 also runs interleaved (VPP) below
 def test_pp2_ga4_parity(models, hf_dense, tmp_path):
     recipe = make_recipe(models["dense"], str(tmp_path / "out"), pipeline_model_parallel_size=2,
                      per_device_train_batch_size=1, gradient_accumulation_steps=4, save_hf_model=False)

@@ -68,6 +68,7 @@ def test_vl_sft_single_process_parity_and_export(vl_model, hf_vl, tmp_path):
     assert any(not torch.equal(ours[k], init[k]) for k in ours if "language_model" in k)
 
 
+@pytest.mark.extended  # Qwen2.5-VL single process vs HF also in test_loss_weighting (1 x 4)
 def test_vl25_sft_single_process_parity(tmp_path):
     """Qwen2.5-VL (windowed vision tower, its own get_rope_index) through the same path: losses match HF's."""
     from lf_runs import assert_parity
@@ -96,6 +97,7 @@ def test_vl_sft_parallel_parity(vl_model, hf_vl, tmp_path, layout):
     assert_parity(hf_vl, out, expected=STEPS, rel_tol=VL_REL_TOL)
 
 
+@pytest.mark.extended  # a trained vision tower also in test_qwen3_vl's sft parity
 def test_vl_sft_vision_trained_parity(vl_model, tmp_path):
     """freeze_vision_tower / freeze_multi_modal_projector false: the vision tower trains as on the HF path."""
     from lf_runs import assert_parity
