@@ -157,10 +157,9 @@ def test_qwen3_vl_video_sft_parity(q3vl_train_model, tmp_path):
 
     from tests.vl_helpers import train_vl
 
-    def recipe(out):
-        return _recipe(q3vl_train_model, str(tmp_path / out), dataset="tiny_vl_video", save_hf_model=False,
-                       **UNFROZEN)
+    def recipe(out, **ours):
+        return _recipe(q3vl_train_model, str(tmp_path / out), dataset="tiny_vl_video", **UNFROZEN, **ours)
 
-    hf = train_vl(tmp_path, "hf_q3vl_video", recipe("hf"), mca=False)
-    out = train_vl(tmp_path, "mca_q3vl_video", recipe("out"))
+    hf = train_vl(tmp_path, "hf_q3vl_video", recipe("hf"), mca=False)  # save_hf_model is our key only
+    out = train_vl(tmp_path, "mca_q3vl_video", recipe("out", save_hf_model=False))
     assert_parity(hf, out, expected=STEPS, rel_tol=VL_REL_TOL)
