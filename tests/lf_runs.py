@@ -116,6 +116,13 @@ def log_records(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def training_history(output_dir: str) -> list[dict]:
+    """The Trainer state's training log entries (trainer_state.json `log_history` entries with a `loss`): every key
+    the stage logged (rewards, kl ...), where trainer_log.jsonl keeps LLaMA-Factory's few."""
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        return [h for h in json.load(f)["log_history"] if "loss" in h]
+
+
 def losses(output_dir: str, key: str = "loss") -> list[float]:
     return [r[key] for r in log_records(output_dir) if key in r]
 

@@ -9,11 +9,8 @@ are 0, policy == reference). logits/* are logged over non-padding positions only
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
-from lf_runs import make_models, make_recipe, train
+from lf_runs import make_models, make_recipe, train, training_history
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +31,8 @@ def hf_kto(model, tmp_path_factory):
     return train(tmp, "hf_kto", make_recipe(model, str(tmp / "out"), **KTO), mca=False)
 
 
-def _history(out: str) -> list[dict]:
-    with open(os.path.join(out, "trainer_state.json")) as f:
-        return [h for h in json.load(f)["log_history"] if "loss" in h]
-
-
 def assert_kto_parity(hf_dir: str, ours_dir: str) -> None:
-    hf, ours = _history(hf_dir), _history(ours_dir)
+    hf, ours = training_history(hf_dir), training_history(ours_dir)
     assert len(hf) == len(ours) == STEPS, (len(hf), len(ours))
     worst = 0.0
     for step, (a, b) in enumerate(zip(hf, ours)):

@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 import torch
-from lf_runs import make_recipe, make_tiny_model, train
+from lf_runs import make_recipe, make_tiny_model, train, training_history
 
 
 STEPS = 4
@@ -48,13 +48,8 @@ def hf_rm(model, tmp_path_factory):
     return train(tmp, "hf_rm", make_recipe(model, str(tmp / "out"), **RM), mca=False)
 
 
-def _train_losses(out: str) -> list[float]:
-    with open(os.path.join(out, "trainer_state.json")) as f:
-        return [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
-
-
 def assert_rm_parity(hf_dir: str, ours_dir: str) -> None:
-    hf, ours = _train_losses(hf_dir), _train_losses(ours_dir)
+    hf, ours = ([h["loss"] for h in training_history(d)] for d in (hf_dir, ours_dir))
     assert len(hf) == len(ours) == STEPS, (hf, ours)
     rel = [abs(a - b) / abs(a) for a, b in zip(hf, ours)]
     assert max(rel) <= 1e-4, list(zip(hf, ours))
