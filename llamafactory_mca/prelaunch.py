@@ -149,8 +149,10 @@ def report(message: str) -> None:
 
 
 def checked_main(main: Callable[[], Any]) -> Callable[[], Any]:
-    """`llamafactory.cli.main` with the recipe checked first under `train`, and the launcher's
-    CalledProcessError (the torchrun child failed, and said why) turned into its exit code without a traceback."""
+    """`llamafactory.cli.main` with the recipe checked first under `train`, then torchrun started as LLaMA-Factory's
+    launcher starts it (`torchrun_launch.py`, without importing LLaMA-Factory's training stack here). Other commands
+    go to upstream's main, with the launcher's CalledProcessError (a child failed, and said why) turned into its
+    exit code without a traceback."""
 
     def main_with_checks() -> Any:
         args = sys.argv[1:]
@@ -166,6 +168,9 @@ def checked_main(main: Callable[[], Any]) -> Callable[[], Any]:
             recipe = read_recipe(args[1:])
             if recipe and recipe.get("plan_only"):
                 raise SystemExit(plan_instead_of_training(recipe))
+            from llamafactory_mca.torchrun_launch import launch_training
+
+            raise SystemExit(launch_training(args[1:]))
         try:
             return main()
         except subprocess.CalledProcessError as err:

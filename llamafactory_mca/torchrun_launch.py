@@ -1,0 +1,108 @@
+"""The launching process of `USE_MCA=1 llamafactory-cli train`: torchrun started without LLaMA-Factory's stack.
+
+LLaMA-Factory's launcher (`llamafactory/launcher.py`, the same torchrun branch in 0.9.4, 0.9.5 and main) imports
+`llamafactory.extras.misc` before it starts torchrun, i.e. transformers, peft and torch: 8.3 s of the 38.6 s a tiny
+1-process CPU run takes from the command line to its last line on the 2-core CI machine (`python -X importtime`),
+spent again in every training process anyway. Under USE_MCA that branch is always taken (FORCE_TORCHRUN), so the
+launching process builds the same torchrun command here from the same environment variables (NNODES, NODE_RANK,
+NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID, MIN_NNODES, MAX_NNODES, MAX_RESTARTS, OPTIM_TORCH) and runs
+LLaMA-Factory's own `launcher.py` as the torchrun script, as upstream does. tests/test_torchrun_launch.py checks the
+command and environment against upstream's launcher.
+
+Only the process count needs a device query: NPROC_PER_NODE unset on a machine with NVIDIA devices imports torch
+(`torch.cuda.device_count()`, which honours CUDA_VISIBLE_DEVICES as upstream's count does).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+
+from llamafactory_mca.log import is_verbose, run_with_quiet_stdout
+
+UPSTREAM_LAUNCHER = "llamafactory.launcher"
+ENABLED = ("true", "y", "1")
+
+
+def upstream_launcher_path() -> str:
+    """The file of LLaMA-Factory's launcher module (torchrun's script), found without importing it."""
+    spec = importlib.util.find_spec(UPSTREAM_LAUNCHER)
+    if spec is None or not spec.origin:
+        raise RuntimeError(f"{UPSTREAM_LAUNCHER} not found: is LLaMA-Factory installed?")
+    return spec.origin
+
+
+def env_enabled(env: Mapping[str, str], name: str, default: str = "0") -> bool:
+    """LLaMA-Factory's `is_env_enabled` on a given environment."""
+    return env.get(name, default).lower() in ENABLED
+
+
+def free_port() -> int:
+    """A TCP port free now on this machine (LLaMA-Factory's `find_available_port`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def device_count() -> int:
+    """GPUs of this machine for the default NPROC_PER_NODE (torch only where NVIDIA device nodes exist)."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def torchrun_command(args: list[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of the torchrun run that LLaMA-Factory's launcher starts for `train ARGS` in `env`."""
+    nnodes = env.get("NNODES", "1")
+    node_rank = env.get("NODE_RANK", "0")
+    nproc_per_node = env["NPROC_PER_NODE"] if "NPROC_PER_NODE" in env else str(device_count())
+    master_addr = env.get("MASTER_ADDR", "127.0.0.1")
+    master_port = env["MASTER_PORT"] if "MASTER_PORT" in env else str(free_port())
+    child_env = dict(env)
+    if env_enabled(env, "OPTIM_TORCH", "1"):
+        child_env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        child_env["TORCH_NCCL_AVOID_RECORD_STREAMS"] = "1"
+    script = upstream_launcher_path()
+    rdzv_id = env.get("RDZV_ID")
+    if rdzv_id is not None:  # elastic launch, as upstream
+        min_nnodes, max_nnodes = env.get("MIN_NNODES"), env.get("MAX_NNODES")
+        rdzv_nnodes = f"{min_nnodes}:{max_nnodes}" if min_nnodes is not None and max_nnodes is not None else nnodes
+        line = (f"torchrun --nnodes {rdzv_nnodes} --nproc-per-node {nproc_per_node} --rdzv-id {rdzv_id} "
+                f"--rdzv-backend c10d --rdzv-endpoint {master_addr}:{master_port} "
+                f"--max-restarts {env.get('MAX_RESTARTS', '0')} {script} {' '.join(args)}")
+    else:
+        line = (f"torchrun --nnodes {nnodes} --node_rank {node_rank} --nproc_per_node {nproc_per_node} "
+                f"--master_addr {master_addr} --master_port {master_port} {script} {' '.join(args)}")
+    return line.split(), child_env  # upstream splits on whitespace too
+
+
+def announce(argv: list[str], nnodes: str) -> None:
+    """Upstream's first log line(s), in LLaMA-Factory's log format."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(levelname)s|%(asctime)s] %(name)s >> %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("llamafactory.mca.launch")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    option = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
+    nproc = option.get("--nproc_per_node", option.get("--nproc-per-node"))
+    endpoint = option.get("--rdzv-endpoint") or f"{option.get('--master_addr')}:{option.get('--master_port')}"
+    logger.info(f"Initializing {nproc} distributed tasks at: {endpoint}")
+    if int(nnodes) > 1:
+        logger.info(f"Multi-node training enabled: num nodes: {nnodes}, node rank: {os.environ.get('NODE_RANK', '0')}")
+    handler.flush()
+
+
+def launch_training(args: list[str]) -> int:
+    """Start torchrun on `llamafactory-cli train ARGS` as LLaMA-Factory's launcher would; its exit code."""
+    argv, env = torchrun_command(args, os.environ)
+    announce(argv, env.get("NNODES", "1"))
+    run = subprocess.run if is_verbose() else run_with_quiet_stdout
+    return run(argv, env=env, check=False).returncode
