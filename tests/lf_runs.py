@@ -84,7 +84,9 @@ def train_command(tmp_path, name: str, recipe: dict, nproc: int = 1, mca: bool =
 
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    env = clean_env(NPROC_PER_NODE=str(nproc), PYTHONPATH=REPO)
+    # one OpenMP thread per process on both sides: the tiny models' kernels gain nothing from a second thread, and
+    # idle OpenMP threads spin on the 2 cores that several runs share
+    env = clean_env(NPROC_PER_NODE=str(nproc), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     if mca:
         env["USE_MCA"] = "1"
     elif nproc > 1:
