@@ -73,13 +73,19 @@ def hf_sigmoid(models, dpo_data, tmp_path_factory):
     return train(tmp, "hf_dpo", _dpo(models, dpo_data, str(tmp / "out"), **SIGMOID), mca=False)
 
 
+@pytest.mark.extended  # the same loss at PP=2 (with the export check) and TP=2+SP below
 def test_dpo_sigmoid_single_process(models, dpo_data, hf_sigmoid, tmp_path):
     out = train(tmp_path, "mca_dpo", _dpo(models, dpo_data, str(tmp_path / "out"), **SIGMOID))
     assert_dpo_parity(hf_sigmoid, out)
+    assert_same_weights(out, hf_sigmoid)
+
+
+def assert_same_weights(ours: str, hf: str) -> None:
+    """Our exported model has the HF run's trained weights (DPO: to 1e-3 relative)."""
     from transformers import AutoModelForCausalLM
 
-    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    theirs = AutoModelForCausalLM.from_pretrained(hf_sigmoid).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(ours).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(hf).state_dict()
     for k in theirs:
         torch.testing.assert_close(trained[k], theirs[k], rtol=1e-3, atol=1e-5, msg=k)
 
@@ -87,9 +93,12 @@ def test_dpo_sigmoid_single_process(models, dpo_data, hf_sigmoid, tmp_path):
 @pytest.mark.parametrize("layout", [dict(pipeline_model_parallel_size=2),
                                     dict(tensor_model_parallel_size=2, sequence_parallel=True)], ids=["pp2", "tp2sp"])
 def test_dpo_sigmoid_parallel(models, dpo_data, hf_sigmoid, tmp_path, layout):
-    out = train(tmp_path, "mca_dpo_par", _dpo(models, dpo_data, str(tmp_path / "out"), save_hf_model=False,
+    export = "pipeline_model_parallel_size" in layout  # the PP=2 run's export is compared with HF's weights
+    out = train(tmp_path, "mca_dpo_par", _dpo(models, dpo_data, str(tmp_path / "out"), save_hf_model=export,
                                               **SIGMOID, **layout), nproc=2)
     assert_dpo_parity(hf_sigmoid, out)
+    if export:
+        assert_same_weights(out, hf_sigmoid)
 
 
 @pytest.mark.extended

@@ -54,6 +54,7 @@ def hf_freeze(models, tmp_path_factory):
     return out
 
 
+@pytest.mark.extended  # the same freeze rule, checked per pipeline stage below
 def test_freeze_single_process(models, hf_freeze, tmp_path):
     out = train(tmp_path, "mca_freeze", make_recipe(models["dense"], str(tmp_path / "out"), **FREEZE))
     assert_parity(hf_freeze, out)

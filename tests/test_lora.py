@@ -67,6 +67,7 @@ def test_lora_tp2_sequence_parallel(models, init_adapter, hf_lora, tmp_path):
     _assert_same_adapter(hf_lora, out)
 
 
+@pytest.mark.extended  # LoRA under PP=2 also in test_dpo.py::test_dpo_lora_pp2
 def test_lora_pp2(models, init_adapter, hf_lora, tmp_path):
     recipe = _lora(make_recipe(models["dense"], str(tmp_path / "out"), pipeline_model_parallel_size=2,
                                per_device_train_batch_size=1, gradient_accumulation_steps=4), init_adapter)
