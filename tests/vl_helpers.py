@@ -23,11 +23,35 @@ LAYOUTS = {
     "tp2": dict(tensor_model_parallel_size=2),
     "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": dict(pipeline_model_parallel_size=2),
+    "ep2": dict(expert_model_parallel_size=2),  # MoE families
     # the same with a video in row 0 (make_inputs(video=True)); logits and round trip only
     "dp2video": dict(),
     "tp2spvideo": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2video": dict(pipeline_model_parallel_size=2),
+    "ep2video": dict(expert_model_parallel_size=2),
 }
+
+
+def layout_args(hf_config, layout: str) -> dict:
+    """The MegatronArguments of `layout`; MoE models under PP use the alltoall dispatcher (their DeepStack p2p
+    shapes vary per micro-batch, which allgather refuses: qwen3_vl.Qwen3VLBridge.transformer_config)."""
+    args = dict(LAYOUTS[layout])
+    if getattr(hf_config.text_config, "num_experts", None) and args.get("pipeline_model_parallel_size", 1) > 1:
+        args["moe_token_dispatcher_type"] = "alltoall"
+    return args
+
+
+def in_hf_layout(grads: dict, hf_model) -> dict:
+    """Exported gradients with fused expert tensors turned into the HF model's in-memory layout (the export
+    writes the released checkpoints' transposed one where the shapes allow: models/qwen3_vl_moe.py)."""
+    out = {}
+    for name, g in grads.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            target = hf_model.get_parameter(name).shape
+            if g.shape != target:
+                g = g.transpose(1, 2)
+        out[name] = g
+    return out
 
 
 def make_tiny_qwen2_vl(path: str, seed: int = 0) -> str:
@@ -108,11 +132,49 @@ def make_tiny_qwen3_vl(path: str, seed: int = 0) -> str:
     return _perturb_and_save(model, path)
 
 
+def make_tiny_qwen3_vl_moe(path: str, seed: int = 0) -> str:
+    """Tiny Qwen3-VL-MoE: the tiny Qwen3-VL's shapes with 4 experts (top 2, 48 channels) in every text layer,
+    its fused expert tensors stored as the released checkpoints hold them (transposed: gate_up_proj [E, H, 2F],
+    down_proj [E, F, H]; transformers' save_pretrained writes its in-memory layout); the router is drawn at
+    random (HF initialises it to zeros, which would tie every expert choice)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = Qwen3VLMoeConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
+                         num_experts_per_tok=2, vocab_size=1001, rms_norm_eps=1e-6, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                          "rope_theta": 10000.0}),
+        vision_config=dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
+        image_token_id=1000, video_token_id=999, vision_start_token_id=998, vision_end_token_id=997,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") or ".mlp.experts." in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    _perturb_and_save(model, path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    hub = {k: (t.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else t)
+           for k, t in tensors.items()}
+    save_file(hub, file, metadata={"format": "pt"})
+    return path
+
+
 FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_rope_index)
     "qwen2_vl": (make_tiny_qwen2_vl, "Qwen2VLForConditionalGeneration", "llamafactory_mca.models.qwen2_vl"),
     "qwen2_5_vl": (make_tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration",
                    "llamafactory_mca.models.qwen2_5_vl"),
     "qwen3_vl": (make_tiny_qwen3_vl, "Qwen3VLForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
+    "qwen3_vl_moe": (make_tiny_qwen3_vl_moe, "Qwen3VLMoeForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
 }
 
 
@@ -300,7 +362,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     _, hf_cls_name, _ = FAMILIES[hf_config.model_type]
     HFModel = getattr(transformers, hf_cls_name)
     bridge = bridge_for(hf_config.model_type)
-    mca_args = MegatronArguments(**LAYOUTS[layout])
+    mca_args = MegatronArguments(**layout_args(hf_config, layout))
     models = bridge.build_model(hf_config, mca_args, torch.float32, init_weights=False)
     bridge.load_hf_weights(models, model_dir)
     for m in models:
@@ -352,7 +414,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
             _sum_qk_norm_grads(models)
         grads = _grads_hf_named(bridge, models)
         if dist.get_rank() == 0:
-            res.update(_compare_grads({internal_hf_name(k): v for k, v in grads.items()}, hf))
+            res.update(_compare_grads(in_hf_layout({internal_hf_name(k): v for k, v in grads.items()}, hf), hf))
 
     exported = dict(bridge.export_hf_state_dict(models))
     if dist.get_rank() == 0:
