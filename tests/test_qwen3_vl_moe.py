@@ -115,3 +115,49 @@ def test_fused_expert_writer_round_trip():
         memory_gate_up = torch.cat([gate, up], 1)
         assert torch.equal(fused_gate_up, memory_gate_up.transpose(1, 2) if hub else memory_gate_up)
         assert torch.equal(fused_down, down.transpose(1, 2) if hub else down)
+
+
+# --------------------------------------------------------------------------------------------- sft end to end
+
+STEPS = 4
+SFT_REL_TOL = 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_qwen3_vl_moe_sft_parity_export_and_merge(tmp_path):
+    """LLaMA-Factory's multimodal sft (tests/data/tiny_vl.json; vision tower and projector trained) through
+    `USE_MCA=1 llamafactory-cli train` in one process: per-step losses match LLaMA-Factory's HF path, the saved HF
+    model and the merge of the megatron checkpoint load with Qwen3VLMoeForConditionalGeneration to the same trained
+    weights, close to the HF run's, in the released checkpoints' fused expert layout."""
+    import os
+
+    from lf_runs import assert_parity, make_recipe
+    from safetensors import safe_open
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from llamafactory_mca.export import merge_checkpoint
+
+    model = vl_helpers.make_tiny_vl_model(str(tmp_path / "tiny"), family="qwen3_vl_moe")
+
+    def recipe(out, **ours):
+        return make_recipe(model, str(tmp_path / out), dataset="tiny_vl", template="qwen3_vl_nothink", cutoff_len=256,
+                           max_steps=STEPS, freeze_vision_tower=False, freeze_multi_modal_projector=False, **ours)
+
+    hf = vl_helpers.train_vl(tmp_path, "hf_q3vlmoe", recipe("hf"), mca=False)
+    out = vl_helpers.train_vl(tmp_path, "mca_q3vlmoe", recipe("out", save_strategy="steps", save_steps=STEPS))
+    assert_parity(hf, out, expected=STEPS, rel_tol=SFT_REL_TOL)
+    merged = merge_checkpoint(os.path.join(out, f"checkpoint-{STEPS}"), str(tmp_path / "merged"))
+
+    def load(path):
+        return Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).state_dict()
+
+    ours, theirs, init, from_merge = load(out), load(hf), load(model), load(merged)
+    assert ours.keys() == theirs.keys() == from_merge.keys()
+    experts = [k for k in ours if k.endswith("experts.gate_up_proj")]
+    assert experts and all(not torch.equal(ours[k], init[k]) for k in experts)  # the experts were trained
+    for k in ours:
+        assert torch.equal(ours[k], from_merge[k]), k
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-2, atol=2e-3, msg=k)  # Adam amplifies fp32 noise
+    with safe_open(os.path.join(merged, "model.safetensors"), "pt") as f:  # [E, H, 2F]: the released layout
+        assert f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape() == [4, 64, 96]
