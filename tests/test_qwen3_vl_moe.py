@@ -35,10 +35,7 @@ def results(tiny_moe, tmp_path_factory):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_qwen3_vl_moe_logits_parity(results, layout):
-    vl_helpers.assert_logits_parity(results, layout, TOL, effects=("image_effect", "last_deepstack_effect"))
-    if layout.startswith("pp2"):  # vision tower on stage 0; stage 1 received [hidden ; 3 DeepStack maps]
-        assert [results[rank][layout]["has_vision"] for rank in (0, 1)] == [True, False]
-        assert results[1][layout]["received_rows"] % 4 == 0 and results[1][layout]["received_rows"] > 0
+    vl_helpers.assert_deepstack_parity(results, layout, TOL)
 
 
 @pytest.mark.slow
@@ -54,19 +51,14 @@ def test_qwen3_vl_moe_round_trip_bit_exact(results, layout):
     vl_helpers.assert_round_trip(results[0][layout])
 
 
-def test_qwen3_vl_moe_bridge_registered():
-    from llamafactory_mca.models.registry import bridge_for, mca_supported_model_types
-
-    assert "qwen3_vl_moe" in mca_supported_model_types()
-    assert type(bridge_for("qwen3_vl_moe")).__name__ == "Qwen3VLMoeBridge"
-
-
 def test_fused_expert_reader_both_layouts(tiny_moe, tmp_path):
-    """The per-expert views equal transformers' loaded experts whether the file holds the released (transposed)
-    layout or the one transformers' save_pretrained writes; a layer whose shapes fit neither is refused."""
+    """The registered bridge's reader: its per-expert views equal transformers' loaded experts whether the file
+    holds the released (transposed) layout or the one transformers' save_pretrained writes; a layer whose shapes
+    fit neither is refused."""
     from transformers import Qwen3VLMoeForConditionalGeneration
 
     from llamafactory_mca.models.qwen3_vl_moe import FusedExpertReader, fused_layout
+    from llamafactory_mca.models.registry import bridge_for, mca_supported_model_types
 
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_moe, dtype=torch.float32)
     experts = hf.model.language_model.layers[1].mlp.experts  # gate_up [E, 2F, H], down [E, H, F]
@@ -74,7 +66,8 @@ def test_fused_expert_reader_both_layouts(tiny_moe, tmp_path):
     hf.save_pretrained(memory_dir)
     prefix = "model.language_model.layers.1.mlp.experts"
     for path, layout in ((tiny_moe, "hub"), (str(memory_dir), "memory")):
-        reader = FusedExpertReader(path)
+        reader = bridge_for("qwen3_vl_moe").reader(path)
+        assert isinstance(reader, FusedExpertReader) and "qwen3_vl_moe" in mca_supported_model_types()
         assert reader.layout_of(prefix) == layout
         assert f"{prefix}.3.up_proj.weight" in reader
         for e in range(4):
@@ -120,7 +113,7 @@ def test_fused_expert_writer_round_trip():
 # --------------------------------------------------------------------------------------------- sft end to end
 
 STEPS = 4
-SFT_REL_TOL = 1e-4
+SFT_REL_TOL = 1e-6  # measured: 8e-8 (the issue asks 1e-4)
 
 
 @pytest.mark.slow

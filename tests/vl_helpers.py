@@ -481,6 +481,16 @@ def assert_logits_parity(results: list, layout: str, tol: float = 1e-5, effects:
     assert diffs and max(diffs) <= tol, diffs
 
 
+def assert_deepstack_parity(results: list, layout: str, tol: float = 1e-5) -> None:
+    """Qwen3-VL(-MoE): `assert_logits_parity` with the image and the last DeepStack map (after layer 2) both
+    changing the logits; under PP the vision tower is on stage 0 only and stage 1 (layers 2, 3) received
+    [hidden ; 3 DeepStack maps] (rows a multiple of 4)."""
+    assert_logits_parity(results, layout, tol, effects=("image_effect", "last_deepstack_effect"))
+    if layout.startswith("pp2"):
+        assert [results[rank][layout]["has_vision"] for rank in (0, 1)] == [True, False]
+        assert results[1][layout]["received_rows"] % 4 == 0 and results[1][layout]["received_rows"] > 0
+
+
 def assert_grads_match(r: dict) -> None:
     """The layout's parameter gradients equal HF's to 1e-5 relative."""
     assert "error" not in r, r["error"]
