@@ -18,6 +18,8 @@ transformers' Qwen3-VL layout; those per-expert names are views of the fused ten
                                in hub layout (what other tools read) once its last piece has arrived (every caller
                                streams whole layers); memory layout where H == F or H == 2F, where transformers'
                                loader (which decides per tensor by its shape alone) could not tell them apart.
+Not yet: merging an expert LoRA adapter into the base model (`merge --merge_lora`) reads the base checkpoint by
+per-expert names and refuses such a base (it lacks `...experts.0.gate_proj.weight`); the PEFT adapter export works.
 """
 
 from __future__ import annotations
