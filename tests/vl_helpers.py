@@ -23,11 +23,35 @@ LAYOUTS = {
     "tp2": dict(tensor_model_parallel_size=2),
     "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": dict(pipeline_model_parallel_size=2),
+    "ep2": dict(expert_model_parallel_size=2),  # MoE families
     # the same with a video in row 0 (make_inputs(video=True)); logits and round trip only
     "dp2video": dict(),
     "tp2spvideo": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2video": dict(pipeline_model_parallel_size=2),
+    "ep2video": dict(expert_model_parallel_size=2),
 }
+
+
+def layout_args(hf_config, layout: str) -> dict:
+    """The MegatronArguments of `layout`; MoE models under PP use the alltoall dispatcher (their DeepStack p2p
+    shapes vary per micro-batch, which allgather refuses: qwen3_vl.Qwen3VLBridge.transformer_config)."""
+    args = dict(LAYOUTS[layout])
+    if getattr(hf_config.text_config, "num_experts", None) and args.get("pipeline_model_parallel_size", 1) > 1:
+        args["moe_token_dispatcher_type"] = "alltoall"
+    return args
+
+
+def in_hf_layout(grads: dict, hf_model) -> dict:
+    """Exported gradients with fused expert tensors turned into the HF model's in-memory layout (the export
+    writes the released checkpoints' transposed one where the shapes allow: models/qwen3_vl_moe.py)."""
+    out = {}
+    for name, g in grads.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            target = hf_model.get_parameter(name).shape
+            if g.shape != target:
+                g = g.transpose(1, 2)
+        out[name] = g
+    return out
 
 
 def make_tiny_qwen2_vl(path: str, seed: int = 0) -> str:
@@ -83,29 +107,71 @@ def make_tiny_qwen2_5_vl(path: str, seed: int = 0) -> str:
     return _perturb_and_save(model, path)
 
 
-def make_tiny_qwen3_vl(path: str, seed: int = 0) -> str:
-    """Tiny Qwen3-VL: 4 text layers with 3 DeepStack maps (after layers 0, 1, 2: under PP=2 the maps reach both
-    stages), interleaved mRoPE over 8 rotary channels (head_dim 16), 3 vision blocks with a 4 x 4 table of learned
-    position embeddings (interpolated to each grid)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    torch.manual_seed(seed)
-    config = Qwen3VLConfig(
+def qwen3_vl_config(config_cls, **text) -> object:
+    """The tiny Qwen3-VL(-MoE) config: 4 text layers with 3 DeepStack maps (after layers 0, 1, 2: under PP=2 the
+    maps reach both stages), interleaved mRoPE over 8 rotary channels (head_dim 16), 3 vision blocks with a 4 x 4
+    table of learned position embeddings (interpolated to each grid); `text`: extra text-config fields."""
+    return config_cls(
         text_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=16, intermediate_size=128, vocab_size=1001, rms_norm_eps=1e-6,
                          max_position_embeddings=512,
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
-                                          "rope_theta": 10000.0}),
+                                          "rope_theta": 10000.0}, **text),
         vision_config=dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
                            patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                            num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
         image_token_id=1000, video_token_id=999, vision_start_token_id=998, vision_end_token_id=997,
         tie_word_embeddings=False,
     )
-    model = Qwen3VLForConditionalGeneration(config)
+
+
+def make_tiny_qwen3_vl(path: str, seed: int = 0) -> str:
+    """Tiny Qwen3-VL (`qwen3_vl_config`)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(qwen3_vl_config(Qwen3VLConfig))
     return _perturb_and_save(model, path)
+
+
+def make_tiny_qwen3_vl_moe(path: str, seed: int = 0) -> str:
+    """Tiny Qwen3-VL-MoE: the tiny Qwen3-VL with 4 experts (top 2, 48 channels) in every text layer, its fused
+    expert tensors stored as the released checkpoints hold them (`store_experts_as_released`; transformers'
+    save_pretrained writes its in-memory layout), routers and experts drawn at random (`randomize_experts`)."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = qwen3_vl_config(Qwen3VLMoeConfig, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2)
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    randomize_experts(model)
+    _perturb_and_save(model, path)
+    store_experts_as_released(path)
+    return path
+
+
+def randomize_experts(model) -> None:
+    """Draw the routers and experts of a MoE model at random (HF initialises routers to zeros: every expert
+    choice would be a tie)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") or ".mlp.experts." in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+
+
+def store_experts_as_released(path: str) -> None:
+    """Rewrite the fused expert tensors of a transformers-saved MoE model as the released Qwen3-VL-MoE checkpoints
+    hold them (transposed: gate_up_proj [E, H, 2F], down_proj [E, F, H])."""
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    hub = {k: (t.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else t)
+           for k, t in tensors.items()}
+    save_file(hub, file, metadata={"format": "pt"})
 
 
 FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_rope_index)
@@ -113,6 +179,7 @@ FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_ro
     "qwen2_5_vl": (make_tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration",
                    "llamafactory_mca.models.qwen2_5_vl"),
     "qwen3_vl": (make_tiny_qwen3_vl, "Qwen3VLForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
+    "qwen3_vl_moe": (make_tiny_qwen3_vl_moe, "Qwen3VLMoeForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
 }
 
 
@@ -121,8 +188,8 @@ SHIM = os.path.join(REPO, "tests", "hf_conv3d_shim")
 
 
 def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
-    """Tiny Qwen2-VL (family "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl") or Qwen3-VL ("qwen3_vl": 4 text layers,
-    DeepStack after layers 0-2) + tokenizer + processor, all built offline (seeded), for LLaMA-Factory runs."""
+    """Tiny Qwen2-VL (family "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl"), Qwen3-VL ("qwen3_vl": 4 text layers,
+    DeepStack after layers 0-2) or Qwen3-VL-MoE ("qwen3_vl_moe": the same with 4 experts per layer) + tokenizer + processor, all built offline (seeded), for LLaMA-Factory runs."""
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     from make_tiny_model import _corpus
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -158,7 +225,7 @@ def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
                       fullatt_block_indexes=[1])
         names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
-    elif family == "qwen3_vl":
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
         vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=4,
@@ -169,6 +236,9 @@ def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
         video_processor = Qwen3VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
                                                 size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64 * 4})
         names = ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor")
+        if family == "qwen3_vl_moe":  # 4 experts (top 2) of 48 channels in every layer
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+            names = ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor")
     else:
         raise ValueError(family)
     config_cls, model_cls, processor_cls = (getattr(transformers, n) for n in names)
@@ -180,7 +250,12 @@ def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     torch.manual_seed(0)
-    model_cls(config).save_pretrained(path)
+    model = model_cls(config)
+    if family == "qwen3_vl_moe":
+        randomize_experts(model)
+    model.save_pretrained(path)
+    if family == "qwen3_vl_moe":
+        store_experts_as_released(path)
     processor.save_pretrained(path)
     return path
 
@@ -300,7 +375,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
     _, hf_cls_name, _ = FAMILIES[hf_config.model_type]
     HFModel = getattr(transformers, hf_cls_name)
     bridge = bridge_for(hf_config.model_type)
-    mca_args = MegatronArguments(**LAYOUTS[layout])
+    mca_args = MegatronArguments(**layout_args(hf_config, layout))
     models = bridge.build_model(hf_config, mca_args, torch.float32, init_weights=False)
     bridge.load_hf_weights(models, model_dir)
     for m in models:
@@ -352,7 +427,7 @@ def check(model_dir: str, layout: str, work: str) -> dict:
             _sum_qk_norm_grads(models)
         grads = _grads_hf_named(bridge, models)
         if dist.get_rank() == 0:
-            res.update(_compare_grads({internal_hf_name(k): v for k, v in grads.items()}, hf))
+            res.update(_compare_grads(in_hf_layout({internal_hf_name(k): v for k, v in grads.items()}, hf), hf))
 
     exported = dict(bridge.export_hf_state_dict(models))
     if dist.get_rank() == 0:
@@ -404,6 +479,16 @@ def assert_logits_parity(results: list, layout: str, tol: float = 1e-5, effects:
             for effect in effects:
                 assert r[effect] > 1e-3, (effect, r)
     assert diffs and max(diffs) <= tol, diffs
+
+
+def assert_deepstack_parity(results: list, layout: str, tol: float = 1e-5) -> None:
+    """Qwen3-VL(-MoE): `assert_logits_parity` with the image and the last DeepStack map (after layer 2) both
+    changing the logits; under PP the vision tower is on stage 0 only and stage 1 (layers 2, 3) received
+    [hidden ; 3 DeepStack maps] (rows a multiple of 4)."""
+    assert_logits_parity(results, layout, tol, effects=("image_effect", "last_deepstack_effect"))
+    if layout.startswith("pp2"):
+        assert [results[rank][layout]["has_vision"] for rank in (0, 1)] == [True, False]
+        assert results[1][layout]["received_rows"] % 4 == 0 and results[1][layout]["received_rows"] > 0
 
 
 def assert_grads_match(r: dict) -> None:
