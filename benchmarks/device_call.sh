@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The measurements of one device call (issue 22 and the GPU check of issue 17), within a time budget, on
-# nvidia-h200-x2 with the wheels and this project installed (benchmarks/RESULTS.md "Reproduce"):
-#   bash benchmarks/device_call.sh OUTDIR [BUDGET_S]
-# Each step is cut at what is left of the budget, so the tarball of OUTDIR/res is always written.
+# The measurements of one device call, within a time budget, on nvidia-h200-x2 with the wheels and this project
+# installed (benchmarks/RESULTS.md "Reproduce"):
+#   bash benchmarks/device_call.sh OUTDIR BUDGET_S CALL      # CALL: a, b or c (below)
+# Each step is cut at what is left of the budget (run.py keeps <scenario>.partial.json with the sides done), so
+# the tarball of OUTDIR/res is always written. One-GPU scenarios run two at a time, one per GPU ("lanes").
 set -u
-out=$1; budget=${2:-560}; t0=$(date +%s)
+out=$1; budget=${2:-560}; call=${3:-a}; t0=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - t0) )); }
-res=$out/res; mkdir -p "$res/plan"
+res=$out/res; mkdir -p "$res"
 step() {  # step NAME SECONDS_KEPT_FOR_LATER COMMAND...
   local name=$1 keep=$2; shift 2
   local t=$(( $(left) - keep ))
@@ -15,9 +16,29 @@ step() {  # step NAME SECONDS_KEPT_FOR_LATER COMMAND...
   timeout "$t" "$@" > "$res/$name.log" 2>&1; echo "[device_call] $name rc=$? at $(( $(date +%s) - t0 ))s" | tee -a "$res/steps.log"
   tail -n 4 "$res/$name.log"
 }
-step grad_accum_check 400 python benchmarks/grad_accum_check.py
-step r_moe2 220 python benchmarks/run.py --scenario r_moe2 --sides ours,hf --steps 4 --warmup 2 --timeout 200 \
-  --results-dir "$res" --results-md "$res/RESULTS.md"
-step plan_s3x2 10 python benchmarks/plan_measure.py --scenario s3x2 --top 3 --sides "" --timeout 150 \
-  --results-dir "$res/plan"
+bench() {  # bench NAME KEEP RUN_PY_ARGS...: benchmarks/run.py into its own results folder
+  local name=$1 keep=$2; shift 2
+  mkdir -p "$res/$name"
+  step "$name" "$keep" python benchmarks/run.py "$@" --results-dir "$res/$name" --results-md "$res/$name/RESULTS.md"
+}
+plan() {  # plan SCENARIO KEEP SIDES: the planner's top three (plan_measure.py) beside the scenario's own sides
+  local name=plan_$1 keep=$2
+  mkdir -p "$res/$name"
+  step "$name" "$keep" python benchmarks/plan_measure.py --scenario "$1" --top 3 --sides "$3" --timeout 150 \
+    --results-dir "$res/$name"
+}
+case $call in
+  a)  # issue 14's DeepSeek-V3 row on GPU 0 while s3 then s1 run on GPU 1; then the long-context scenario
+    (CUDA_VISIBLE_DEVICES=0 bench dsv3 240 --scenario dsv3 --sides ours,hf --steps 4 --warmup 2 --timeout 200) &
+    (CUDA_VISIBLE_DEVICES=1 bench s3 240 --scenario s3 --sides ours,hf --steps 4 --warmup 2 --timeout 120
+     CUDA_VISIBLE_DEVICES=1 bench s1 240 --scenario s1 --sides ours,hf --steps 4 --warmup 2 --timeout 120) &
+    wait
+    bench s4x2 5 --scenario s4x2 --sides ours,hf --steps 3 --warmup 1 --timeout 200 ;;
+  b)  # s3x2 with the planner's top three; then the MoE recipe
+    plan s3x2 200 hf,ours
+    bench r_moe2 5 --scenario r_moe2 --sides ours,hf --steps 4 --warmup 2 --timeout 150 ;;
+  c)  # s2x2 with the planner's top three; then the VL recipe
+    plan s2x2 120 hf,ours
+    bench r_vl2 5 --scenario r_vl2 --sides ours,hf --steps 4 --warmup 2 --timeout 170 ;;
+esac
 tar czf "$out/res.tgz" -C "$out" res

@@ -13,6 +13,9 @@ s2x2 Llama-3-8B on 2 GPUs; s4x2 the same model at 32k tokens per sample, 2 GPUs
 r_moe2 qwen3_moe_full.yaml's model with 12 of its 48 layers on 2 GPUs (PP=2 at EP=1: a stage of 6 layers holds
      all 128 experts, the expert weights of the 12-layer stage at EP=2 of the 8-GPU recipe)
 r_vl2 r_vl's model on 2 GPUs
+dsv3 DeepSeek-V3 architecture (multi-latent attention, a dense first layer, then MoE layers with shared experts
+     and sigmoid routing) at Moonlight-16B-A3B's widths (hidden 2048, 16 heads, kv_lora_rank 512, no q LoRA,
+     64 routed experts top-6 + 2 shared, vocab 163840) with 6 of its 27 layers, 1 GPU (issue 14)
 """
 
 from __future__ import annotations
@@ -46,10 +49,23 @@ SCENARIO_SHAPES = {
     ),
 }
 
+# moonshotai/Moonlight-16B-A3B's config.json (a DeepseekV3ForCausalLM: 27 layers in the real model)
+MOONLIGHT_16B_A3B = dict(
+    family="deepseek_v3", hidden_size=2048, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+    q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    intermediate_size=11264, moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2,
+    num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=2.446, first_k_dense_replace=1,
+    norm_topk_prob=True, vocab_size=163840, tie_word_embeddings=False, rope_theta=50000.0,
+)
+SCENARIO_SHAPES["dsv3"] = dict(MOONLIGHT_16B_A3B, num_hidden_layers=6)
+
 SCENARIO_SHAPES.update(s2x2=SCENARIO_SHAPES["s2"], s4x2=SCENARIO_SHAPES["s2"], r_vl2=SCENARIO_SHAPES["r_vl"])
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
             moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, vocab_size=512)
+# MLA keeps one key/value head per query head (transformers' DeepSeek-V3 attention repeats none)
+TINY_MLA = dict(TINY, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16, n_routed_experts=4, n_shared_experts=1)
 
 # bf16 dense tensor-core peak used for MFU (vendor datasheet, SXM, without sparsity): H100 and H200 alike.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -70,7 +86,7 @@ def hf_config_for(scenario: str, tiny: bool = False, layers: int | None = None, 
     family = shape.pop("family")
     vision = shape.pop("vision", None)
     if tiny:
-        keep = {k: v for k, v in TINY.items() if k in shape}
+        keep = {k: v for k, v in (TINY_MLA if family == "deepseek_v3" else TINY).items() if k in shape}
         shape.update(keep)
         shape["num_hidden_layers"] = 2
     if layers:
@@ -89,6 +105,11 @@ def hf_config_for(scenario: str, tiny: bool = False, layers: int | None = None, 
         return Qwen2VLConfig(text_config=text, vision_config=dict(vision, hidden_size=shape["hidden_size"]),
                              tie_word_embeddings=shape["tie_word_embeddings"], eos_token_id=eos_token_id,
                              pad_token_id=pad_token_id, **(vision_token_ids or {}))
+    if family == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        shape["rope_parameters"] = {"rope_type": "default", "rope_theta": shape.pop("rope_theta")}
+        return DeepseekV3Config(**shape, **common, rope_interleave=True, attention_bias=False)
     if family == "qwen3":
         from transformers import Qwen3Config as C
     elif family == "llama":
@@ -109,36 +130,53 @@ def _g(cfg, name, default=None):
     return default if v is None else v
 
 
+def attention_params(cfg) -> int:
+    """Matrix weights of one attention block: q/k/v/o projections, or multi-latent attention's down / up
+    projections (DeepSeek-V3: q_proj or q_a_proj + q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj)."""
+    H, nh = cfg.hidden_size, cfg.num_attention_heads
+    if _g(cfg, "kv_lora_rank"):
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q = H * nh * qk if not _g(cfg, "q_lora_rank") else H * cfg.q_lora_rank + cfg.q_lora_rank * nh * qk
+        kv = H * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * nh * (
+            cfg.qk_nope_head_dim + cfg.v_head_dim)
+        return q + kv + nh * cfg.v_head_dim * H
+    d = _g(cfg, "head_dim", H // nh)
+    return H * d * nh * 2 + H * d * cfg.num_key_value_heads * 2
+
+
+def attention_score_dims(cfg) -> int:
+    """Per head, the width of QK^T plus that of PV, summed over the heads (2 x head_dim x heads for MHA/GQA)."""
+    if _g(cfg, "kv_lora_rank"):
+        return cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    return 2 * _g(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * cfg.num_attention_heads
+
+
+def mlp_params(cfg, active: bool) -> int:
+    """Matrix weights of all decoder layers' MLPs: the routed experts (only the top-k a token reaches when
+    `active`), shared experts and router of the MoE layers, and the dense layers (DeepSeek-V3's
+    `first_k_dense_replace`)."""
+    H, L = cfg.hidden_size, cfg.num_hidden_layers
+    experts = _g(cfg, "num_experts") or _g(cfg, "n_routed_experts")
+    if not experts:
+        return L * 3 * H * cfg.intermediate_size
+    dense_layers = min(_g(cfg, "first_k_dense_replace", 0), L)
+    routed = cfg.num_experts_per_tok if active else experts
+    moe = (routed + _g(cfg, "n_shared_experts", 0)) * 3 * H * cfg.moe_intermediate_size + H * experts
+    return dense_layers * 3 * H * cfg.intermediate_size + (L - dense_layers) * moe
+
+
 def matmul_params_per_token(cfg) -> int:
     """Weights touched by one token in matrix products (active experts only; LM head included; the embedding
     lookup excluded)."""
-    H = cfg.hidden_size
-    d = _g(cfg, "head_dim", H // cfg.num_attention_heads)
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    attn = H * d * nh * 2 + H * d * nkv * 2
-    if _g(cfg, "num_experts"):
-        mlp = cfg.num_experts_per_tok * 3 * H * cfg.moe_intermediate_size + H * cfg.num_experts
-    else:
-        mlp = 3 * H * cfg.intermediate_size
-    return cfg.num_hidden_layers * (attn + mlp) + H * cfg.vocab_size
+    return cfg.num_hidden_layers * attention_params(cfg) + mlp_params(cfg, active=True) + cfg.hidden_size * cfg.vocab_size
 
 
 def flops_per_token(cfg, seq: int) -> float:
     """Model FLOPs per trained token for fwd+bwd: 6 * active matmul weights + causal attention
-    (QK^T and PV: 4*s*d per token and layer forward, halved by the causal mask, x3 for fwd+bwd)."""
-    H = cfg.hidden_size
-    d = _g(cfg, "head_dim", H // cfg.num_attention_heads)
-    attn_dim = d * cfg.num_attention_heads
-    return 6.0 * matmul_params_per_token(cfg) + 6.0 * cfg.num_hidden_layers * seq * attn_dim
+    (QK^T and PV: 2*s*(qk + v width) per token and layer forward, halved by the causal mask, x3 for fwd+bwd)."""
+    return 6.0 * matmul_params_per_token(cfg) + 3.0 * cfg.num_hidden_layers * seq * attention_score_dims(cfg)
 
 
 def total_params(cfg) -> int:
-    H = cfg.hidden_size
-    d = _g(cfg, "head_dim", H // cfg.num_attention_heads)
-    attn = H * d * cfg.num_attention_heads * 2 + H * d * cfg.num_key_value_heads * 2
-    if _g(cfg, "num_experts"):
-        mlp = cfg.num_experts * 3 * H * cfg.moe_intermediate_size + H * cfg.num_experts
-    else:
-        mlp = 3 * H * cfg.intermediate_size
-    emb = H * cfg.vocab_size * (1 if cfg.tie_word_embeddings else 2)
-    return cfg.num_hidden_layers * (attn + mlp) + emb
+    emb = cfg.hidden_size * cfg.vocab_size * (1 if cfg.tie_word_embeddings else 2)
+    return cfg.num_hidden_layers * attention_params(cfg) + mlp_params(cfg, active=False) + emb
