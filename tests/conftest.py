@@ -56,9 +56,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help=f"also run the tests marked `extended` (or set {EXTENDED_ENV}=1)")
 
 
+# The modules with the longest run time first (per-test durations of the CI command on the 2-core machine), so that
+# pytest-xdist's per-file scheduling (--dist loadfile hands out modules in collection order) ends with short modules
+# on both workers, not with one long module on one worker while the other idles. The rest keep their order.
+LONGEST_MODULES_FIRST = (
+    "test_checkpoint_e2e", "test_trainer_parity", "test_loss_weighting", "test_checkpoint_resume",
+    "test_family_deepseek_mistral", "test_family_qwen2_moe_glm4", "test_qwen3_vl", "test_dpo", "test_merge_layouts",
+    "test_lora", "test_multinode", "test_upstream_checkpoint", "test_expert_lora", "test_rm", "test_kto",
+    "test_activation", "test_vl_train", "test_quiet_logs", "test_freeze", "test_upstream_recipes",
+)
+
+
+def longest_first(items: list[pytest.Item]) -> None:
+    """Sort `items` (stably) by LONGEST_MODULES_FIRST; tests keep their order within a module."""
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without --extended, leave out the tests marked `extended`: further layouts or splits of a check that a test
-    of the default run already makes on the same code path (README, "Tests")."""
+    """Longest modules first (`longest_first`); without --extended, leave out the tests marked `extended`: further
+    layouts or splits of a check that a test of the default run already makes on the same code path (README,
+    "Tests")."""
+    longest_first(items)
     if config.getoption("--extended") or os.environ.get(EXTENDED_ENV) == "1":
         return
     left_out = [item for item in items if item.get_closest_marker("extended") is not None]
