@@ -55,7 +55,9 @@ def optimizer_state_for_layout(requested: Any, loaded: Any, saved_common: Any, n
     saved = saved_optimizer_parts(saved_common)
     if num_optimizers == 1:
         return _rebuild(requested, loaded, saved, ())
-    return {i: _rebuild(requested[i], loaded[i], saved, ()) for i in range(num_optimizers)}
+    # an unchanged chaining: optimizer i takes what optimizer i saved first
+    order = (lambda i: [saved[i]] + saved[:i] + saved[i + 1:]) if len(saved) == num_optimizers else (lambda i: saved)
+    return {i: _rebuild(requested[i], loaded[i], order(i), ()) for i in range(num_optimizers)}
 
 
 def _rebuild(requested: Any, loaded: Any, saved: Sequence[dict], path: tuple) -> Any:
