@@ -54,6 +54,7 @@ import torch
 
 from llamafactory_mca.models.lora import is_adapter_key
 from llamafactory_mca.models.model_state import model_state, unwrap_model
+from llamafactory_mca.optimizer_layout import OptimizerLayoutError, container_copy, optimizer_state_for_layout
 
 
 
@@ -910,6 +911,7 @@ def load_checkpoint(
     if want_optimizer:
         init_optimizer_state(optimizer)
         sharded_sd["optimizer"] = optimizer_sharded_state_dict(optimizer, sharded_sd, is_loading=True)
+        requested_optimizer = container_copy(sharded_sd["optimizer"])
 
     # Keys we ask for and the checkpoint lacks fail inside torch DCP; keys we do not ask for (the optimizer
     # when it is not loaded) are fine.
@@ -927,8 +929,16 @@ def load_checkpoint(
                 "Fix: resume with the lora_rank / lora_target the checkpoint was trained with."
             )
     if want_optimizer:
+        # The non-tensor part (param groups, step) comes in the saving layout's structure: rebuild it for this one
+        # (an EP change chains the expert optimizer differently; optimizer_layout).
+        saved_common = dist_checkpointing.load_common_state_dict(path).get("optimizer")
+        try:
+            state = optimizer_state_for_layout(requested_optimizer, loaded["optimizer"], saved_common,
+                                               len(_mca_optimizers(optimizer)))
+        except OptimizerLayoutError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         with _tolerate_step_in_fully_reshardable_load(optimizer):
-            optimizer.load_state_dict(loaded["optimizer"])
+            optimizer.load_state_dict(state)
         untie_optimizer_steps(optimizer)
         # No reload_model_params(): it copies model params (bf16) over the loaded fp32 main params.
 

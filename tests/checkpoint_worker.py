@@ -1,9 +1,12 @@
 """Worker for the checkpoint tests (no tests here): a tiny GPT trained with megatron-core on CPU gloo ranks.
 
     torchrun --nproc_per_node 2 tests/checkpoint_worker.py --out DIR --steps 6 --save_steps 3 [--tp 2]
-        [--pp 2] [--resume DIR/checkpoint-3 | --resume auto] [--stop_after 3] [--distopt] [--dropout 0.1]
+        [--pp 2] [--experts 4 [--ep 2]] [--resume DIR/checkpoint-3 | --resume auto] [--stop_after 3] [--distopt]
+        [--dropout 0.1]
         [--signal_at 5 --signal_rank 1] [--kill_during_save 4] [--enospc_at 4 --enospc_rank 1]
 
+`--experts N`: every layer's MLP is a mixture of N experts (top-2, megatron's SequentialMLP), sharded over `--ep`
+ranks (megatron then keeps the expert parameters in a second, chained optimizer).
 Rank 0 writes DIR/losses.json ({step: loss}) with the loss of every optimizer step it ran (losses_resumed.json
 when resumed). The data of step k depends only on k (its "data position"), as with a resumed dataloader.
 `--resume auto`: the newest complete checkpoint in DIR, if any (as LLaMA-Factory's automatic resume).
@@ -62,8 +65,11 @@ def build(args):
         virtual_pipeline_model_parallel_size=vpp,
         batch_p2p_comm=False,
         bf16=False,
+        **(dict(num_moe_experts=args.experts, moe_router_topk=2, moe_ffn_hidden_size=48,
+                moe_router_load_balancing_type="none", moe_token_dispatcher_type="alltoall",
+                expert_model_parallel_size=ps.get_expert_model_parallel_world_size()) if args.experts else {}),
     )
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=args.experts or None, normalization="RMSNorm")
     chunks = []
     for v in range(vpp or 1):
         chunks.append(
@@ -95,10 +101,32 @@ def build(args):
         params_dtype=torch.float32,
     )
     optimizer = get_megatron_optimizer(opt_cfg, models)
-    lr_lambda = lambda s: 1.0 / (1 + s)  # noqa: E731 - decaying LR, so the scheduler state matters
-    (torch_opt,) = _torch_opts(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(torch_opt, lr_lambda)
-    return cfg, models, optimizer, scheduler
+    return cfg, models, optimizer, DecayingLR(_torch_opts(optimizer), args.lr)
+
+
+class DecayingLR:
+    """lr = base / (1 + step) in every param group of every (chained) torch optimizer: a decaying LR, so the
+    scheduler state matters on resume."""
+
+    def __init__(self, optimizers, base_lr: float) -> None:
+        self.optimizers, self.base_lr, self.last_epoch = optimizers, base_lr, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = self.base_lr / (1 + self.last_epoch)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "base_lr": self.base_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch, self.base_lr = state["last_epoch"], state["base_lr"]
+        self._apply()
 
 
 def _torch_opts(optimizer):
@@ -171,6 +199,8 @@ def main() -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--experts", type=int, default=0, help="MoE layers with this many experts")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --experts)")
     p.add_argument("--distopt", action="store_true")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -192,6 +222,7 @@ def main() -> int:
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp,
+        expert_model_parallel_size=args.ep,
         use_distributed_optimizer=args.distopt,
     )
     platform.init_parallel(m, seed=1234)

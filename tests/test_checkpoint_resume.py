@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume (distributed optimizer, CPU, 2 gloo ranks), resharding, the AdamW shared-step trap,
+"""Checkpoints: exact resume (distributed optimizer, CPU, 2 gloo ranks), resharding (also across an EP change of
+MoE layers), the AdamW shared-step trap,
 atomic publishing, the errors for paths that are not (complete) checkpoints, and faults: a full disk, SIGKILL
 in the middle of a save, a preemption signal, truncated and tampered files, a deleted marker."""
 
@@ -248,6 +249,79 @@ def test_resume_with_another_layout(tmp_path, saved, resumed):
     full, after = losses(src), losses(out, resumed=True)
     assert after[4] == pytest.approx(full[4], rel=1e-5)
     assert after[6] == pytest.approx(full[6], rel=5e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.parametrize("saved_ep, resumed_ep, optimizer", [(2, 1, ("--distopt",)), (1, 2, ())],
+                         ids=["ep2-to-ep1-distopt", "ep1-to-ep2"])
+def test_resume_after_changing_ep(tmp_path, saved_ep, resumed_ep, optimizer):
+    """MoE layers (4 experts): with EP > 1 megatron keeps the expert parameters in a second chained optimizer, so
+    the optimizer's param groups are laid out differently (optimizer_layout). Full-parameter training resumes
+    across the change: every weight and optimizer tensor bit-exactly, and the losses continue."""
+    src, out, again = (str(tmp_path / n) for n in ("src", "resumed", "resaved"))
+    moe = ("--experts", "4", *optimizer)
+    torchrun("--out", src, "--steps", "6", "--save_steps", "3", "--ep", str(saved_ep), *moe)
+    info = resumed_info(torchrun("--out", out, "--steps", "6", "--resume", os.path.join(src, "checkpoint-3"),
+                                 "--resave", again, "--ep", str(resumed_ep), *moe))
+    assert info["optimizer_loaded"] and info["step_values"] == [3.0]
+    assert info["distinct_step_tensors"] == info["num_step_tensors"]
+    _assert_same_checkpoint(os.path.join(src, "checkpoint-3"), os.path.join(again, "checkpoint-3"))
+    full, after = losses(src), losses(out, resumed=True)
+    assert set(after) == {4, 5, 6}
+    for step in after:  # measured: equal; the expert gradients' reduction order differs between the layouts
+        assert after[step] == pytest.approx(full[step], rel=1e-6), (full, after)
+
+
+def test_optimizer_param_groups_follow_the_layout():
+    """The common (non-tensor) optimizer state of an EP=2 checkpoint ({0: dense, 1: experts}) rebuilt for EP=1
+    (one optimizer whose groups hold dense and expert parameters) and back, as megatron-core 0.16.1 saves it."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor
+
+    from llamafactory_mca.optimizer_layout import OptimizerLayoutError, container_copy, optimizer_state_for_layout
+
+    def group(wd_mult: float, expert: bool, step=3.0, lr=0.0025) -> dict:
+        return {"is_expert_parallel": expert, "wd_mult": wd_mult, "lr_mult": 1.0, "is_decoupled_lr": False,
+                "lr": lr, "betas": (0.9, 0.95), "weight_decay": 0.1, "step": step}
+
+    def tensor(key: str) -> ShardedTensor:
+        return ShardedTensor.from_rank_offsets(f"optimizer.state.exp_avg.{key}", torch.zeros(2))
+
+    def distopt(groups, keys) -> dict:  # DistributedOptimizer, fully_reshardable
+        return {"optimizer": {"param_groups": groups}, "param_state_sharding_type": "fully_reshardable",
+                "param_state": {k: {"exp_avg": tensor(k)} for k in keys}}
+
+    saved_ep2 = {0: {"optimizer": {"param_groups": [group(1.0, False), group(0.0, False)]},
+                     "param_state_sharding_type": "fully_reshardable"},
+                 1: {"optimizer": {"param_groups": [group(1.0, True, lr=0.5)]},
+                     "param_state_sharding_type": "fully_reshardable"}}
+    # EP=1: one optimizer, fresh (step 0), its groups hold the expert weights too
+    requested = container_copy(distopt([group(1.0, False, 0.0, 0.01), group(0.0, False, 0.0, 0.01)], ["fc", "ex"]))
+    loaded = {**saved_ep2, "param_state": {k: {"exp_avg": torch.full((2,), i + 1.0)} for i, k in enumerate(["fc", "ex"])}}
+    state = optimizer_state_for_layout(requested, loaded, saved_ep2, num_optimizers=1)
+    assert state["optimizer"]["param_groups"] == [group(1.0, False), group(0.0, False)]  # dense group preferred
+    assert state["param_state_sharding_type"] == "fully_reshardable"
+    assert torch.equal(state["param_state"]["ex"]["exp_avg"], torch.full((2,), 2.0))
+
+    # back to EP=2 from an EP=1 checkpoint without the distributed optimizer (FP32Optimizer: common_step)
+    saved_ep1 = {"state": {"common_step": 3}, "param_groups": [group(1.0, False), group(0.0, False)]}
+    params = lambda *ids: LocalNonpersistentObject(list(ids))  # noqa: E731
+    requested = container_copy({
+        0: {"state": {0: {"exp_avg": tensor("fc")}}, "param_groups": [{**group(1.0, False, 0.0), "params": params(0)},
+                                                                     {**group(0.0, False, 0.0), "params": params(1)}]},
+        1: {"state": {0: {"exp_avg": tensor("ex")}}, "param_groups": [{**group(1.0, True, 0.0), "params": params(0)}]},
+    })
+    loaded = {**saved_ep1, 0: {"state": {0: {"exp_avg": torch.ones(2)}}}, 1: {"state": {0: {"exp_avg": torch.ones(2)}}}}
+    state = optimizer_state_for_layout(requested, loaded, saved_ep1, num_optimizers=2)
+    assert state[1]["param_groups"] == [{**group(1.0, True), "params": [0]}]  # expert group: the layout's flag
+    assert state[0]["param_groups"][1] == {**group(0.0, False), "params": [1]}
+    assert state[0]["state"]["common_step"] == state[1]["state"]["common_step"] == 3
+
+    # a group the checkpoint never had (another weight-decay multiplier): the key and the fix
+    requested = container_copy(distopt([group(0.5, False, 0.0)], ["fc"]))
+    with pytest.raises(OptimizerLayoutError, match="wd_mult.*Fix: resume with the weight_decay"):
+        optimizer_state_for_layout(requested, {}, saved_ep2, num_optimizers=1)
 
 
 # --------------------------------------------------------------------------------------------- no processes

@@ -6,7 +6,8 @@ loader reads it from there) and `summary_dropout_prob: 0.0` in its config.json (
 default, draws random masks that no two backends share). One HF run (full fine-tuning, with a final evaluation)
 is the reference of the 1-process, TP=2 (+ sequence parallel) and PP=2 runs: the loss of every step, eval_loss and
 eval_accuracy agree to a relative 1e-4. The 1-process export is loaded as LLaMA-Factory loads a reward model
-(`load_model(add_valuehead=True)`): its value head and weights equal the HF run's.
+(`load_model(add_valuehead=True)`): its value head and weights equal the HF run's, and so does what
+`llamafactory-mca merge` makes of the run's last checkpoint (value_head.safetensors included).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
+from conftest import run_checked
 from lf_runs import make_recipe, make_tiny_model, train, training_history
 
 
@@ -77,7 +80,8 @@ def _load_reward_model(path: str):
 
 @pytest.mark.slow
 def test_rm_single_process_and_export(model, hf_rm, tmp_path):
-    out = train(tmp_path, "mca_rm", make_recipe(model, str(tmp_path / "out"), **RM))
+    out = train(tmp_path, "mca_rm", make_recipe(model, str(tmp_path / "out"), save_strategy="steps",
+                                                save_steps=STEPS, **RM))
     assert_rm_parity(hf_rm, out)
     assert os.path.isfile(os.path.join(out, "value_head.safetensors"))
     ours, theirs = _load_reward_model(out), _load_reward_model(hf_rm)
@@ -90,6 +94,13 @@ def test_rm_single_process_and_export(model, hf_rm, tmp_path):
     # the output layer gets no gradient on either path: it is exported unchanged
     lm = [k for k in theirs_sd if k.endswith("lm_head.weight")]
     assert lm and torch.equal(ours_sd[lm[0]], start[lm[0]])
+    # `llamafactory-mca merge` of the last checkpoint writes the same reward model, value head included
+    merged = str(tmp_path / "merged")
+    run_checked([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path",
+                 os.path.join(out, f"checkpoint-{STEPS}"), "--output_path", merged, "--fp32"])
+    assert os.path.isfile(os.path.join(merged, "value_head.safetensors"))
+    merged_sd = _load_reward_model(merged).state_dict()
+    assert set(merged_sd) == set(ours_sd) and all(torch.equal(merged_sd[k], ours_sd[k]) for k in ours_sd)
     shutil.rmtree(out)
 
 

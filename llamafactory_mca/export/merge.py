@@ -10,6 +10,9 @@ Merge runs in one process, without GPUs, whatever tp/pp/vpp/ep/dp layout wrote t
    shards, swiglu halves and expert-parallel experts), converted with the bridge's table, and each tensor is
    written straight to its planned place in its shard file; then the unit goes back to `meta`.
 
+An rm checkpoint's value head is written next to the model as `value_head.safetensors` (LLaMA-Factory's layout,
+as the rm stage's own export writes it).
+
 Peak host memory is about one unit (one decoder layer, or the embedding) plus its HF copy, not the model.
 The output is written into a hidden sibling directory and published by one rename.
 """
@@ -41,6 +44,7 @@ from llamafactory_mca.export.files import (
 )
 from llamafactory_mca.export.lora_merge import is_lora_checkpoint, merge_lora_checkpoint
 from llamafactory_mca.models.safetensors_io import StreamingSafetensorsWriter, parse_size
+from llamafactory_mca.models.value_head import read_checkpoint_value_head, write_value_head
 
 
 @contextlib.contextmanager
@@ -211,6 +215,9 @@ def merge_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         writer.close()
+    value_head = read_checkpoint_value_head(checkpoint_path)  # rm: LLaMA-Factory's value_head.safetensors too
+    if value_head is not None:
+        write_value_head(value_head, tmp)
 
     cfg = hf_config
     cfg.dtype = dtype

@@ -93,7 +93,6 @@ def save_value_head(models: Sequence[torch.nn.Module], output_dir: str) -> None:
     head over each pipeline group, global rank 0 writes it."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
 
     from llamafactory_mca.platform import device
 
@@ -108,11 +107,38 @@ def save_value_head(models: Sequence[torch.nn.Module], output_dir: str) -> None:
         dist.broadcast(flat, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
     if dist.get_rank() == 0:
-        os.makedirs(output_dir, exist_ok=True)
         flat = flat.cpu()
-        save_file({WEIGHT_KEY: flat[:hidden].reshape(1, hidden).contiguous(), BIAS_KEY: flat[hidden:].clone()},
-                  os.path.join(output_dir, V_HEAD_SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        write_value_head({WEIGHT_KEY: flat[:hidden].reshape(1, hidden).contiguous(), BIAS_KEY: flat[hidden:].clone()},
+                         output_dir)
     dist.barrier()
+
+
+def write_value_head(tensors: dict[str, torch.Tensor], output_dir: str) -> str:
+    """Write {'v_head.summary.weight' [1, h], 'v_head.summary.bias' [1]} as fp32 `value_head.safetensors` into
+    `output_dir` (LLaMA-Factory's layout); returns the file's path."""
+    from safetensors.torch import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, V_HEAD_SAFE_WEIGHTS_NAME)
+    save_file({k: tensors[k].detach().float().contiguous() for k in (WEIGHT_KEY, BIAS_KEY)}, path,
+              metadata={"format": "pt"})
+    return path
+
+
+def read_checkpoint_value_head(checkpoint_path: str) -> Optional[dict[str, torch.Tensor]]:
+    """The value head an rm checkpoint holds ({'v_head.summary.weight', 'v_head.summary.bias'}, as saved), or None
+    for a checkpoint without one. Single process: reads the two tensors with torch DCP, nothing else."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(checkpoint_path)
+    meta = reader.read_metadata().state_dict_metadata
+    found = {k: v for k, v in meta.items() if k in (WEIGHT_KEY, BIAS_KEY) and isinstance(v, TensorStorageMetadata)}
+    if len(found) != 2:
+        return None
+    tensors = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in found.items()}
+    load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
 
 
 def summary_dropout(hf_config: Any) -> float:
@@ -120,5 +146,5 @@ def summary_dropout(hf_config: Any) -> float:
     return float(getattr(hf_config, "summary_dropout_prob", TRL_DEFAULT_DROPOUT) or 0.0)
 
 
-__all__ = ["ValueHead", "attach_value_heads", "is_value_head_key", "save_value_head", "summary_dropout",
-           "V_HEAD_SAFE_WEIGHTS_NAME"]
+__all__ = ["ValueHead", "attach_value_heads", "is_value_head_key", "read_checkpoint_value_head", "save_value_head",
+           "summary_dropout", "write_value_head", "V_HEAD_SAFE_WEIGHTS_NAME"]
