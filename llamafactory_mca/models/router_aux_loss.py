@@ -59,6 +59,16 @@ def pooled_loss(counts: torch.Tensor, prob_sums: torch.Tensor, tokens: torch.Ten
     return counts.numel() * torch.sum(counts.detach() / tokens * prob_sums / tokens)
 
 
+def hf_path_trains_on_it(model_args: Any) -> bool:
+    """Whether LLaMA-Factory's HF path back-propagates the aux loss. Its default gradient checkpointing
+    (reentrant, or unsloth's) runs each layer's first forward without autograd, so the router logits it records
+    carry no gradient: the aux loss is in the logged loss but trains nothing (measured: HF's per-step losses equal
+    ours without the aux gradient to 1e-7, and with it once `disable_gradient_checkpointing: true`)."""
+    if getattr(model_args, "disable_gradient_checkpointing", False):
+        return True
+    return not getattr(model_args, "use_reentrant_gc", True) and not getattr(model_args, "use_unsloth_gc", False)
+
+
 def unsupported_reason(mca_args: Any, stage: str, thd: bool) -> Optional[str]:
     """Why the HF-style loss cannot be added to this run (None: it can)."""
     from llamafactory_mca.args import recompute_module_list
@@ -80,16 +90,16 @@ class HFRouterAuxLoss:
 
     Per optimizer step: `begin_step(mbs)` before megatron's schedule runs the micro-batches (in order), then
     `end_step()` returns the step's summed aux loss (over micro-batches and data-parallel ranks), which the
-    logged loss adds times `coef`.
+    logged loss adds times `coef`. `trains` False: the loss is only logged, no gradient (see `hf_path_trains_on_it`).
     """
 
-    def __init__(self, models: list, coef: float, top_k: int) -> None:
+    def __init__(self, models: list, coef: float, top_k: int, trains: bool = True) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.router import TopKRouter
 
         if len(models) != 1:
             raise ValueError("the HF-style router aux loss needs a single model chunk (no pipeline parallelism)")
-        self.coef, self.top_k = float(coef), top_k
+        self.coef, self.top_k, self.trains = float(coef), top_k, trains
         self.sequence_parallel = bool(models[0].config.sequence_parallel)
         self.tp_rank = ps.get_tensor_model_parallel_rank() if self.sequence_parallel else 0
         self.tp_size = ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1
@@ -103,6 +113,7 @@ class HFRouterAuxLoss:
         self.denominator_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.dp_group = ps.get_data_parallel_group()
         self.masks: list[torch.Tensor] = []
+        self._mask: Optional[torch.Tensor] = None
         self.layers: Optional[list] = None  # statistics of the micro-batch being run forward
         self.denominator = 0.0
         self.step_total = 0.0
@@ -167,6 +178,8 @@ class HFRouterAuxLoss:
         e = counts.numel()
         counts, full_sums, tokens = shared[:e], shared[e: 2 * e], shared[2 * e]
         self.step_total += float(pooled_loss(counts, full_sums, tokens))
+        if not self.trains:
+            return output
         local = pooled_loss(counts, sums, tokens)  # this rank's linear share: the shares add up to the loss
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 

@@ -403,7 +403,14 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     if hf_aux_coef is not None:
         from llamafactory_mca.models.router_aux_loss import HFRouterAuxLoss
 
-        run.router_aux = HFRouterAuxLoss(run.models, hf_aux_coef, run.bridge.moe_topk(run.hf_config))
+        from llamafactory_mca.models.router_aux_loss import hf_path_trains_on_it
+
+        trains = hf_path_trains_on_it(run.model_args)
+        if not trains:
+            warn("moe_aux_loss_coef: LLaMA-Factory's HF path with its (reentrant) gradient checkpointing adds the "
+                 "router aux loss to the logged loss but back-propagates none of it, and so does this backend. "
+                 "Fix (to train on it, on both paths): disable_gradient_checkpointing: true")
+        run.router_aux = HFRouterAuxLoss(run.models, hf_aux_coef, run.bridge.moe_topk(run.hf_config), trains)
     from llamafactory_mca.training.ddp import wrap_ddp
 
     run.ddp_models = wrap_ddp(m, run.models)
