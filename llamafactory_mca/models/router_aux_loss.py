@@ -102,7 +102,6 @@ class HFRouterAuxLoss:
         self.coef, self.top_k, self.trains = float(coef), top_k, trains
         self.sequence_parallel = bool(models[0].config.sequence_parallel)
         self.tp_rank = ps.get_tensor_model_parallel_rank() if self.sequence_parallel else 0
-        self.tp_size = ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1
         cp = ps.get_context_parallel_world_size()
         if self.sequence_parallel and cp > 1:
             self.token_group = ps.get_tensor_and_context_parallel_group()
@@ -144,10 +143,7 @@ class HFRouterAuxLoss:
     def _capturing(self, gating: Any) -> Any:
         def gating_with_capture(hidden: torch.Tensor) -> torch.Tensor:
             logits = gating(hidden)
-            if self.layers is not None:
-                if not logits.requires_grad:
-                    raise RuntimeError("moe_aux_loss_coef: the router logits carry no gradient (recomputed MoE "
-                                       "layers?). Fix: turn recomputation of the MoE layers off")
+            if self.layers is not None:  # (no gradient where nothing before the router trains, as on HF's side)
                 self.layers.append(router_statistics(logits, self._local_mask(logits), self.top_k))
             return logits
 
