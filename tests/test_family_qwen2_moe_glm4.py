@@ -245,8 +245,10 @@ def family_models(tmp_path_factory):
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.extended) if k == "glm4_moe" else k
                                   for k in FAMILY_KINDS])  # glm4_moe's router is also checked against HF's gate
 def test_training_parity_1p_tp2_ep2_and_merge(family_models, kind, tmp_path):
-    """`USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path (fp32, CPU, 5 steps, global batch 4,
-    no aux loss as on the HF path without moe_aux_loss_coef): 1 process, TP=2 (+SP), EP=2 share one HF run; the
+    """`USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path (fp32, CPU, 5 steps, global batch 4):
+    qwen2_moe with `moe_aux_loss_coef` (the HF path's pooled router aux loss, trained on: gradient checkpointing
+    off on the HF side; micro-batches of 2 rows in every layout, as the aux loss depends on their grouping),
+    glm4_moe with it set but added by neither path. 1 process, TP=2 (+SP), EP=2 share one HF run; the
     1-process export equals the HF-trained weights; the EP=2 run's checkpoint merges with `llamafactory-mca merge`
     into a model that transformers loads with no missing or unexpected keys."""
     import os
@@ -258,8 +260,9 @@ def test_training_parity_1p_tp2_ep2_and_merge(family_models, kind, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = family_models[kind]
-    hf = train(tmp_path, f"hf_{kind}", make_recipe(model, str(tmp_path / "hf")), mca=False)
-    one = train(tmp_path, f"mca_{kind}", make_recipe(model, str(tmp_path / "one")))
+    aux = dict(moe_aux_loss_coef=0.1, disable_gradient_checkpointing=True) if kind == "qwen2_moe" else {}
+    hf = train(tmp_path, f"hf_{kind}", make_recipe(model, str(tmp_path / "hf"), **aux), mca=False)
+    one = train(tmp_path, f"mca_{kind}", make_recipe(model, str(tmp_path / "one"), **aux))
     assert_parity(hf, one)
     ours = AutoModelForCausalLM.from_pretrained(one).state_dict()
     theirs = AutoModelForCausalLM.from_pretrained(hf).state_dict()
@@ -269,13 +272,13 @@ def test_training_parity_1p_tp2_ep2_and_merge(family_models, kind, tmp_path):
 
     # glm4_moe: LLaMA-Factory's HF path adds no aux loss to this family even with moe_aux_loss_coef set, so
     # neither may ours (the HF reference run has no coefficient: the HF path computes the same either way)
-    no_aux = dict(moe_aux_loss_coef=0.01) if kind == "glm4_moe" else {}
+    no_aux = dict(moe_aux_loss_coef=0.01) if kind == "glm4_moe" else aux
     tp2 = make_recipe(model, str(tmp_path / "tp2"), tensor_model_parallel_size=2, sequence_parallel=True,
                       save_hf_model=False, **no_aux)
     assert_parity(hf, train(tmp_path, f"mca_{kind}_tp2", tp2, nproc=2))
 
-    ep2 = make_recipe(model, str(tmp_path / "ep2"), per_device_train_batch_size=1, expert_model_parallel_size=2,
-                      save_strategy="steps", save_steps=5, save_hf_model=False)
+    ep2 = make_recipe(model, str(tmp_path / "ep2"), gradient_accumulation_steps=1, expert_model_parallel_size=2,
+                      save_strategy="steps", save_steps=5, save_hf_model=False, **aux)
     assert_parity(hf, train(tmp_path, f"mca_{kind}_ep2", ep2, nproc=2))
     merged = str(tmp_path / "merged")
     proc = subprocess.run([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path",

@@ -24,6 +24,7 @@ from lf_runs import (
     make_models,
     make_recipe,
     train,
+    training_history,
 )
 
 pytestmark = pytest.mark.slow
@@ -98,13 +99,18 @@ def test_dp2_distributed_optimizer_parity(models, hf_dense, tmp_path):
 
 
 def test_moe_ep2_parity(models, tmp_path):
-    """Qwen3-MoE with 2 expert-parallel ranks. LLaMA-Factory adds no router aux loss unless moe_aux_loss_coef is
-    set, so ours runs without load balancing loss as well."""
-    hf = train(tmp_path, "hf_moe", make_recipe(models["moe"], str(tmp_path / "hf")), mca=False)
-    recipe = make_recipe(models["moe"], str(tmp_path / "out"), per_device_train_batch_size=1,
-                     expert_model_parallel_size=2, moe_router_load_balancing_type="none")
+    """Qwen3-MoE with 2 expert-parallel ranks and `moe_aux_loss_coef`: the HF path's pooled router aux loss of each
+    micro-batch (2 rows each on both sides: the loss depends on the grouping) is in the logged loss; with
+    LLaMA-Factory's default reentrant gradient checkpointing the HF path back-propagates none of it, nor do we
+    (models/router_aux_loss.py; the family test of qwen2_moe trains on it)."""
+    hf = train(tmp_path, "hf_moe", make_recipe(models["moe"], str(tmp_path / "hf"), moe_aux_loss_coef=0.1),
+               mca=False)
+    recipe = make_recipe(models["moe"], str(tmp_path / "out"), gradient_accumulation_steps=1,
+                         expert_model_parallel_size=2, moe_aux_loss_coef=0.1)
     ours = train(tmp_path, "mca_moe", recipe, nproc=2)
     assert_parity(hf, ours)
+    aux = [h["load_balancing_loss"] for h in training_history(ours)]
+    assert len(aux) == STEPS and all(a > 1.0 for a in aux), aux  # 2 micro-batches per step, each >= 1
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(ours)  # the exported MoE model loads

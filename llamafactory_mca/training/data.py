@@ -146,6 +146,7 @@ class MicroBatch:
     packed_seq_params: Any = None  # THD (neat_packing): megatron PackedSeqParams, global cu_seqlens
     model_inputs: dict = field(default_factory=dict)  # extra model kwargs (Qwen2-VL: pixel_values, image_grid_thw)
     full_seq_length: int = 0  # the sequence length before the CP split (0: not split)
+    token_mask: Optional[torch.Tensor] = None  # [b, s] float, 1 for real input tokens (HF attention mask > 0)
 
     @property
     def seq_length(self) -> int:
@@ -160,6 +161,8 @@ class MicroBatch:
         """Make this a filler micro-batch (a step with fewer batches than its peers): shapes stay, loss, token
         and sample counts are zero."""
         self.loss_mask.zero_()
+        if self.token_mask is not None:
+            self.token_mask.zero_()
         self.loss_denominator = torch.tensor(0, dtype=torch.int)
         self.num_input_tokens = 0
         self.num_samples = 0
@@ -236,6 +239,7 @@ def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int, segments
         num_samples=b,
         segment_ids=attention_mask.long() if segments and attention_mask is not None else None,
         model_inputs=model_inputs,
+        token_mask=(attention_mask > 0).float() if attention_mask is not None else torch.ones(b, s),
     )
 
 
@@ -265,6 +269,7 @@ def pad_microbatch(mb: MicroBatch, seq_length: int, batch_size: int, pad_token_i
         extra=mb.extra,
         segment_ids=pad(mb.segment_ids, 0) if mb.segment_ids is not None else None,
         model_inputs=mb.model_inputs,
+        token_mask=pad(mb.token_mask, 0.0) if mb.token_mask is not None else None,
     )
 
 
@@ -339,6 +344,8 @@ def split_for_cp(mb: MicroBatch, layout: SeqLayout) -> MicroBatch:
     if layout.cp == 1:
         return mb
     batch = {"tokens": mb.tokens, "labels": mb.labels, "loss_mask": mb.loss_mask, "position_ids": mb.position_ids}
+    if mb.token_mask is not None:
+        batch["token_mask"] = mb.token_mask
     local = packing.cp_split(batch, layout.cp, layout.cp_rank, mb.packed_seq_params)
     first = layout.cp_rank == 0
     extra = dict(mb.extra)
@@ -353,7 +360,7 @@ def split_for_cp(mb: MicroBatch, layout: SeqLayout) -> MicroBatch:
         loss_denominator=mb.loss_denominator if first else torch.zeros_like(mb.loss_denominator),
         num_input_tokens=mb.num_input_tokens if first else 0, num_samples=mb.num_samples if first else 0,
         extra=extra, packed_seq_params=mb.packed_seq_params, model_inputs=mb.model_inputs,
-        full_seq_length=mb.tokens.shape[-1],
+        full_seq_length=mb.tokens.shape[-1], token_mask=local.get("token_mask"),
     )
 
 

@@ -250,6 +250,7 @@ class Run:
     book: Optional[HFTrainerBookkeeping] = None
     max_steps: int = 0
     loss_weighting: str = "token"  # resolved `loss_weighting` (training/loss_weighting.py)
+    router_aux: Any = None  # models.router_aux_loss.HFRouterAuxLoss when moe_aux_loss_coef asks for HF's aux loss
 
 
 class SupervisedTask:
@@ -280,9 +281,15 @@ class SupervisedTask:
 
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
         """Forward and backward of one optimizer step's microbatches; returns (loss, metrics to log)."""
+        if run.router_aux is not None:
+            run.router_aux.begin_step(mbs, run.device)
         losses = run_schedule(run.ddp_models, mbs, forward_only=False)
         report = _reduce_report(losses, run.device, len(mbs)).sum(0)
-        return float(report[0]) / max(float(report[1]), 1.0), {}
+        loss = float(report[0]) / max(float(report[1]), 1.0)
+        if run.router_aux is None:
+            return loss, {}
+        aux = run.router_aux.end_step(run.device)  # the HF path's loss adds coef * aux (models/router_aux_loss.py)
+        return loss + run.router_aux.coef * aux, {"load_balancing_loss": aux}
 
     def evaluate(self, run: Run, name: str, dataset: Any) -> dict[str, float]:
         """eval_loss as the HF evaluation loop computes it: per eval step (one batch on each data-parallel rank),
@@ -371,9 +378,18 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
                                                      if m.loss_weighting == "auto" else ""))
     run.params_dtype = _params_dtype(training_args)
     run.bridge = _get_bridge(run.hf_config)
+    hf_aux_coef = None
     if m.moe_aux_loss_coeff is None and getattr(model_args, "moe_aux_loss_coef", None):
         if run.bridge.hf_router_aux_loss(run.hf_config):
-            m.moe_aux_loss_coeff = model_args.moe_aux_loss_coef  # LLaMA-Factory's own key, as its HF path uses it
+            from llamafactory_mca.models.router_aux_loss import unsupported_reason
+
+            reason = unsupported_reason(m, run.stage, run.layout.thd)
+            if reason is None:
+                hf_aux_coef = model_args.moe_aux_loss_coef  # LLaMA-Factory's own key, added as its HF path adds it
+            else:
+                m.moe_aux_loss_coeff = model_args.moe_aux_loss_coef
+                warn(f"moe_aux_loss_coef: with {reason} the HF path's pooled load-balancing loss is not available; "
+                     "megatron's per-layer load-balancing loss is used instead (the loss differs from the HF path's)")
         else:
             warn(f"moe_aux_loss_coef: LLaMA-Factory's HF path adds no router aux loss to {run.hf_config.model_type}, "
                  "so neither does this backend. Fix (to add megatron's load-balancing loss anyway): set "
@@ -384,6 +400,17 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     run.bridge.load_hf_weights(run.models, model_args.model_name_or_path)
     run.lora = apply_finetuning_type(run)
     task.adapt_model(run)
+    if hf_aux_coef is not None:
+        from llamafactory_mca.models.router_aux_loss import HFRouterAuxLoss
+
+        from llamafactory_mca.models.router_aux_loss import hf_path_trains_on_it
+
+        trains = hf_path_trains_on_it(run.model_args)
+        if not trains:
+            warn("moe_aux_loss_coef: LLaMA-Factory's HF path with its (reentrant) gradient checkpointing adds the "
+                 "router aux loss to the logged loss but back-propagates none of it, and so does this backend. "
+                 "Fix (to train on it, on both paths): disable_gradient_checkpointing: true")
+        run.router_aux = HFRouterAuxLoss(run.models, hf_aux_coef, run.bridge.moe_topk(run.hf_config), trains)
     from llamafactory_mca.training.ddp import wrap_ddp
 
     run.ddp_models = wrap_ddp(m, run.models)
