@@ -240,36 +240,60 @@ def family_models(tmp_path_factory):
     return {kind: make_tiny_family_model(kind, str(root / kind)) for kind in FAMILY_KINDS}
 
 
+def aux_keys(kind: str) -> dict:
+    """qwen2_moe trains with the HF path's pooled router aux loss (gradient checkpointing off on the HF side, where
+    it would drop the aux gradient); glm4_moe has none on either path."""
+    return dict(moe_aux_loss_coef=0.1, disable_gradient_checkpointing=True) if kind == "qwen2_moe" else {}
+
+
+@pytest.fixture(scope="module")
+def family_hf_runs(family_models, tmp_path_factory):
+    """Per kind, built when first asked for: LLaMA-Factory's HF run (shared by the parallel and 1-process checks)."""
+    from lf_runs import make_recipe, train
+
+    cache = {}
+
+    def run(kind: str) -> str:
+        if kind not in cache:
+            tmp = tmp_path_factory.mktemp(f"hf_{kind}")
+            cache[kind] = train(tmp, f"hf_{kind}", make_recipe(family_models[kind], str(tmp / "hf"), **aux_keys(kind)),
+                                mca=False)
+        return cache[kind]
+
+    return run
+
+
+def assert_hf_weights(model_dir: str, hf: str) -> None:
+    """The model in `model_dir` loads with transformers (no missing or unexpected keys) to the HF run's weights."""
+    from transformers import AutoModelForCausalLM
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours, theirs = loaded.state_dict(), AutoModelForCausalLM.from_pretrained(hf).state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.extended) if k == "glm4_moe" else k
                                   for k in FAMILY_KINDS])  # glm4_moe's router is also checked against HF's gate
-def test_training_parity_1p_tp2_ep2_and_merge(family_models, kind, tmp_path):
+def test_training_parity_tp2_ep2_and_merge(family_models, family_hf_runs, kind, tmp_path):
     """`USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path (fp32, CPU, 5 steps, global batch 4):
-    qwen2_moe with `moe_aux_loss_coef` (the HF path's pooled router aux loss, trained on: gradient checkpointing
-    off on the HF side; micro-batches of 2 rows in every layout, as the aux loss depends on their grouping),
-    glm4_moe with it set but added by neither path. 1 process, TP=2 (+SP), EP=2 share one HF run; the
-    1-process export equals the HF-trained weights; the EP=2 run's checkpoint merges with `llamafactory-mca merge`
-    into a model that transformers loads with no missing or unexpected keys."""
+    qwen2_moe with `moe_aux_loss_coef` (the HF path's pooled router aux loss, trained on; micro-batches of 2 rows in
+    every layout, as the aux loss depends on their grouping), glm4_moe with it set but added by neither path.
+    TP=2 (+SP) and EP=2 share one HF run; the EP=2 run's checkpoint merges with `llamafactory-mca merge` into a
+    model that transformers loads with no missing or unexpected keys, equal to the HF-trained weights. The
+    1-process run: test_training_parity_one_process."""
     import os
     import subprocess
     import sys
 
     from conftest import REPO, clean_env
     from lf_runs import assert_parity, make_recipe, train
-    from transformers import AutoModelForCausalLM
 
-    model = family_models[kind]
-    aux = dict(moe_aux_loss_coef=0.1, disable_gradient_checkpointing=True) if kind == "qwen2_moe" else {}
-    hf = train(tmp_path, f"hf_{kind}", make_recipe(model, str(tmp_path / "hf"), **aux), mca=False)
-    one = train(tmp_path, f"mca_{kind}", make_recipe(model, str(tmp_path / "one"), **aux))
-    assert_parity(hf, one)
-    ours = AutoModelForCausalLM.from_pretrained(one).state_dict()
-    theirs = AutoModelForCausalLM.from_pretrained(hf).state_dict()
-    assert ours.keys() == theirs.keys()
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
-
+    model, hf, aux = family_models[kind], family_hf_runs(kind), aux_keys(kind)
     # glm4_moe: LLaMA-Factory's HF path adds no aux loss to this family even with moe_aux_loss_coef set, so
     # neither may ours (the HF reference run has no coefficient: the HF path computes the same either way)
     no_aux = dict(moe_aux_loss_coef=0.01) if kind == "glm4_moe" else aux
@@ -285,8 +309,18 @@ def test_training_parity_1p_tp2_ep2_and_merge(family_models, kind, tmp_path):
                            os.path.join(ep2["output_dir"], "checkpoint-5"), "--output_path", merged, "--fp32"],
                           env=clean_env(PYTHONPATH=REPO), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    loaded, info = AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    merged_sd = loaded.state_dict()
-    for k in theirs:  # the EP=2 run trained the same updates
-        torch.testing.assert_close(merged_sd[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_hf_weights(merged, hf)  # the EP=2 run trained the same updates
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.parametrize("kind", list(FAMILY_KINDS))
+def test_training_parity_one_process(family_models, family_hf_runs, kind, tmp_path):
+    """1 process against the same HF run (the bridge and loss of the parallel runs above); its export equals the
+    HF-trained weights."""
+    from lf_runs import assert_parity, make_recipe, train
+
+    hf = family_hf_runs(kind)
+    one = train(tmp_path, f"mca_{kind}", make_recipe(family_models[kind], str(tmp_path / "one"), **aux_keys(kind)))
+    assert_parity(hf, one)
+    assert_hf_weights(one, hf)
