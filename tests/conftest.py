@@ -67,6 +67,13 @@ LONGEST_MODULES_FIRST = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist would hand out the modules by their number of tests (its --loadscope-reorder, on by default),
+    which puts the long end-to-end modules, each with few tests, last: keep LONGEST_MODULES_FIRST's order."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def longest_first(items: list[pytest.Item]) -> None:
     """Sort `items` (stably) by LONGEST_MODULES_FIRST; tests keep their order within a module."""
     rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
