@@ -21,9 +21,9 @@ def fresh_hooks(monkeypatch):
 
 
 def _cfg(kind):
-    from tests.tiny_models import _config
+    from tests.tiny_models import tiny_config
 
-    return _config(kind)
+    return tiny_config(kind)
 
 
 @pytest.mark.parametrize("kind,cls", [("llama", "LlamaBridge"), ("qwen2", "Qwen2Bridge"), ("qwen3", "Qwen3Bridge"),

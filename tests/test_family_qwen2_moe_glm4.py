@@ -19,7 +19,7 @@ from tests.dist_helpers import (
     assert_round_trip,
     run_bridge_checks,
 )
-from tests.tiny_models import FAMILY_KINDS, _config, make_tiny_model
+from tests.tiny_models import FAMILY_KINDS, tiny_config, make_tiny_model
 
 TOL = 1e-5
 RUN_LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "vpp2", "ep2", "tp2ep2")
@@ -32,7 +32,7 @@ def test_transformer_config_qwen2_moe():
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
 
-    hf = _config("qwen2_moe")
+    hf = tiny_config("qwen2_moe")
     cfg = bridge_for("qwen2_moe").transformer_config(hf, MegatronArguments())
     assert cfg.num_moe_experts == 6 and cfg.moe_ffn_hidden_size == 24 and cfg.ffn_hidden_size == 80
     assert cfg.moe_layer_freq == [0, 1, 1, 1]  # mlp_only_layers=[0]
@@ -49,7 +49,7 @@ def test_transformer_config_glm4_moe():
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
 
-    cfg = bridge_for("glm4_moe").transformer_config(_config("glm4_moe"), MegatronArguments())
+    cfg = bridge_for("glm4_moe").transformer_config(tiny_config("glm4_moe"), MegatronArguments())
     assert cfg.num_moe_experts == 8 and cfg.moe_router_topk == 4 and cfg.moe_layer_freq == [0, 1, 1, 1]
     assert cfg.moe_shared_expert_intermediate_size == 48 and not cfg.moe_shared_expert_gate  # 2 x 24
     assert cfg.moe_router_score_function == "sigmoid" and cfg.moe_router_enable_expert_bias
@@ -57,7 +57,7 @@ def test_transformer_config_glm4_moe():
     assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk) == (4, 2)
     assert cfg.moe_router_topk_scaling_factor == 2.5
     assert cfg.qk_layernorm and cfg.add_qkv_bias and cfg.kv_channels == 16
-    assert bridge_for("glm4_moe").rotary_percent(_config("glm4_moe")) == 0.5
+    assert bridge_for("glm4_moe").rotary_percent(tiny_config("glm4_moe")) == 0.5
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
@@ -88,7 +88,7 @@ def test_glm4_moe_refuses_what_megatron_computes_differently(change, message):
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
 
-    hf = _config("glm4_moe")
+    hf = tiny_config("glm4_moe")
     for k, v in change.items():
         setattr(hf, k, v)
     with pytest.raises(ValueError, match=message) as err:
@@ -100,7 +100,7 @@ def test_qwen2_moe_refuses_sliding_window():
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
 
-    hf = _config("qwen2_moe")
+    hf = tiny_config("qwen2_moe")
     hf.use_sliding_window = True
     with pytest.raises(ValueError, match="use_sliding_window.*Fix:"):
         bridge_for("qwen2_moe").transformer_config(hf, MegatronArguments())
@@ -134,7 +134,7 @@ def test_router_matches_hf_qwen2_moe(norm_topk_prob):
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
 
-    hf = _config("qwen2_moe")
+    hf = tiny_config("qwen2_moe")
     hf.norm_topk_prob = norm_topk_prob
     cfg = bridge_for("qwen2_moe").transformer_config(hf, MegatronArguments())
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def test_router_matches_hf_glm4_moe():
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
 
-    hf = _config("glm4_moe")
+    hf = tiny_config("glm4_moe")
     cfg = bridge_for("glm4_moe").transformer_config(hf, MegatronArguments())
     torch.manual_seed(0)
     moe = Glm4MoeMoE(hf)

@@ -9,7 +9,8 @@ import torch
 VOCAB = 1001  # odd on purpose: vocab padding under TP
 
 
-def _config(kind: str):
+def tiny_config(kind: str):
+    """The transformers config of the tiny model of `kind` (odd shapes; see make_tiny_model)."""
     from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     if kind in DSV3_MISTRAL_KINDS:
@@ -107,7 +108,7 @@ def make_tiny_model(kind: str, path: str, seed: int = 0) -> str:
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     torch.manual_seed(seed)
-    config = _config(kind)
+    config = tiny_config(kind)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # non-trivial norms/biases so that mapping mistakes show up
         for name, p in model.named_parameters():
@@ -134,7 +135,7 @@ def make_tiny_family_model(kind: str, path: str, seed: int = 0) -> str:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     tokenizer = module.build_tokenizer(512 - 32)
-    config = _config(kind)
+    config = tiny_config(kind)
     config.vocab_size, config.max_position_embeddings = 512, 1024
     config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
     torch.manual_seed(seed)
