@@ -77,13 +77,18 @@ def when_imported(module_name: str, callback: Callable[[ModuleType], None]) -> N
         sys.meta_path.insert(0, _PostImportFinder())
 
 
+def has_nvidia_devices() -> bool:
+    """Whether this machine has NVIDIA GPUs, from the device node (keeps torch out of start-up)."""
+    return os.path.exists("/dev/nvidiactl")
+
+
 def _default_nproc() -> None:
     """LLaMA-Factory's launcher asks torchrun for one process per GPU; on a CPU machine that is 0.
     (Also: no CUDA allocator settings for the children of a CPU machine.)
 
     A device-node check instead of `torch.cuda` keeps torch out of start-up.
     """
-    if not os.path.exists("/dev/nvidiactl"):
+    if not has_nvidia_devices():
         os.environ.setdefault("NPROC_PER_NODE", "1")
         # the launcher's CUDA allocator settings mean nothing here, and torch warns that one is deprecated
         os.environ.setdefault("OPTIM_TORCH", "0")

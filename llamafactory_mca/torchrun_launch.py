@@ -4,11 +4,11 @@ LLaMA-Factory's launcher (`llamafactory/launcher.py`, the same torchrun branch i
 `llamafactory.extras.misc` before it starts torchrun, i.e. transformers, peft and torch: 8.3 s of the 38.6 s a tiny
 1-process CPU run takes from the command line to its last line on the 2-core CI machine (`python -X importtime`),
 spent again in every training process anyway (the quick start's run, examples/megatron/tiny_cpu.yaml, end to
-end: 42.1 s with upstream's launcher, 29.5 s with this one, twice each on an otherwise idle machine). Under USE_MCA that branch is always taken (FORCE_TORCHRUN), so the
-launching process builds the same torchrun command here from the same environment variables (NNODES, NODE_RANK,
-NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID, MIN_NNODES, MAX_NNODES, MAX_RESTARTS, OPTIM_TORCH) and runs
-LLaMA-Factory's own `launcher.py` as the torchrun script, as upstream does. tests/test_torchrun_launch.py checks the
-command and environment against upstream's launcher.
+end: 42.1 s with upstream's launcher, 29.5 s with this one, twice each on an otherwise idle machine). Under USE_MCA
+that branch is always taken (FORCE_TORCHRUN), so the launching process builds the same torchrun command here from
+the same environment variables (NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID, MIN_NNODES,
+MAX_NNODES, MAX_RESTARTS, OPTIM_TORCH) and runs LLaMA-Factory's own `launcher.py` as the torchrun script, as
+upstream does. tests/test_torchrun_launch.py checks the command and environment against upstream's launcher.
 
 Only the process count needs a device query: NPROC_PER_NODE unset on a machine with NVIDIA devices imports torch
 (`torch.cuda.device_count()`, which honours CUDA_VISIBLE_DEVICES as upstream's count does).
@@ -23,7 +23,9 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
+from typing import NamedTuple, Optional
 
+from llamafactory_mca.activation import has_nvidia_devices
 from llamafactory_mca.log import is_verbose, run_with_quiet_stdout
 
 UPSTREAM_LAUNCHER = "llamafactory.launcher"
@@ -52,20 +54,39 @@ def free_port() -> int:
 
 def device_count() -> int:
     """GPUs of this machine for the default NPROC_PER_NODE (torch only where NVIDIA device nodes exist)."""
-    if not os.path.exists("/dev/nvidiactl"):
+    if not has_nvidia_devices():
         return 0
     import torch
 
     return torch.cuda.device_count()
 
 
-def torchrun_command(args: list[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) of the torchrun run that LLaMA-Factory's launcher starts for `train ARGS` in `env`."""
-    nnodes = env.get("NNODES", "1")
-    node_rank = env.get("NODE_RANK", "0")
-    nproc_per_node = env["NPROC_PER_NODE"] if "NPROC_PER_NODE" in env else str(device_count())
-    master_addr = env.get("MASTER_ADDR", "127.0.0.1")
-    master_port = env["MASTER_PORT"] if "MASTER_PORT" in env else str(free_port())
+class LaunchSettings(NamedTuple):
+    """Upstream's launch values, from the environment (a free port is picked once, when MASTER_PORT is unset)."""
+
+    nnodes: str
+    node_rank: str
+    nproc_per_node: str
+    master_addr: str
+    master_port: str
+
+
+def launch_settings(env: Mapping[str, str]) -> LaunchSettings:
+    """The launch values LLaMA-Factory's launcher reads from `env`, with its defaults."""
+    return LaunchSettings(
+        nnodes=env.get("NNODES", "1"),
+        node_rank=env.get("NODE_RANK", "0"),
+        nproc_per_node=env["NPROC_PER_NODE"] if "NPROC_PER_NODE" in env else str(device_count()),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=env["MASTER_PORT"] if "MASTER_PORT" in env else str(free_port()),
+    )
+
+
+def torchrun_command(args: list[str], env: Mapping[str, str],
+                     settings: Optional[LaunchSettings] = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of the torchrun run that LLaMA-Factory's launcher starts for `train ARGS` in `env`
+    (`settings`: `launch_settings(env)` unless given)."""
+    nnodes, node_rank, nproc_per_node, master_addr, master_port = settings or launch_settings(env)
     child_env = dict(env)
     if env_enabled(env, "OPTIM_TORCH", "1"):
         child_env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
@@ -84,7 +105,7 @@ def torchrun_command(args: list[str], env: Mapping[str, str]) -> tuple[list[str]
     return line.split(), child_env  # upstream splits on whitespace too
 
 
-def announce(argv: list[str], nnodes: str) -> None:
+def announce(settings: LaunchSettings) -> None:
     """Upstream's first log line(s), in LLaMA-Factory's log format."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[%(levelname)s|%(asctime)s] %(name)s >> %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -92,18 +113,17 @@ def announce(argv: list[str], nnodes: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    option = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
-    nproc = option.get("--nproc_per_node", option.get("--nproc-per-node"))
-    endpoint = option.get("--rdzv-endpoint") or f"{option.get('--master_addr')}:{option.get('--master_port')}"
-    logger.info(f"Initializing {nproc} distributed tasks at: {endpoint}")
-    if int(nnodes) > 1:
-        logger.info(f"Multi-node training enabled: num nodes: {nnodes}, node rank: {os.environ.get('NODE_RANK', '0')}")
+    logger.info(f"Initializing {settings.nproc_per_node} distributed tasks at: "
+                f"{settings.master_addr}:{settings.master_port}")
+    if int(settings.nnodes) > 1:
+        logger.info(f"Multi-node training enabled: num nodes: {settings.nnodes}, node rank: {settings.node_rank}")
     handler.flush()
 
 
 def launch_training(args: list[str]) -> int:
     """Start torchrun on `llamafactory-cli train ARGS` as LLaMA-Factory's launcher would; its exit code."""
-    argv, env = torchrun_command(args, os.environ)
-    announce(argv, env.get("NNODES", "1"))
+    settings = launch_settings(os.environ)
+    argv, env = torchrun_command(args, os.environ, settings)
+    announce(settings)
     run = subprocess.run if is_verbose() else run_with_quiet_stdout
     return run(argv, env=env, check=False).returncode

@@ -104,8 +104,9 @@ class FusedExpertReader(SafetensorsReader):
 class FusedExpertWriter:
     """Per-expert Hugging Face tensors -> the fused checkpoint tensors of their layer (module docstring).
 
-    Hub layout unless `hub_layout_safe` says otherwise. `add(name, tensor)` returns [(name, tensor)] for any other tensor, [] for a per-expert piece until the fused
-    tensor it belongs to is complete, then [(fused name, fused tensor)]. A piece that arrives twice starts that
+    Hub layout unless `hub_layout_safe` says otherwise. `add(name, tensor)` returns [(name, tensor)] for any other
+    tensor, [] for a per-expert piece until the fused tensor it belongs to is complete, then
+    [(fused name, fused tensor)]. A piece that arrives twice starts that
     tensor again (a new pass: the export plans the shapes on `meta` tensors, then streams the real ones)."""
 
     def __init__(self, num_experts: int):

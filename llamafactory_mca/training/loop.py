@@ -401,9 +401,7 @@ def setup_run(mca_args: dict, model_args: Any, data_args: Any, training_args: An
     run.lora = apply_finetuning_type(run)
     task.adapt_model(run)
     if hf_aux_coef is not None:
-        from llamafactory_mca.models.router_aux_loss import HFRouterAuxLoss
-
-        from llamafactory_mca.models.router_aux_loss import hf_path_trains_on_it
+        from llamafactory_mca.models.router_aux_loss import HFRouterAuxLoss, hf_path_trains_on_it
 
         trains = hf_path_trains_on_it(run.model_args)
         if not trains:
