@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, run_checked
 
 STEPS = 5
 REL_TOL = 1e-4
@@ -111,6 +111,14 @@ def train_fails(tmp_path, name: str, recipe: dict, nproc: int = 1) -> str:
     proc = _run_train(tmp_path, name, recipe, nproc, mca=True)
     assert proc.returncode != 0, f"{name} should have failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
+
+
+def merge(checkpoint: str, output: str, *flags: str, timeout: int = 600) -> str:
+    """`llamafactory-mca merge --checkpoint_path CHECKPOINT --output_path OUTPUT FLAGS` (fails the test if it fails);
+    returns `output`."""
+    run_checked([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", checkpoint,
+                 "--output_path", output, *flags], timeout=timeout)
+    return output
 
 
 def log_records(output_dir: str) -> list[dict]:

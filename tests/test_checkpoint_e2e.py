@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO, clean_env
-from lf_runs import log_records, make_models, make_recipe, train, train_command, train_fails
+from lf_runs import log_records, make_models, make_recipe, merge, train, train_command, train_fails
 
 # 4 steps, a checkpoint after each, dp=2 with the distributed optimizer (its state is what save_only_model drops)
 COMMON = dict(max_steps=4, save_strategy="steps", save_steps=1, use_distributed_optimizer=True,
@@ -145,11 +143,7 @@ def test_save_only_model_writes_weights_that_merge_but_do_not_resume(models, ful
     assert a and all(torch.equal(a[k], b[k]) for k in a)
 
     # merge reads it: the same safetensors as the run's own final Hugging Face export (step 4)
-    merged = str(tmp_path / "merged")
-    proc = subprocess.run([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", ckpt,
-                           "--output_path", merged, "--fp32"], env=clean_env(PYTHONPATH=REPO), capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = merge(ckpt, str(tmp_path / "merged"), "--fp32", timeout=300)
     m, final = safetensors_of(merged), safetensors_of(out)
     assert m and m.keys() == final.keys() and all(torch.equal(m[k], final[k]) for k in m)
 

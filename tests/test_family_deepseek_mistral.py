@@ -13,7 +13,6 @@ without missing keys.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -260,21 +259,13 @@ def family_runs(tmp_path_factory):
     return run
 
 
-def _merge(checkpoint: str, output: str) -> None:
-    from conftest import REPO, clean_env
-
-    proc = subprocess.run([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", checkpoint,
-                           "--output_path", output, "--fp32"], env=clean_env(PYTHONPATH=REPO), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def _assert_merge_equals_export(checkpoint: str, export: str, merged: str) -> None:
     """`llamafactory-mca merge` of `checkpoint` loads in transformers without missing or unexpected keys and equals
     the run's own Hugging Face export bit for bit."""
+    from lf_runs import merge
     from transformers import AutoModelForCausalLM
 
-    _merge(checkpoint, merged)
+    merge(checkpoint, merged, "--fp32")
     loaded, info = AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     exported = AutoModelForCausalLM.from_pretrained(export).state_dict()

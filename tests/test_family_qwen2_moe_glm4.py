@@ -287,11 +287,8 @@ def test_training_parity_tp2_ep2_and_merge(family_models, family_hf_runs, kind, 
     model that transformers loads with no missing or unexpected keys, equal to the HF-trained weights. The
     1-process run: test_training_parity_one_process."""
     import os
-    import subprocess
-    import sys
 
-    from conftest import REPO, clean_env
-    from lf_runs import assert_parity, make_recipe, train
+    from lf_runs import assert_parity, make_recipe, merge, train
 
     model, hf, aux = family_models[kind], family_hf_runs(kind), aux_keys(kind)
     # glm4_moe: LLaMA-Factory's HF path adds no aux loss to this family even with moe_aux_loss_coef set, so
@@ -304,11 +301,7 @@ def test_training_parity_tp2_ep2_and_merge(family_models, family_hf_runs, kind, 
     ep2 = make_recipe(model, str(tmp_path / "ep2"), gradient_accumulation_steps=1, expert_model_parallel_size=2,
                       save_strategy="steps", save_steps=5, save_hf_model=False, **aux)
     assert_parity(hf, train(tmp_path, f"mca_{kind}_ep2", ep2, nproc=2))
-    merged = str(tmp_path / "merged")
-    proc = subprocess.run([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path",
-                           os.path.join(ep2["output_dir"], "checkpoint-5"), "--output_path", merged, "--fp32"],
-                          env=clean_env(PYTHONPATH=REPO), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = merge(os.path.join(ep2["output_dir"], "checkpoint-5"), str(tmp_path / "merged"), "--fp32")
     assert_hf_weights(merged, hf)  # the EP=2 run trained the same updates
 
 

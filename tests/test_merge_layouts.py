@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, run_checked
+from lf_runs import merge
 
 WORKER = os.path.join(REPO, "tests", "merge_worker.py")
 
@@ -20,8 +21,7 @@ def megatron_run(hf: str, out: str, *layout: str, steps: int = 2, lr: float = 1e
 
 
 def merge_cli(ckpt: str, out: str, *flags: str) -> None:
-    run_checked([sys.executable, "-m", "llamafactory_mca.cli", "merge", "--checkpoint_path", ckpt, "--output_path", out,
-          *flags])
+    merge(ckpt, out, *flags, timeout=300)
 
 
 @pytest.fixture(scope="module")
