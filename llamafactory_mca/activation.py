@@ -103,13 +103,11 @@ def activate() -> None:
     if first_process:
         _default_nproc()
 
-    from llamafactory_mca.log import is_verbose, quiet_third_party
-    from llamafactory_mca.patching import patch_cli, patch_launcher, patch_tuner, patch_v1_launcher
+    from llamafactory_mca.log import quiet_third_party
+    from llamafactory_mca.patching import patch_cli, patch_tuner, patch_v1_launcher
 
     quiet_third_party()
     if first_process:  # the launching process: the recipe is checked before torchrun starts
         when_imported("llamafactory.cli", patch_cli)
-        if not is_verbose():
-            when_imported("llamafactory.launcher", patch_launcher)
     when_imported("llamafactory.train.tuner", patch_tuner)
     when_imported("llamafactory.v1.launcher", patch_v1_launcher)

@@ -18,7 +18,8 @@ import re
 import subprocess
 import sys
 import warnings
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Optional
 
 VERBOSE = "LLAMAFACTORY_MCA_VERBOSE"
 
@@ -76,13 +77,12 @@ def is_noise_line(line: str) -> bool:
     return any(p.match(line) for p in NOISE_LINES)
 
 
-def run_with_quiet_stdout(cmd: Any, *args: Any, env: Any = None, check: bool = False,
-                          **kwargs: Any) -> subprocess.CompletedProcess:
-    """`subprocess.run` for the launcher's torchrun command, with its stdout passed on line by line without
+def run_with_quiet_stdout(cmd: list[str], env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, env=env)` for the torchrun command, with its stdout passed on line by line without
     noise lines (stderr, where progress bars go, untouched). Unbuffered children, so lines arrive as printed."""
     env = dict(os.environ if env is None else env)
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(cmd, *args, env=env, stdout=subprocess.PIPE, **kwargs)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE)
     out = sys.stdout.buffer
     try:
         for raw in proc.stdout:
@@ -91,15 +91,4 @@ def run_with_quiet_stdout(cmd: Any, *args: Any, env: Any = None, check: bool = F
                 out.flush()
     finally:
         returncode = proc.wait()
-    if check and returncode:
-        raise subprocess.CalledProcessError(returncode, cmd)
     return subprocess.CompletedProcess(cmd, returncode)
-
-
-class QuietSubprocess:
-    """Stands in for the `subprocess` module inside LLaMA-Factory's launcher: `run` filters the child's stdout."""
-
-    run = staticmethod(run_with_quiet_stdout)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(subprocess, name)

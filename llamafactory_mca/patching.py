@@ -6,9 +6,8 @@ Patch points, the same in LLaMA-Factory 0.9.4, 0.9.5 and main (checked at patch 
   (0.9.4 wraps `_training_function` itself in Ray; ours refuses USE_RAY there.)
 - `llamafactory.train.tuner.get_train_args`: run_exp calls it for `-h`; ours lists our keys as well.
 - `llamafactory.train.tuner.export_model`: `llamafactory-cli export` of a Megatron checkpoint.
-- `llamafactory.cli.main` (launching process only): the recipe is checked before the launcher starts torchrun.
-- `llamafactory.launcher.subprocess` (launching process only, unless LLAMAFACTORY_MCA_VERBOSE=1): the torchrun
-  child's stdout passes through our noise filter (gloo's C++ connection lines), see `log.py`.
+- `llamafactory.cli.main` (launching process only): `train` checks the recipe and starts torchrun itself
+  (`prelaunch.py`, `torchrun_launch.py`, whose stdout filter drops gloo's C++ connection lines, see `log.py`).
 - `llamafactory.v1.launcher.launch`: refused, the v1 trainer (USE_V1) is not supported under USE_MCA.
 """
 
@@ -62,14 +61,6 @@ def patch_cli(cli: ModuleType) -> None:
     from llamafactory_mca.prelaunch import checked_main
 
     cli.main = checked_main(cli.main)
-
-
-def patch_launcher(launcher: ModuleType) -> None:
-    """The launcher's torchrun call filters the training processes' noise lines (see `log.py`)."""
-    from llamafactory_mca.log import QuietSubprocess
-
-    if hasattr(launcher, "subprocess"):
-        launcher.subprocess = QuietSubprocess()
 
 
 def patch_v1_launcher(v1_launcher: ModuleType) -> None:

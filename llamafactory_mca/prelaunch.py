@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -149,14 +148,16 @@ def report(message: str) -> None:
 
 
 def checked_main(main: Callable[[], Any]) -> Callable[[], Any]:
-    """`llamafactory.cli.main` with the recipe checked first under `train`, then torchrun started as LLaMA-Factory's
-    launcher starts it (`torchrun_launch.py`, without importing LLaMA-Factory's training stack here). Other commands
-    go to upstream's main, with the launcher's CalledProcessError (a child failed, and said why) turned into its
-    exit code without a traceback."""
+    """`llamafactory.cli.main` with `train` taken over: the recipe checked first, then torchrun started as
+    LLaMA-Factory's launcher starts it (`torchrun_launch.py`, without importing LLaMA-Factory's training stack
+    here). `train -h` goes to torchrun unchecked, as upstream (the training process prints the keys, ours included).
+    Other commands go to upstream's main."""
 
     def main_with_checks() -> Any:
         args = sys.argv[1:]
-        if args and args[0] == "train" and not ({"-h", "--help"} & set(args)):
+        if not args or args[0] != "train":
+            return main()
+        if not ({"-h", "--help"} & set(args)):
             try:
                 notices = check_recipe_before_launch(args[1:])
             except McaArgumentError as err:
@@ -168,13 +169,9 @@ def checked_main(main: Callable[[], Any]) -> Callable[[], Any]:
             recipe = read_recipe(args[1:])
             if recipe and recipe.get("plan_only"):
                 raise SystemExit(plan_instead_of_training(recipe))
-            from llamafactory_mca.torchrun_launch import launch_training
+        from llamafactory_mca.torchrun_launch import launch_training
 
-            raise SystemExit(launch_training(args[1:]))
-        try:
-            return main()
-        except subprocess.CalledProcessError as err:
-            raise SystemExit(err.returncode or 1) from None
+        raise SystemExit(launch_training(args[1:]))
 
     main_with_checks.__wrapped__ = main
     return main_with_checks

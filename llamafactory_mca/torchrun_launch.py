@@ -125,5 +125,6 @@ def launch_training(args: list[str]) -> int:
     settings = launch_settings(os.environ)
     argv, env = torchrun_command(args, os.environ, settings)
     announce(settings)
-    run = subprocess.run if is_verbose() else run_with_quiet_stdout
-    return run(argv, env=env, check=False).returncode
+    if is_verbose():
+        return subprocess.run(argv, env=env, check=False).returncode
+    return run_with_quiet_stdout(argv, env=env).returncode

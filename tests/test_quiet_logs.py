@@ -42,7 +42,7 @@ def test_quick_start_prints_no_third_party_noise(tmp_path):
 
 
 def test_launcher_filter_drops_gloo_lines_and_warnings_are_quiet(tmp_path):
-    """The launcher's torchrun stand-in (`run_with_quiet_stdout`) drops gloo's C++ lines; under USE_MCA the Python
+    """The torchrun runner of the launching process (`run_with_quiet_stdout`) drops gloo's C++ lines; under USE_MCA the Python
     warnings are filtered in the child; with LLAMAFACTORY_MCA_VERBOSE=1 both come back."""
     from llamafactory_mca.log import run_with_quiet_stdout
 
@@ -50,7 +50,7 @@ def test_launcher_filter_drops_gloo_lines_and_warnings_are_quiet(tmp_path):
     script.write_text(GLOO)
     cmd = [sys.executable, str(script), "29671"]
     quiet = subprocess.run([sys.executable, "-c", "import sys; from llamafactory_mca.log import run_with_quiet_stdout; "
-                            f"run_with_quiet_stdout({cmd!r}, check=True)"],
+                            f"sys.exit(run_with_quiet_stdout({cmd!r}).returncode)"],
                            env=worktree_env(LLAMAFACTORY_MCA_ACTIVE="1"), capture_output=True, text=True, timeout=300,
                            cwd=REPO)
     assert quiet.returncode == 0, quiet.stderr
