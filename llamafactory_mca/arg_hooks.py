@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamafactory_mca.args import MULTIMODAL_MODEL_TYPES, MegatronArguments, require
+from llamafactory_mca.args import MegatronArguments, require
 from llamafactory_mca.hookspecs import hookimpl
 from llamafactory_mca.model_config import model_type as local_model_type
 from llamafactory_mca.model_config import num_experts, read_local_config, text_config
+from llamafactory_mca.models.families import MULTIMODAL_MODEL_TYPES
 from llamafactory_mca.plan.options import PlanArguments
 from llamafactory_mca.recipe_checks import FINETUNING_TYPES
 
@@ -91,10 +92,7 @@ def check_lora(model_args: Any, finetuning_args: Any) -> None:
 def check_model_family(model_args: Any, data_args: Any, ftype: str) -> None:
     """Rules of the model family read from the local config.json (vision-language models)."""
     model_type = local_model_type(getattr(model_args, "model_name_or_path", None))
-    if model_type in MULTIMODAL_MODEL_TYPES:
-        require(not (data_args.packing or data_args.neat_packing), "packing",
-                f"packing is not supported for {model_type} by the Megatron backend yet",
-                "set packing: false and neat_packing: false")
+    if model_type in MULTIMODAL_MODEL_TYPES:  # packing / neat_packing run (per-sample mRoPE: training/multimodal)
         require(ftype == "full", "finetuning_type",
                 f"only full fine-tuning is supported for {model_type} by the Megatron backend yet",
                 "set finetuning_type: full (freeze_vision_tower / freeze_multi_modal_projector / "

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
 from llamafactory_mca import model_config
-from llamafactory_mca.models.families import MULTIMODAL_MODEL_TYPES
 
 
 class McaArgumentError(ValueError):
@@ -459,18 +458,11 @@ def check_fp8_args(m: MegatronArguments) -> None:
 
 
 def check_layout_against_model(m: MegatronArguments, config: dict) -> None:
-    """Cross-check the layout with a Hugging Face config.json (dict): experts, heads, layers, VL + CP."""
+    """Cross-check the layout with a Hugging Face config.json (dict): experts, heads, layers."""
     text = model_config.text_config(config)
     model_type = config.get("model_type")
     tp, pp, cp, ep = (m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size,
                       m.expert_model_parallel_size)
-    require(
-        cp == 1 or model_type not in MULTIMODAL_MODEL_TYPES,
-        "context_parallel_size",
-        f"context parallelism is not supported for {model_type} models yet (image tokens are merged into the "
-        "sequence before it could be split)",
-        "set context_parallel_size: 1 (use tensor/pipeline parallelism for long multimodal sequences)",
-    )
     from llamafactory_mca.recipe_checks import check_mla_tensor_parallel, check_sliding_window  # (imports args)
 
     check_sliding_window(text, cp)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from llamafactory_mca.args import MULTIMODAL_MODEL_TYPES, McaArgumentError, coerce_value, require
+from llamafactory_mca.args import McaArgumentError, coerce_value, require
+from llamafactory_mca.models.families import MULTIMODAL_MODEL_TYPES
 from llamafactory_mca.model_config import model_type as local_model_type
 
 # key -> (type, test of the value, what a valid value is)

@@ -166,8 +166,10 @@ def test_values_are_coerced_and_recompute_modules_accepts_a_list():
      "tensor_model_parallel_size", "2 key/value heads"),
     (dict(num_hidden_layers=6, num_attention_heads=4), dict(pipeline_model_parallel_size=4), 4,
      "pipeline_model_parallel_size", "6 layers"),
-    (dict(text_config=dict(num_hidden_layers=6, num_attention_heads=4), model_type="qwen2_vl"),
-     dict(context_parallel_size=2), 2, "context_parallel_size", "qwen2_vl"),
+    # VL models: their text_config is checked (context parallelism runs for them: tests/test_vl_packing_cp.py)
+    (dict(text_config=dict(num_hidden_layers=6, num_attention_heads=6), model_type="qwen2_vl"),
+     dict(tensor_model_parallel_size=4, context_parallel_size=2), 8, "tensor_model_parallel_size",
+     "6 attention heads"),
     (dict(num_hidden_layers=5, num_attention_heads=4),
      dict(pipeline_model_parallel_size=3, num_layers_in_first_pipeline_stage=2), 3,
      "num_layers_in_first_pipeline_stage", "do not split evenly"),

@@ -29,7 +29,13 @@ LAYOUTS = {
     "tp2spvideo": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2video": dict(pipeline_model_parallel_size=2),
     "ep2video": dict(expert_model_parallel_size=2),
+    # packing / context parallelism through the training data path (check_pack_cp): the two rows of make_inputs
+    # packed into one neat_packing row (THD) and / or split over 2 CP ranks; logits vs HF on the unpacked rows
+    "thd": dict(),
+    "cp2": dict(context_parallel_size=2),
+    "cp2thd": dict(context_parallel_size=2),
 }
+PACK_CP_LAYOUTS = ("thd", "cp2", "cp2thd")
 
 
 def layout_args(hf_config, layout: str) -> dict:
@@ -360,8 +366,108 @@ def forward(models, inputs, position_ids, keep_local: list | None = None,
     return y
 
 
-def check(model_dir: str, layout: str, work: str) -> dict:
+def packed_features(inputs: dict) -> dict:
+    """The rows of `inputs` as one LLaMA-Factory neat_packing row: samples back to back, the attention mask
+    holding their indices 1, 2 (0 = padding: 4 tokens), the images in order; sft labels (the first 3 tokens of
+    each sample are its prompt: -100)."""
+    real = inputs["attention_mask"].bool()
+    ids, seg, labels = [], [], []
+    for i in range(real.shape[0]):
+        row = inputs["input_ids"][i][real[i]].tolist()
+        ids += row
+        seg += [i + 1] * len(row)
+        labels += [-100] * 3 + row[3:]
+    ids, seg, labels = ids + [0] * 4, seg + [0] * 4, labels + [-100] * 4
+    out = {k: inputs[k] for k in VISION_KEYS + ("second_per_grid_ts",) if k in inputs}
+    return dict(out, input_ids=torch.tensor([ids]), attention_mask=torch.tensor([seg]), labels=torch.tensor([labels]))
 
+
+def unpacked_features(inputs: dict) -> dict:
+    """`inputs` with sft labels as `packed_features` gives them (prompt: the first 3 tokens of each row)."""
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[:, :3] = -100
+    return dict(inputs, labels=labels)
+
+
+def check_pack_cp(model_dir: str, layout: str, work: str) -> dict:
+    """Logits and loss of the training data path (training/data: to_microbatch, lay_out with neat_packing THD
+    and / or CP 2, the model's kwargs) against Hugging Face on the unpacked rows, each sample alone (fp32).
+
+    The CP ranks' logits are gathered and put back in full-sequence order (`packing.cp_indices`); THD samples
+    are cut out of the packed row by its cu_seqlens."""
+    import torch.distributed as dist
+    import transformers
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig
+
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.packing import cp_indices
+    from llamafactory_mca.models.registry import bridge_for
+    from llamafactory_mca.training import data as mdata
+    from llamafactory_mca.training.loop import model_kwargs
+    from llamafactory_mca.training.multimodal import rope_fn
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    bridge = bridge_for(hf_config.model_type)
+    models = bridge.build_model(hf_config, MegatronArguments(**LAYOUTS[layout]), torch.float32, init_weights=False)
+    bridge.load_hf_weights(models, model_dir)
+    models[0].eval()
+    inputs = make_inputs(hf_config, video=hf_config.model_type == "qwen2_5_vl")
+    thd = layout.endswith("thd")
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    features = packed_features(inputs) if thd else unpacked_features(inputs)
+    mb = mdata.to_microbatch(features, 0, segments=thd, rope_fn=rope_fn(hf_config))
+    full_positions = mb.position_ids.clone()
+    [mb] = mdata.lay_out([mb], mdata.SeqLayout(cp=cp, cp_rank=cp_rank, thd=thd), 0, False, 1)
+    with torch.no_grad():
+        local = models[0](mb.tokens, mb.position_ids, None, **model_kwargs(mb, torch.device("cpu")))  # [b, s/cp, V]
+        per_token = models[0](mb.tokens, mb.position_ids, None, labels=mb.labels,
+                              **model_kwargs(mb, torch.device("cpu")))
+    loss = (per_token.float() * mb.loss_mask).sum()
+    p = mb.packed_seq_params
+    lens = (p.cu_seqlens_q_padded[1:] - p.cu_seqlens_q_padded[:-1]).tolist() if thd else [mb.schedule_seq_length]
+    if cp > 1:
+        parts = [torch.empty_like(local) for _ in range(cp)]
+        dist.all_gather(parts, local.contiguous(), group=ps.get_context_parallel_group())
+        full = torch.empty(local.shape[0], sum(lens), local.shape[-1])
+        for r, part in enumerate(parts):
+            full[:, cp_indices(lens, cp, r)] = part
+        dist.all_reduce(loss, group=ps.get_context_parallel_group())
+    else:
+        full = local
+    V = hf_config.text_config.vocab_size
+    if thd:  # cut each sample out of the packed row
+        starts, reals = p.cu_seqlens_q_padded.tolist(), (p.cu_seqlens_q[1:] - p.cu_seqlens_q[:-1]).tolist()
+        samples = [full[0, a:a + n, :V] for a, n in zip(starts, reals[:2])]
+    else:
+        real = inputs["attention_mask"].bool()
+        samples = [full[i, : int(real[i].sum()), :V] for i in range(2)]
+    hf = getattr(transformers, FAMILIES[hf_config.model_type][1]).from_pretrained(model_dir, dtype=torch.float32)
+    hf.eval()
+    ref_features = unpacked_features(inputs)
+    mm = (inputs["input_ids"] == hf_config.image_token_id).int() \
+        + 2 * (inputs["input_ids"] == hf_config.video_token_id).int()
+    with torch.no_grad():
+        out = hf(**{k: v for k, v in ref_features.items() if k != "labels"}, mm_token_type_ids=mm)
+    real = inputs["attention_mask"].bool()
+    refs = [out.logits[i, : int(real[i].sum())] for i in range(2)]
+    shifted = torch.cat([ref_features["labels"][:, 1:], torch.full((2, 1), -100)], 1)
+    ref_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), shifted.reshape(-1), reduction="sum")
+    res = {"layout": layout, "tokens_per_rank": int(mb.tokens.shape[-1]),
+           "logits_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(samples, refs)),
+           "loss": float(loss), "hf_loss": float(ref_loss), "positions": full_positions.tolist()}
+    if thd:  # every sample's positions restart at 0 as if unpacked (HF's rope index of the padded rows)
+        hf_pos = rope_fn(hf_config)(inputs["input_ids"], inputs["image_grid_thw"], inputs.get("video_grid_thw"),
+                                    inputs["attention_mask"], second_per_grid_ts=inputs.get("second_per_grid_ts"))
+        got = [full_positions[:, 0, a:a + n] for a, n in zip((0, reals[0]), reals[:2])]  # the packed row
+        res["positions_equal_unpacked"] = all(
+            torch.equal(g, hf_pos[:, i, : int(real[i].sum())]) for i, g in enumerate(got))
+    return res
+
+
+def check(model_dir: str, layout: str, work: str) -> dict:
+    if layout in PACK_CP_LAYOUTS:
+        return check_pack_cp(model_dir, layout, work)
     import torch.distributed as dist
     import transformers
     from transformers import AutoConfig

@@ -99,6 +99,20 @@ def seq_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False) -> i
     return multiple
 
 
+def segment_spans(segment_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every sample of [b, s] `segment_ids` (runs of one id > 0; 0 = padding), in order."""
+    seg = segment_ids.to("cpu")
+    s = seg.shape[-1]
+    spans = []
+    for row in range(seg.shape[0]):
+        ids = seg[row]
+        change = torch.ones(s, dtype=torch.bool)
+        change[1:] = ids[1:] != ids[:-1]
+        starts = torch.nonzero(change).flatten().tolist() + [s]
+        spans += [(row, a, e) for a, e in zip(starts[:-1], starts[1:]) if int(ids[a]) != 0]
+    return spans
+
+
 def pack_thd(
     batch: dict[str, Any],
     segment_ids: torch.Tensor,
@@ -122,16 +136,7 @@ def pack_thd(
     from megatron.core.packed_seq_params import PackedSeqParams
 
     b, s = segment_ids.shape
-    seg = segment_ids.to("cpu")
-    pieces: list[tuple[int, int, int]] = []  # (row, start, length) of real samples
-    for row in range(b):
-        ids = seg[row]
-        change = torch.ones(s, dtype=torch.bool)
-        change[1:] = ids[1:] != ids[:-1]
-        starts = torch.nonzero(change).flatten().tolist() + [s]
-        for a, e in zip(starts[:-1], starts[1:]):
-            if int(ids[a]) != 0:
-                pieces.append((row, a, e - a))
+    pieces = [(row, a, e - a) for row, a, e in segment_spans(segment_ids)]  # (row, start, length) of real samples
     real_lens, padded_lens, index_parts = [], [], []
     for row, a, n in pieces:
         padded = -(-n // seg_multiple) * seg_multiple
@@ -274,6 +279,7 @@ __all__ = [
     "pack_thd",
     "segment_ids_from_attention_mask",
     "segment_ids_from_position_ids",
+    "segment_spans",
     "seq_multiple",
     "thd_multiples",
     "unpack_thd",

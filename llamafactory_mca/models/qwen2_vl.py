@@ -14,8 +14,15 @@ megatron GPTModel with 3-D multimodal RoPE (mRoPE).
 * Checkpoint names: the layout Hugging Face writes (also transformers 5.6: `model.layers.*`, `model.embed_tokens`,
   `visual.*`, `lm_head.*`) on export; transformers' internal layout (`model.language_model.*`,
   `model.visual.*`) is read as well.
-Context parallelism is not supported for this family yet (image tokens would have to be merged before the split);
-`args.validate_megatron_args` refuses it.
+* Context parallelism: the data path (training/data.split_for_cp) hands the model its CP chunks of the tokens
+  plus the full token row (`cp_input_ids`) and the full [3, b, s] positions. The first stage embeds the full
+  row, merges the vision features into it, and only then keeps this rank's load-balanced chunks
+  (`packing.cp_indices`: chunks r and 2*cp-1-r of every sequence, of every packed sample under THD), so that
+  each image's features land where its placeholders are whichever rank holds them. The rotary angles
+  (`CPMRoPE`) are computed from the full positions and split the same way: by CP chunk for padded batches; for
+  THD rows they stay whole and megatron's THD RoPE picks each sample's chunks by its cu_seqlens offsets.
+* neat_packing (THD): one row of samples, each with its own mRoPE positions (training/multimodal.py
+  `packed_rope_positions`), its images / videos in order; attention per sample through the cu_seqlens.
 """
 
 from __future__ import annotations
@@ -48,6 +55,67 @@ class CompatReader(SafetensorsReader):
         return name if name in self.weight_map else self._alias.get(name, name)
 
 
+def mrope_freqs(inv_freq: torch.Tensor, position_ids: torch.Tensor, mrope_section: list) -> torch.Tensor:
+    """[s, b, 1, 2 * d] rotary angles of [3, b, s] positions, the channels in mRoPE sections (temporal, height,
+    width, in turn over both halves), as megatron's `MultimodalRotaryEmbedding` and Hugging Face compute them."""
+    b = position_ids.shape[1]
+    inv = inv_freq[None, None, :, None].float().expand(3, b, -1, 1)
+    freqs = (inv @ position_ids[:, :, None, :].float()).transpose(2, 3)  # [3, b, s, d]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    emb = torch.cat([m[i % 3] for i, m in enumerate(emb.split(list(mrope_section) * 2, dim=-1))], dim=-1)
+    return emb[..., None, :].transpose(0, 1).contiguous()
+
+
+class CPMRoPE(torch.nn.Module):
+    """Megatron's `MultimodalRotaryEmbedding` (same inverse frequencies) taking the full sequence's positions:
+    under context parallelism the angles are split to this rank's chunks, except for THD rows (`packed`), whose
+    angles megatron's THD RoPE splits per sample itself. `freqs_fn` computes the angles (`mrope_freqs`;
+    Qwen3-VL passes its interleaved layout)."""
+
+    def __init__(self, inner: torch.nn.Module, freqs_fn=mrope_freqs):
+        super().__init__()
+        self.inner = inner
+        self.freqs_fn = freqs_fn
+        self.packed = False  # set per forward by the model: THD (packed_seq_params) or not
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies (megatron's, base ** (-2i/d))."""
+        return self.inner.inv_freq
+
+    @inv_freq.setter
+    def inv_freq(self, value: torch.Tensor) -> None:
+        self.inner.inv_freq = value
+
+    def forward(self, position_ids: torch.Tensor, mrope_section: list, cp_group: Any = None) -> torch.Tensor:
+        emb = self.freqs_fn(self.inner.inv_freq.to(position_ids.device), position_ids, mrope_section)
+        group = cp_group if cp_group is not None else self.inner.cp_group
+        if not self.packed and group is not None and group.size() > 1:
+            from megatron.core.models.common.embeddings.rotary_pos_embedding import get_pos_emb_on_this_cp_rank
+
+            emb = get_pos_emb_on_this_cp_rank(emb, 0, group)
+        return emb
+
+
+def cp_local_tokens(x: torch.Tensor, packed_seq_params: Any = None) -> torch.Tensor:
+    """This context-parallel rank's tokens of [b, s, ...] `x` (the full sequence), in the order
+    `packing.cp_split` gives the data path's tokens (per packed sample under THD); `x` itself without CP."""
+    from megatron.core import parallel_state as ps
+
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return x
+    from llamafactory_mca.models.packing import cp_indices
+
+    if packed_seq_params is not None:
+        cu = packed_seq_params.cu_seqlens_q_padded
+        cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+        lens = (cu[1:] - cu[:-1]).tolist()
+    else:
+        lens = [x.shape[1]]
+    return x.index_select(1, cp_indices(lens, cp, ps.get_context_parallel_rank(), x.device))
+
+
 @functools.lru_cache(maxsize=None)
 def vl_gpt_model_class():
     """The GPTModel subclass of the Qwen-VL families (built lazily: megatron is imported on first use).
@@ -69,6 +137,11 @@ def vl_gpt_model_class():
                         Qwen2VisionTransformerPretrainedModel as vision_cls
 
                 self.vision_model = vision_cls._from_config(hf_config.vision_config, dtype=self.config.params_dtype)
+            self.rotary_pos_emb = CPMRoPE(self.rotary_pos_emb, self.rope_freqs_fn())
+
+        def rope_freqs_fn(self):
+            """The rotary angle layout (`mrope_freqs`; Qwen3-VL: interleaved)."""
+            return mrope_freqs
 
         def vision_output(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Any:
             """The vision tower's output for `pixel_values` (an output object or a tensor, per family)."""
@@ -101,8 +174,9 @@ def vl_gpt_model_class():
             return emb.masked_scatter(mask.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype)), mask
 
         def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                  video_grid_thw=None) -> torch.Tensor:
-            """[s, b, h] decoder input (sequence-parallel scattered when SP is on)."""
+                  video_grid_thw=None, packed_seq_params=None) -> torch.Tensor:
+            """[s, b, h] decoder input (sequence-parallel scattered when SP is on) of the full `input_ids`,
+            this CP rank's chunks of it under context parallelism."""
             emb = self.word_embeddings(input_ids)
             for values, grid, token in ((pixel_values, image_grid_thw, self.image_token_id),
                                         (pixel_values_videos, video_grid_thw, self.video_token_id)):
@@ -110,7 +184,7 @@ def vl_gpt_model_class():
                     continue
                 out = self.vision_output(values, grid)
                 emb, _ = self.merge_vision(emb, input_ids, token, getattr(out, "pooler_output", out))
-            return self.to_decoder_layout(emb)
+            return self.to_decoder_layout(cp_local_tokens(emb, packed_seq_params))
 
         @staticmethod
         def mrope_positions(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -122,13 +196,21 @@ def vl_gpt_model_class():
                     position_ids = position_ids[1:]
             return position_ids
 
+        def prepare_rope(self, position_ids: Any, packed_seq_params: Any) -> Optional[torch.Tensor]:
+            """[3, b, s] positions (`mrope_positions`); tells the rotary module whether the row is THD."""
+            self.rotary_pos_emb.packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+            return self.mrope_positions(position_ids)
+
         def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
                     pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                    **kwargs):
-            position_ids = self.mrope_positions(position_ids)
+                    cp_input_ids=None, **kwargs):
+            """`cp_input_ids`: the full token row under context parallelism (`input_ids`: this rank's chunks),
+            `position_ids` then the full sequence's (module docstring)."""
+            packed_seq_params = kwargs.get("packed_seq_params")
+            position_ids = self.prepare_rope(position_ids, packed_seq_params)
             if self.pre_process and decoder_input is None:
-                decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
-                                           video_grid_thw)
+                decoder_input = self.embed(input_ids if cp_input_ids is None else cp_input_ids, pixel_values,
+                                           image_grid_thw, pixel_values_videos, video_grid_thw, packed_seq_params)
             return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                    labels=labels, **kwargs)
 
@@ -186,8 +268,7 @@ class Qwen2VLBridge(ModelBridge):
         return {"mrope_section": self.mrope_section(hf_config)}
 
     def transformer_config(self, hf_config, mca_args, params_dtype: torch.dtype = torch.float32):
-        """The text model's TransformerConfig (context parallelism is refused for this family by
-        `args.validate_megatron_args`, before anything is built)."""
+        """The text model's TransformerConfig."""
         return super().transformer_config(self.text_config(hf_config), mca_args, params_dtype)
 
     # ------------------------------------------------------------------ model

@@ -21,12 +21,13 @@ RMSNorm) as a megatron GPTModel with interleaved mRoPE and DeepStack.
   the same tensor. Batches without images or videos send the plain hidden states.
 * Interleaved mRoPE: rotary channel i takes its position from the height row when i % 3 == 1 and
   i < 3 * mrope_section[1], from the width row when i % 3 == 2 and i < 3 * mrope_section[2], else from the
-  temporal row (Hugging Face's `apply_interleaved_mrope`), `InterleavedMRoPE`.
+  temporal row (Hugging Face's `apply_interleaved_mrope`), `interleaved_mrope_freqs` in Qwen2-VL's `CPMRoPE`.
 * mRoPE positions: Hugging Face's `Qwen3VLModel.get_rope_index` (videos: one grid per frame, the frames' timestamps
   are text tokens between them, so no `second_per_grid_ts`).
 * Checkpoint names: transformers' own layout, which Qwen3-VL checkpoints use (`model.language_model.*`,
   `model.visual.*`, `lm_head.*`).
-Context parallelism and packing are refused for the VL families (recipe_checks).
+* Context parallelism and neat_packing: as Qwen2-VL (models/qwen2_vl.py); the DeepStack maps are built over the
+  full sequence and split to this CP rank's chunks like the merged embeddings.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any, Optional
 import torch
 
 from llamafactory_mca.models.bridge import REPL, ModelBridge, dense_table
-from llamafactory_mca.models.qwen2_vl import Qwen2VLBridge, hf_rope_index, vl_gpt_model_class
+from llamafactory_mca.models.qwen2_vl import Qwen2VLBridge, cp_local_tokens, hf_rope_index, vl_gpt_model_class
 from llamafactory_mca.models.safetensors_io import SafetensorsReader
 
 
@@ -64,32 +65,6 @@ def interleaved_mrope_freqs(inv_freq: torch.Tensor, position_ids: torch.Tensor, 
         out[..., idx] = freqs[row, ..., idx]
     emb = torch.cat((out, out), dim=-1)
     return emb[..., None, :].transpose(0, 1).contiguous()
-
-
-class InterleavedMRoPE(torch.nn.Module):
-    """Megatron's `MultimodalRotaryEmbedding` with the interleaved channel layout (same inverse frequencies)."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        """The inverse frequencies (megatron's, base ** (-2i/d))."""
-        return self.inner.inv_freq
-
-    @inv_freq.setter
-    def inv_freq(self, value: torch.Tensor) -> None:
-        self.inner.inv_freq = value
-
-    def forward(self, position_ids: torch.Tensor, mrope_section: list, cp_group: Any = None) -> torch.Tensor:
-        emb = interleaved_mrope_freqs(self.inner.inv_freq.to(position_ids.device), position_ids, mrope_section)
-        group = cp_group if cp_group is not None else self.inner.cp_group
-        if group is not None and group.size() > 1:
-            from megatron.core.models.common.embeddings.rotary_pos_embedding import get_pos_emb_on_this_cp_rank
-
-            emb = get_pos_emb_on_this_cp_rank(emb, 0, group)
-        return emb
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,13 +114,17 @@ def qwen3_vl_model_class():
         def __init__(self, *args, hf_config=None, **kwargs):
             super().__init__(*args, hf_config=hf_config, **kwargs)
             self.num_deepstack = len(getattr(hf_config.vision_config, "deepstack_visual_indexes", ()) or ())
-            self.rotary_pos_emb = InterleavedMRoPE(self.rotary_pos_emb)
             # the trainer then exchanges p2p shapes per micro-batch (training/loop.configure_schedule)
             self.varying_p2p_shapes = self.num_deepstack > 0 and ps.get_pipeline_model_parallel_world_size() > 1
 
+        def rope_freqs_fn(self):
+            """Qwen3-VL's interleaved rotary angle layout."""
+            return interleaved_mrope_freqs
+
         def embed_with_deepstack(self, input_ids, pixel_values=None, image_grid_thw=None,
-                                 pixel_values_videos=None, video_grid_thw=None):
-            """([s, b, h] decoder input, [K, s, b, h] DeepStack maps or None), SP-scattered under SP."""
+                                 pixel_values_videos=None, video_grid_thw=None, packed_seq_params=None):
+            """([s, b, h] decoder input, [K, s, b, h] DeepStack maps or None), SP-scattered under SP, of the full
+            `input_ids`: this CP rank's chunks of both under context parallelism."""
             emb = self.word_embeddings(input_ids)
             maps = None
             for values, grid, token in ((pixel_values, image_grid_thw, self.image_token_id),
@@ -159,12 +138,14 @@ def qwen3_vl_model_class():
                 full = mask.unsqueeze(-1).expand_as(emb)
                 maps = [m.masked_scatter(full, f.to(emb.dtype)) for m, f in zip(maps, out.deepstack_features)]
             if maps is not None:
-                maps = torch.stack([self.to_decoder_layout(m) for m in maps]) if maps else None
-            return self.to_decoder_layout(emb), maps
+                maps = torch.stack([self.to_decoder_layout(cp_local_tokens(m, packed_seq_params))
+                                    for m in maps]) if maps else None
+            return self.to_decoder_layout(cp_local_tokens(emb, packed_seq_params)), maps
 
         def local_seq_length(self, input_ids: torch.Tensor) -> int:
-            """Rows of this rank's hidden states: the sequence over CP (and TP under sequence parallelism)."""
-            s = input_ids.shape[1] // ps.get_context_parallel_world_size()
+            """Rows of this rank's hidden states: its CP chunks' tokens (`input_ids`), over TP under sequence
+            parallelism."""
+            s = input_ids.shape[1]
             if self.config.sequence_parallel:
                 s //= ps.get_tensor_model_parallel_world_size()
             return s
@@ -189,12 +170,15 @@ def qwen3_vl_model_class():
 
         def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
                     pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                    **kwargs):
-            position_ids = self.mrope_positions(position_ids)
+                    cp_input_ids=None, **kwargs):
+            """As Qwen2-VL's forward (`cp_input_ids` under CP), with the DeepStack maps."""
+            packed_seq_params = kwargs.get("packed_seq_params")
+            position_ids = self.prepare_rope(position_ids, packed_seq_params)
             maps = None
             if self.pre_process and decoder_input is None:
-                decoder_input, maps = self.embed_with_deepstack(input_ids, pixel_values, image_grid_thw,
-                                                                pixel_values_videos, video_grid_thw)
+                decoder_input, maps = self.embed_with_deepstack(
+                    input_ids if cp_input_ids is None else cp_input_ids, pixel_values, image_grid_thw,
+                    pixel_values_videos, video_grid_thw, packed_seq_params)
             elif not self.pre_process:
                 maps = self.split_received(input_ids)
             if maps is not None:

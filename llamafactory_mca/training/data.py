@@ -15,7 +15,9 @@ What this module adds around them:
   (`models.packing.cp_split`, causal load balancing); token and sample counts stay on CP rank 0 only, so that
   sums over the data-parallel group with CP count them once;
 * multimodal models (Qwen2-VL): pixel values / grid sizes pass to the model, mRoPE position ids [3, b, s] are
-  computed as Hugging Face computes them (LLaMA-Factory's collator only does so when it holds the HF model);
+  computed as Hugging Face computes them (LLaMA-Factory's collator only does so when it holds the HF model),
+  per packed sample under neat_packing; under CP the model gets the full token row (`cp_input_ids`) and full
+  mRoPE positions, and merges the vision features before it keeps its own chunks (models/qwen2_vl.py);
 * prefetch (`prefetch_steps`): the microbatches of the next optimizer steps are built in DataLoader worker
   processes while the current step trains, so collation (images included) is off the training process' path.
 """
@@ -31,6 +33,7 @@ import torch
 
 from llamafactory_mca.models import packing
 from llamafactory_mca.training.loss_weighting import apply_loss_weighting
+from llamafactory_mca.training.multimodal import packed_rope_positions
 
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -133,7 +136,7 @@ def build_collator(stage: str, template: Any, model_args: Any, data_args: Any, t
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # [b, s] input ids
-    position_ids: torch.Tensor  # [b, s]
+    position_ids: torch.Tensor  # [b, s]; mRoPE [3, b, s], the full sequence's also after the CP split
     labels: torch.Tensor  # [b, s] next-token targets (ignored positions hold 0)
     loss_mask: torch.Tensor  # [b, s] float, 1 where the target counts
     loss_denominator: torch.Tensor  # int: what the step's summed, weighted loss is divided by, summed over the
@@ -144,7 +147,8 @@ class MicroBatch:
     extra: dict = field(default_factory=dict)  # stage-specific data (e.g. DPO: pairs, sample ids, reference logps)
     segment_ids: Optional[torch.Tensor] = None  # [b, s] neat_packing: sample index per token, 0 = padding
     packed_seq_params: Any = None  # THD (neat_packing): megatron PackedSeqParams, global cu_seqlens
-    model_inputs: dict = field(default_factory=dict)  # extra model kwargs (Qwen2-VL: pixel_values, image_grid_thw)
+    model_inputs: dict = field(default_factory=dict)  # extra model kwargs (Qwen2-VL: pixel_values, image_grid_thw;
+    # under CP `cp_input_ids`, the full token row)
     full_seq_length: int = 0  # the sequence length before the CP split (0: not split)
     token_mask: Optional[torch.Tensor] = None  # [b, s] float, 1 for real input tokens (HF attention mask > 0)
 
@@ -225,6 +229,9 @@ def to_microbatch(features: dict[str, torch.Tensor], pad_token_id: int, segments
     given = features.get("position_ids")
     if torch.is_tensor(given) and given.dim() == 3:
         position_ids = (given[1:] if given.shape[0] == 4 else given).long()
+    elif rope_fn is not None and segments and attention_mask is not None:  # neat_packing: per-sample positions
+        position_ids = packed_rope_positions(rope_fn, input_ids, attention_mask, model_inputs.get("image_grid_thw"),
+                                             model_inputs.get("video_grid_thw"), features.get("second_per_grid_ts"))
     elif rope_fn is not None:
         position_ids = rope_fn(input_ids, model_inputs.get("image_grid_thw"), model_inputs.get("video_grid_thw"),
                                (attention_mask >= 1).long() if attention_mask is not None else None,
@@ -340,10 +347,17 @@ def extend_thd(mb: MicroBatch, total: int, pad_token_id: int) -> MicroBatch:
 
 
 def split_for_cp(mb: MicroBatch, layout: SeqLayout) -> MicroBatch:
-    """This CP rank's tokens of `mb` (after the label shift); counts stay on CP rank 0 only."""
+    """This CP rank's tokens of `mb` (after the label shift); counts stay on CP rank 0 only.
+
+    Multimodal batches (mRoPE positions [3, b, s]) keep their full positions and hand the full token row to the
+    model as `cp_input_ids`: the vision features are merged into the whole sequence before the model keeps this
+    rank's chunks of it, and megatron's mRoPE splits the positions itself (models/qwen2_vl.py)."""
     if layout.cp == 1:
         return mb
-    batch = {"tokens": mb.tokens, "labels": mb.labels, "loss_mask": mb.loss_mask, "position_ids": mb.position_ids}
+    mrope = mb.position_ids.dim() == 3
+    batch = {"tokens": mb.tokens, "labels": mb.labels, "loss_mask": mb.loss_mask}
+    if not mrope:
+        batch["position_ids"] = mb.position_ids
     if mb.token_mask is not None:
         batch["token_mask"] = mb.token_mask
     local = packing.cp_split(batch, layout.cp, layout.cp_rank, mb.packed_seq_params)
@@ -354,12 +368,13 @@ def split_for_cp(mb: MicroBatch, layout: SeqLayout) -> MicroBatch:
         m = torch.nn.functional.pad(m, (0, mb.tokens.shape[-1] - m.shape[-1]))
         extra["attention_mask"] = packing.cp_split({"tokens": mb.tokens, "m": m}, layout.cp, layout.cp_rank,
                                                    mb.packed_seq_params)["m"]
+    model_inputs = dict(mb.model_inputs, cp_input_ids=mb.tokens) if mrope else mb.model_inputs
     return MicroBatch(
-        tokens=local["tokens"], position_ids=local["position_ids"], labels=local["labels"],
-        loss_mask=local["loss_mask"],
+        tokens=local["tokens"], position_ids=mb.position_ids if mrope else local["position_ids"],
+        labels=local["labels"], loss_mask=local["loss_mask"],
         loss_denominator=mb.loss_denominator if first else torch.zeros_like(mb.loss_denominator),
         num_input_tokens=mb.num_input_tokens if first else 0, num_samples=mb.num_samples if first else 0,
-        extra=extra, packed_seq_params=mb.packed_seq_params, model_inputs=mb.model_inputs,
+        extra=extra, packed_seq_params=mb.packed_seq_params, model_inputs=model_inputs,
         full_seq_length=mb.tokens.shape[-1], token_mask=local.get("token_mask"),
     )
 
