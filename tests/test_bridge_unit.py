@@ -165,8 +165,8 @@ def test_sdpa_attention_matches_reference():
     _ = types
 
 
-class _DictSource:
-    """A `param_mapping.TensorSource` over in-memory tensors."""
+class DictSource:
+    """A `param_mapping.TensorSource` over in-memory tensors (also used by test_qwen3_next)."""
 
     def __init__(self, tensors):
         self.tensors = tensors
@@ -178,7 +178,8 @@ class _DictSource:
         t = self.tensors[name]
         if dim is None:
             return t
-        return t[start:stop] if dim == 0 else t[:, start:stop]
+        stop = t.shape[dim] if stop is None else stop
+        return t.narrow(dim, start, stop - start)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -202,7 +203,7 @@ def test_split_kinds_round_trip(tp):
         mapping = pm.mapping_for(kind)
         names = tuple(tensors)
         rows = 16 // tp if kind == pm.VOCAB else None  # the vocab padded to 16 rows
-        shards = [mapping.local_shard(_DictSource(tensors), names,
+        shards = [mapping.local_shard(DictSource(tensors), names,
                                       pm.ShardContext(rank, tp, cfg, layout, local_rows=rows)) for rank in range(tp)]
         if mapping.gather_dim is None:
             assert all(torch.equal(s, shards[0]) for s in shards)

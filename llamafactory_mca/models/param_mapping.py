@@ -19,6 +19,10 @@ Kinds (how a tensor is sliced for tensor parallelism, and re-assembled), one `Pa
   QKV      `FusedQKV`    q, k, v fused; megatron interleaves per query group [q_g (heads/group * d), k_g (d),
                          v_g (d)], TP splits by query groups
   GLU      `GatedMLP`    gate, up fused as [gate_shard; up_shard] per TP rank (dense MLP and expert fc1)
+  GQKV     `GatedFusedQKV`  q with its output gate, k, v (Qwen3-Next's gated attention): HF `q_proj` holds per head
+                         [q_h; gate_h]; megatron (`attention_output_gate`) per query group [q_g, gate_g, k_g, v_g]
+  CONV3    `ConvSections`   the depthwise convolution of a linear-attention layer over the channels [q | k | v]
+                         (Qwen3-Next's `conv1d`): each of the three sections is split over TP
 Each class knows both directions: `local_shard` (this rank's shard, from slices of the Hugging Face tensors of
 a `TensorSource`) and `to_hf` (the Hugging Face tensors of the TP shards concatenated in rank order). The
 bridge's load, the export, the merge and LoRA (`lora_slot_sizes`) all use them.
@@ -33,6 +37,7 @@ from typing import Any, Optional, Protocol, Union
 import torch
 
 REPL, COLUMN, ROW, VOCAB, QKV, GLU = "repl", "column", "row", "vocab", "qkv", "glu"
+GQKV, CONV3 = "gated_qkv", "conv_sections"
 
 HFNames = Union[str, tuple]
 Table = dict  # canonical megatron name template -> (hf name(s) template, kind)
@@ -69,6 +74,11 @@ class QkvLayout:
     def local_groups(self, tp_size: int) -> int:
         """Query groups held by one of `tp_size` TP ranks."""
         return self.num_groups // tp_size
+
+    def rank_groups(self, tp_size: int, tp_rank: int) -> range:
+        """Indices of the query groups held by TP rank `tp_rank` of `tp_size`."""
+        per_rank = self.local_groups(tp_size)
+        return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
 
     def local_sizes(self, tp_size: int) -> list[int]:
         """Rows of q, k and v in one TP rank's shard of the fused tensor."""
@@ -201,9 +211,8 @@ class FusedQKV(ParamMapping):
         """[q_g, k_g, v_g] for each query group g of this rank."""
         lay = ctx.qkv
         d, hpg = lay.head_dim, lay.heads_per_group
-        groups_per_rank = lay.local_groups(ctx.tp_size)
         parts = []
-        for g in range(ctx.tp_rank * groups_per_rank, (ctx.tp_rank + 1) * groups_per_rank):
+        for g in lay.rank_groups(ctx.tp_size, ctx.tp_rank):
             parts.append(source.read(hf_names[0], 0, g * hpg * d, (g + 1) * hpg * d))
             parts.append(source.read(hf_names[1], 0, g * d, (g + 1) * d))
             parts.append(source.read(hf_names[2], 0, g * d, (g + 1) * d))
@@ -225,8 +234,74 @@ class FusedQKV(ParamMapping):
         return ctx.qkv.local_sizes(ctx.tp_size)
 
 
+class GatedFusedQKV(ParamMapping):
+    """Gated attention: HF `q_proj` rows per head [q_h (d); gate_h (d)], k, v; megatron's fused tensor per query
+    group [q_g (heads/group * d), gate_g (heads/group * d), k_g (d), v_g (d)]; TP splits by query groups."""
+
+    kind = GQKV
+    gather_dim = 0
+
+    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
+        """[q_g, gate_g, k_g, v_g] for each query group g of this rank."""
+        lay = ctx.qkv
+        d, hpg = lay.head_dim, lay.heads_per_group
+        parts = []
+        for g in lay.rank_groups(ctx.tp_size, ctx.tp_rank):
+            q_gate = source.read(hf_names[0], 0, g * hpg * 2 * d, (g + 1) * hpg * 2 * d)
+            q_gate = q_gate.reshape(hpg, 2, d, *q_gate.shape[1:])
+            parts += [q_gate[:, 0].reshape(hpg * d, *q_gate.shape[3:]),
+                      q_gate[:, 1].reshape(hpg * d, *q_gate.shape[3:])]
+            parts.append(source.read(hf_names[1], 0, g * d, (g + 1) * d))
+            parts.append(source.read(hf_names[2], 0, g * d, (g + 1) * d))
+        return torch.cat(parts, 0)
+
+    def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
+        """q_proj (q and gate interleaved per head again), k and v."""
+        lay = ctx.qkv
+        d, nq, ng, hpg = lay.head_dim, lay.num_heads, lay.num_groups, lay.heads_per_group
+        rest = full.shape[1:]
+        view = full.reshape(ng, (2 * hpg + 2) * d, *rest)
+        q = view[:, : hpg * d].reshape(ng, hpg, 1, d, *rest)
+        gate = view[:, hpg * d: 2 * hpg * d].reshape(ng, hpg, 1, d, *rest)
+        k = view[:, 2 * hpg * d: (2 * hpg + 1) * d].reshape(ng * d, *rest)
+        v = view[:, (2 * hpg + 1) * d:].reshape(ng * d, *rest)
+        return [(hf_names[0], torch.cat([q, gate], 2).reshape(nq * 2 * d, *rest)), (hf_names[1], k),
+                (hf_names[2], v)]
+
+
+class ConvSections(ParamMapping):
+    """A depthwise convolution over the channels [q (key heads * dk) | k (key heads * dk) | v (value heads * dv)]
+    (`linear_num_key_heads`, `linear_key_head_dim`, ... of `ctx.hf_config`): each section split over TP, a rank
+    holding [q_r | k_r | v_r]."""
+
+    kind = CONV3
+    gather_dim = 0
+
+    @staticmethod
+    def sections(ctx: ShardContext) -> list[int]:
+        """Channels of q, k and v."""
+        cfg = ctx.hf_config
+        keys = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+        return [keys, keys, cfg.linear_num_value_heads * cfg.linear_value_head_dim]
+
+    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
+        """This rank's channels of each section."""
+        parts, start = [], 0
+        for size in self.sections(ctx):
+            per = size // ctx.tp_size
+            parts.append(source.read(hf_names[0], 0, start + ctx.tp_rank * per, start + (ctx.tp_rank + 1) * per))
+            start += size
+        return torch.cat(parts, 0)
+
+    def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
+        """The sections put back together from the ranks' shards."""
+        local = [size // ctx.tp_size for size in self.sections(ctx)]
+        ranks = [torch.split(shard, local, 0) for shard in torch.chunk(full, ctx.tp_size, 0)]
+        return [(hf_names[0], torch.cat([r[i] for i in range(len(local)) for r in ranks], 0))]
+
+
 MAPPINGS: dict[str, ParamMapping] = {m.kind: m for m in (Replicated(), Column(), Row(), Vocab(), GatedMLP(),
-                                                         FusedQKV())}
+                                                         FusedQKV(), GatedFusedQKV(), ConvSections())}
 
 
 def mapping_for(kind: str) -> ParamMapping:

@@ -1,0 +1,147 @@
+"""Qwen3-Next's gated delta-net linear attention as a megatron self-attention module (local linears, no TE, no fla
+needed), and its zero-centred RMSNorm.
+
+`GatedDeltaNet` computes what transformers' `Qwen3NextGatedDeltaNet` computes, with the Hugging Face parameter
+layout kept so that conversion is a plain split (models/param_mapping.py):
+
+  in_proj_qkvz  ColumnParallelLinear, rows grouped per key head g: [q_g (dk), k_g (dk), v_g (r*dv), z_g (r*dv)]
+                (r = value heads per key head): tensor parallelism splits by key-head groups, a contiguous block
+  in_proj_ba    ColumnParallelLinear, per key head [b_g (r), a_g (r)]
+  conv1d        depthwise causal convolution over the channels [q (all heads) | k | v]: each of the three
+                sections is split over TP (`param_mapping.ConvSections`)
+  A_log, dt_bias  per value head (split over TP), norm.weight [dv] (replicated; its gradient is summed over TP in
+                autograd, each rank seeing only its heads), out_proj RowParallelLinear.
+
+Under sequence parallelism the input projections gather the sequence and out_proj scatters it back, as for
+attention. The recurrence itself is `kernels.linear_attention.gated_delta_rule` (fla on a GPU, torch elsewhere).
+Packed sequences (THD) and context parallelism are refused by the bridge before the model is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.module import MegatronModule
+
+from llamafactory_mca.kernels.linear_attention import gated_delta_rule
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """RMSNorm with the weight stored as an offset from one, `x / rms(x) * (1 + w)` in fp32 (Qwen3-Next's
+    `Qwen3NextRMSNorm`, bit-identical arithmetic); same constructor as megatron's norms."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **kwargs: Any):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+class GatedDeltaNet(MegatronModule):
+    """Gated delta-net token mixer of one linear-attention layer: [s, b, h] -> ([s, b, h], None)."""
+
+    def __init__(self, config: Any, submodules: Any = None, layer_number: Optional[int] = None, **kwargs: Any):
+        super().__init__(config)
+        self.layer_number = layer_number
+        tp = ps.get_tensor_model_parallel_world_size()
+        nk, nv = config.linear_num_key_heads, config.linear_num_value_heads
+        self.dk, self.dv = config.linear_key_head_dim, config.linear_value_head_dim
+        self.nk_local, self.per_key = nk // tp, nv // nk
+        self.nv_local = nv // tp
+        self.eps = config.layernorm_epsilon
+        linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
+                      gather_output=False, is_expert=False)
+        self.in_proj_qkvz = ColumnParallelLinear(config.hidden_size, 2 * nk * self.dk + 2 * nv * self.dv, **linear)
+        self.in_proj_ba = ColumnParallelLinear(config.hidden_size, 2 * nv, **linear)
+        channels = self.nk_local * 2 * self.dk + self.nv_local * self.dv
+        kernel = config.linear_conv_kernel_dim
+        self.conv1d = torch.nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1, bias=False,
+                                      dtype=config.params_dtype)
+        self.dt_bias = torch.nn.Parameter(torch.ones(self.nv_local, dtype=config.params_dtype))
+        self.A_log = torch.nn.Parameter(torch.empty(self.nv_local, dtype=config.params_dtype).uniform_(1, 16).log())
+        for param in (self.conv1d.weight, self.dt_bias, self.A_log):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+        self.norm = torch.nn.Module()
+        self.norm.weight = torch.nn.Parameter(torch.ones(self.dv, dtype=config.params_dtype))
+        self.out_proj = RowParallelLinear(nv * self.dv, config.hidden_size, config=config,
+                                          init_method=config.output_layer_init_method, bias=False,
+                                          input_is_parallel=True, skip_bias_add=True, is_expert=False)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, packed_seq_params: Any = None,
+                **kwargs: Any):
+        """Megatron's self-attention call: returns (output [s, b, h], None)."""
+        if packed_seq_params is not None:
+            raise ValueError("qwen3_next linear-attention layers do not take packed sequences. Fix: set "
+                             "neat_packing: false and packing: false")
+        qkvz, _ = self.in_proj_qkvz(hidden_states)
+        ba, _ = self.in_proj_ba(hidden_states)
+        seq, batch = qkvz.shape[:2]
+        qkvz = qkvz.transpose(0, 1).reshape(batch, seq, self.nk_local, -1)
+        ba = ba.transpose(0, 1).reshape(batch, seq, self.nk_local, -1)
+        vz = self.per_key * self.dv
+        query, key, value, z = torch.split(qkvz, [self.dk, self.dk, vz, vz], dim=3)
+        b, a = torch.split(ba, [self.per_key, self.per_key], dim=3)
+        mixed = torch.cat([t.reshape(batch, seq, -1) for t in (query, key, value)], dim=-1).transpose(1, 2)
+        mixed = F.silu(self.conv1d(mixed)[:, :, :seq]).transpose(1, 2)
+        key_dim = self.nk_local * self.dk
+        query, key, value = torch.split(mixed, [key_dim, key_dim, self.nv_local * self.dv], dim=-1)
+        query = query.reshape(batch, seq, self.nk_local, self.dk)
+        key = key.reshape(batch, seq, self.nk_local, self.dk)
+        value = value.reshape(batch, seq, self.nv_local, self.dv)
+        beta = b.reshape(batch, seq, self.nv_local).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.reshape(batch, seq, self.nv_local).float() + self.dt_bias)
+        if self.per_key > 1:
+            query = query.repeat_interleave(self.per_key, dim=2)
+            key = key.repeat_interleave(self.per_key, dim=2)
+        out = gated_delta_rule(query, key, value, g, beta)
+        out = self.gated_norm(out.reshape(-1, self.dv), z.reshape(-1, self.dv))
+        out = out.reshape(batch, seq, -1).transpose(0, 1).contiguous()
+        return self.out_proj(out)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Distributed-checkpoint tensors: the per-head parameters and the convolution split over TP along dim 0
+        (the convolution's global layout is that of the TP size it was saved at), the input / output projections
+        as megatron's linears, the norm replicated."""
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+            sharded_state_dict_default,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        groups = dict(tp_group=ps.get_tensor_model_parallel_group(), dp_cp_group=metadata["dp_cp_group"])
+        own: dict = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        out = make_sharded_tensors_for_checkpoint(own, prefix, {"dt_bias": 0, "A_log": 0}, sharded_offsets, **groups)
+        out.update(make_sharded_tensors_for_checkpoint(self.conv1d.state_dict(prefix="", keep_vars=True),
+                                                       f"{prefix}conv1d.", {"weight": 0}, sharded_offsets, **groups))
+        out.update(make_sharded_tensors_for_checkpoint(self.norm.state_dict(prefix="", keep_vars=True),
+                                                       f"{prefix}norm.", {}, sharded_offsets, **groups))
+        for name in ("in_proj_qkvz", "in_proj_ba", "out_proj"):
+            out.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.", sharded_offsets, metadata))
+        return out
+
+    def gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of each head's output, times silu(gate) (transformers' `Qwen3NextRMSNormGated`)."""
+        weight = self.norm.weight
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            weight = copy_to_tensor_model_parallel_region(weight)  # sums its gradient over the TP ranks' heads
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = weight * h.to(dtype)
+        return (h * F.silu(gate.float())).to(dtype)
