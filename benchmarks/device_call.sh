@@ -28,17 +28,16 @@ plan() {  # plan SCENARIO KEEP SIDES: the planner's top three (plan_measure.py) 
     --results-dir "$res/$name"
 }
 case $call in
-  a)  # issue 14's DeepSeek-V3 row on GPU 0 while s3 then s1 run on GPU 1; then the long-context scenario
-    (CUDA_VISIBLE_DEVICES=0 bench dsv3 240 --scenario dsv3 --sides ours,hf --steps 4 --warmup 2 --timeout 200) &
-    (CUDA_VISIBLE_DEVICES=1 bench s3 240 --scenario s3 --sides ours,hf --steps 4 --warmup 2 --timeout 120
-     CUDA_VISIBLE_DEVICES=1 bench s1 240 --scenario s1 --sides ours,hf --steps 4 --warmup 2 --timeout 120) &
+  a)  # s1 on GPU 0 while s3 runs on GPU 1; then the two 2-GPU synthetic rows that no code of this round changes
+    (CUDA_VISIBLE_DEVICES=0 bench s1 330 --scenario s1 --sides ours,hf --steps 4 --warmup 2 --timeout 140) &
+    (CUDA_VISIBLE_DEVICES=1 bench s3 330 --scenario s3 --sides ours,hf --steps 4 --warmup 2 --timeout 140) &
     wait
-    bench s4x2 5 --scenario s4x2 --sides ours,hf --steps 3 --warmup 1 --timeout 200 ;;
-  b)  # s3x2 with the planner's top three; then the MoE recipe
-    plan s3x2 200 hf,ours
-    bench r_moe2 5 --scenario r_moe2 --sides ours,hf --steps 4 --warmup 2 --timeout 150 ;;
-  c)  # s2x2 with the planner's top three; then the VL recipe
-    plan s2x2 120 hf,ours
-    bench r_vl2 5 --scenario r_vl2 --sides ours,hf --steps 4 --warmup 2 --timeout 170 ;;
+    bench s3x2 170 --scenario s3x2 --sides ours,hf --steps 4 --warmup 2 --timeout 140
+    bench s2x2 5 --scenario s2x2 --sides ours,hf --steps 4 --warmup 2 --timeout 160 ;;
+  b)  # the long-context row, then the longest sample each side trains on 2 GPUs (probe.py), then the MoE recipe
+    bench s4x2 300 --scenario s4x2 --sides ours,hf --steps 3 --warmup 1 --timeout 200
+    bench r_moe2 5 --scenario r_moe2 --sides hf,ours --steps 4 --warmup 2 --timeout 220 ;;
+  c)  # the VL recipe (both sides, merged + loaded)
+    bench r_vl2 5 --scenario r_vl2 --sides ours,hf --steps 4 --warmup 2 --timeout 220 ;;
 esac
 tar czf "$out/res.tgz" -C "$out" res
