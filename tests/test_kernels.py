@@ -408,3 +408,42 @@ def test_grouped_mm_weight_grad_goes_into_main_grad():
     acc = torch.zeros(7)
     with pytest.raises(ValueError, match="elements"):
         accumulate_(acc, torch.zeros(6))
+
+
+def test_rms_norm_backward_triton_interpreter():
+    """kernels/norm.py's Triton RMSNorm backward, run by Triton's CPU interpreter: dx and the weight gradient
+    equal float64 autograd of the formula (rows not a multiple of the tile, two widths), and through
+    `RMSNormFunction` the weight gradient lands in a megatron-style `main_grad` once (`grad_added_to_main_grad`)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = r'''
+import torch
+import torch.nn.functional as F
+from llamafactory_mca.kernels import norm
+g = torch.Generator().manual_seed(0)
+for rows, n in ((37, 48), (131, 128)):
+    x = torch.randn(rows, n, generator=g)
+    w = 1 + 0.1 * torch.randn(n, generator=g)
+    dy = torch.randn(rows, n, generator=g)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+    ref_dx, ref_dw = torch.autograd.grad(ref, (xd, wd), dy.double())
+    dx, dw = norm.rms_norm_backward(dy, x, w, 1e-6)
+    assert (dx.double() - ref_dx).abs().max() < 1e-5, (dx.double() - ref_dx).abs().max()
+    assert (dw.double() - ref_dw).abs().max() < 1e-4, (dw.double() - ref_dw).abs().max()
+    wp = torch.nn.Parameter(w.clone())
+    wp.main_grad = torch.zeros(n)
+    wp.grad_added_to_main_grad = False
+    xr = x.clone().requires_grad_()
+    out = norm.RMSNormFunction.apply(xr, wp, 1e-6)
+    assert torch.allclose(out, F.rms_norm(x, (n,), w, 1e-6))
+    out.backward(dy)
+    assert wp.grad_added_to_main_grad and torch.allclose(wp.main_grad.double(), ref_dw, atol=1e-4)
+    assert torch.allclose(xr.grad.double(), ref_dx, atol=1e-5)
+print("ok")
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

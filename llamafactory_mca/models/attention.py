@@ -97,7 +97,8 @@ def _flash_takes_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     if not q.is_cuda:
         return False
     try:
-        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, dropout_p, True, True)))
+        # is_causal False, as CausalBias asks it (flash refuses is_causal with lq != lk; the bias is causal)
+        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, dropout_p, False, True)))
     except Exception:  # pragma: no cover - SDPAParams without the enable_gqa argument (torch < 2.5)
         return False
 
