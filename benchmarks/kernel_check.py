@@ -8,8 +8,10 @@
   K/V repeated per query head (models/attention.py up to c1a2d75); `now`: `lower_right_causal` (bottom-right
   causal bias, flash kernel, grouped K/V). `full_causal_32k` is one whole-sequence causal attention (HF's work
   per sample) for scale. Also the largest output / gradient difference between the two.
-* rms_norm: forward + backward of the q/k norm ([65536, 128]) and hidden norm ([4096, 2048]) shapes of s1,
-  torch's `F.rms_norm` against kernels/norm.py's Triton backward (`RMSNormFunction`), and their largest differences.
+* lower_right_backends: rank 0's far chunk alone (8192 queries against 32768 keys, bottom-right causal), forward +
+  backward, by each SDPA kernel that can take it: flash with grouped K/V (what `lower_right_causal` picks), flash
+  with K/V repeated, memory-efficient (its own lower-right mask type, K/V repeated); and, as bounds, the same
+  shapes with no mask at all (cuDNN / default) and HF's whole 32k causal attention.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from grad_accum_check import cuda_time_ms  # noqa: E402
 
-from llamafactory_mca.kernels import norm  # noqa: E402
 from llamafactory_mca.models.attention import causal_band, lower_right_causal  # noqa: E402
 
 
@@ -78,7 +79,7 @@ def check_cp_attention(seq: int = 32768, cp: int = 2, heads: int = 32, groups: i
             ms = cuda_time_ms(_fwd_bwd(lambda: _rank_attention(q, k, v, chunk, cp, rank, fn), (q, k, v), dy), 5)
             out[f"rank{rank}_{name}_ms"] = round(ms, 2)
             out[f"rank{rank}_{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        out[f"rank{rank}_out_max_abs_diff"] = float((res["before"][0] - res["now"][0]).abs().max())
+        out[f"rank{rank}_out_max_abs_diff"] = float((res["before"][0] - res["now"][0]).abs().max().detach())
         out[f"rank{rank}_grad_max_abs_diff"] = max(float((a - b).abs().max())
                                                    for a, b in zip(res["before"][1], res["now"][1]))
     qf = torch.randn(1, heads, seq, dim, device=dev, generator=g).bfloat16().requires_grad_()
@@ -88,27 +89,50 @@ def check_cp_attention(seq: int = 32768, cp: int = 2, heads: int = 32, groups: i
     return out
 
 
-def check_rms_norm() -> dict:
+def check_lower_right_backends(seq: int = 32768, heads: int = 32, groups: int = 8, dim: int = 128) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
     dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    out: dict = dict(fast_available=norm.fast_rms_norm_available(dev))
-    for name, rows, n in (("qk_norm", 65536, 128), ("hidden_norm", 4096, 2048)):
-        x = torch.randn(rows, n, device=dev, generator=g).bfloat16().requires_grad_()
-        w = (1 + 0.1 * torch.randn(n, device=dev, generator=g)).bfloat16().requires_grad_()
-        dy = torch.randn(rows, n, device=dev, generator=g).bfloat16()
-        ref = torch.autograd.grad(F.rms_norm(x, (n,), w, 1e-6), (x, w), dy)
-        new = torch.autograd.grad(norm.RMSNormFunction.apply(x, w, 1e-6), (x, w), dy)
-        out[name] = dict(
-            torch_ms=round(cuda_time_ms(_fwd_bwd(lambda: F.rms_norm(x, (n,), w, 1e-6), (x, w), dy), 50), 4),
-            triton_bwd_ms=round(cuda_time_ms(_fwd_bwd(lambda: norm.RMSNormFunction.apply(x, w, 1e-6), (x, w), dy), 50), 4),
-            dx_max_abs_diff=float((ref[0].float() - new[0].float()).abs().max()),
-            dw_max_rel_diff=float((ref[1].float() - new[1].float()).abs().max() / ref[1].float().abs().max()))
+    g = torch.Generator(device=dev).manual_seed(1)
+    lq = seq // 4
+    q = torch.randn(1, heads, lq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(1, groups, seq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(1, groups, seq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    dy = torch.randn_like(q)
+    rep = heads // groups
+    bias = causal_lower_right(lq, seq)
+    variants = {
+        "flash_gqa": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, enable_gqa=True)),
+        "flash_repeat": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias)),
+        "efficient_repeat": (SDPBackend.EFFICIENT_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias)),
+        "bound_no_mask_cudnn_repeat": (SDPBackend.CUDNN_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))),
+        "bound_no_mask_flash_gqa": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True)),
+    }
+    out: dict = dict(lq=lq, lk=seq, heads=heads, groups=groups)
+    ref = None
+    for name, (backend, fn) in variants.items():
+        try:
+            with sdpa_kernel([backend]):
+                o = fn()
+                if not name.startswith("bound") and ref is None:
+                    ref = o.detach().float()
+                elif not name.startswith("bound"):
+                    out[f"{name}_max_abs_diff"] = float((o.detach().float() - ref).abs().max())
+                out[f"{name}_ms"] = round(cuda_time_ms(_fwd_bwd(fn, (q, k, v), dy), 5), 2)
+        except Exception as exc:
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 
 def main() -> int:
     out = dict(card=torch.cuda.get_device_name(0), torch=torch.__version__)
-    for name, fn in (("rms_norm", check_rms_norm), ("cp_attention", check_cp_attention)):
+    for name, fn in (("cp_attention", check_cp_attention), ("lower_right_backends", check_lower_right_backends)):
         try:
             out[name] = fn()
         except Exception as exc:  # one failing check still reports the other

@@ -75,10 +75,3 @@ def fast_accumulate_available(device: torch.device) -> bool:
                 ok = False
         _STATE[key] = ok
     return _STATE[key]
-
-
-def accumulates_into_main_grad(param) -> bool:
-    """A weight gradient goes straight into `param.main_grad` (`accumulate_`, then `grad_added_to_main_grad`) when
-    megatron's DDP gave the parameter one; the DDP hook then does not add it a second time."""
-    return (param is not None and getattr(param, "main_grad", None) is not None
-            and hasattr(param, "grad_added_to_main_grad") and not getattr(param, "zero_out_wgrad", False))

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .grad_accum import accumulate_, accumulates_into_main_grad
+from .grad_accum import accumulate_
 
 _F_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)
 _T_GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -109,6 +109,13 @@ def _kernel_zeroes_empty_groups(device: torch.device) -> bool:
     return _EMPTY_GROUPS_ZEROED[key]
 
 
+def _accumulates_into_main_grad(param: Optional[torch.nn.Parameter]) -> bool:
+    """The weight gradient goes straight into `param.main_grad` when megatron's DDP gave the parameter one
+    (kernels/grad_accum.py: the Triton addition on GPUs, torch's `add_` elsewhere: the same numbers)."""
+    return (param is not None and getattr(param, "main_grad", None) is not None
+            and hasattr(param, "grad_added_to_main_grad") and not getattr(param, "zero_out_wgrad", False))
+
+
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str,
@@ -145,7 +152,7 @@ class _GroupedMM(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 dw = _loop_dw(x, dy, ctx.bounds, w.shape[0])
         param = ctx.main_grad_param
-        if dw is not None and accumulates_into_main_grad(param):
+        if dw is not None and _accumulates_into_main_grad(param):
             # main_grad += dw here, at memory speed; dw still flows to the parameter (its value is right), but
             # the DDP hook sees grad_added_to_main_grad and does not add it again (megatron's fused linears
             # return a dummy weight gradient the same way)
