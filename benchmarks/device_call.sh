@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements of one device call, within a time budget, on nvidia-h200-x2 with the wheels and this project
 # installed (benchmarks/RESULTS.md "Reproduce"):
-#   bash benchmarks/device_call.sh OUTDIR BUDGET_S CALL      # CALL: a, b or c (below)
+#   bash benchmarks/device_call.sh OUTDIR BUDGET_S CALL      # CALL: a, b, c or d (below)
 # Each step is cut at what is left of the budget (run.py keeps <scenario>.partial.json with the sides done), so
 # the tarball of OUTDIR/res is always written. One-GPU scenarios run two at a time, one per GPU ("lanes").
 set -u
@@ -37,6 +37,10 @@ case $call in
   b)  # the long-context row, then the longest sample each side trains on 2 GPUs (probe.py), then the MoE recipe
     bench s4x2 300 --scenario s4x2 --sides ours,hf --steps 3 --warmup 1 --timeout 200
     bench r_moe2 5 --scenario r_moe2 --sides hf,ours --steps 4 --warmup 2 --timeout 220 ;;
+  d)  # one GPU (nvidia-h200): this round's kernel check (kernel_check.py), then s1, then s3, one after the other
+    step kernel_check 440 python benchmarks/kernel_check.py
+    bench s1 230 --scenario s1 --sides ours,hf --steps 4 --warmup 2 --timeout 140
+    bench s3 5 --scenario s3 --sides ours,hf --steps 4 --warmup 2 --timeout 140 ;;
   c)  # the VL recipe (both sides, merged + loaded)
     bench r_vl2 5 --scenario r_vl2 --sides ours,hf --steps 4 --warmup 2 --timeout 220 ;;
 esac

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llamafactory_mca.kernels.grad_accum import accumulate_, fast_accumulate_available  # noqa: E402
 
 
-def _time_ms(fn, reps: int = 20) -> float:
+def cuda_time_ms(fn, reps: int = 20) -> float:
+    """Mean milliseconds of `fn()` on the current CUDA stream over `reps` calls, after one warm-up call."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -41,8 +42,8 @@ def main() -> int:
         a1.add_(grad)
         accumulate_(a2, grad)
         moved = n * (4 + 4 + 2) / 1e9  # GB read + written per call
-        t_torch = _time_ms(lambda: acc.add_(grad))
-        t_fast = _time_ms(lambda: accumulate_(acc, grad))
+        t_torch = cuda_time_ms(lambda: acc.add_(grad))
+        t_fast = cuda_time_ms(lambda: accumulate_(acc, grad))
         out["sizes"][name] = dict(elements=n, equal=bool(torch.equal(a1, a2)), torch_ms=round(t_torch, 3),
                                   fast_ms=round(t_fast, 3), torch_gbs=round(moved / t_torch * 1e3),
                                   fast_gbs=round(moved / t_fast * 1e3))

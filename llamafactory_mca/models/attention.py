@@ -12,8 +12,11 @@ Context parallelism (cp > 1, no Transformer Engine needed) follows megatron's ca
 sequence (each packed sub-sequence under THD) is cut into 2*cp chunks and CP rank r holds chunks r and
 2*cp-1-r, concatenated (`megatron.core.utils.get_batch_on_this_cp_rank`, `models/packing.py`). Keys and values
 are all-gathered over the CP group (backward: reduce-scatter of their gradients), put back into sequence order,
-and each local query chunk attends to the key prefix up to its own end with the causal diagonal shifted by its
-offset. RoPE needs nothing here: megatron's rotary embedding already slices positions per CP rank the same way.
+and each local query chunk attends to the key prefix up to its own end (chunks 0..j for the chunk at position j)
+with the causal diagonal aligned to the bottom right (`torch.nn.attention.bias.causal_lower_right`: no mask is
+materialised, SDPA stays on its flash kernel, which skips the masked blocks and takes grouped K/V heads without
+repeating them; `lower_right_causal`). RoPE needs nothing here: megatron's rotary embedding already slices
+positions per CP rank the same way.
 
 Sliding window (`config.window_size = (left, 0)`, megatron's convention, on the layers `window_attn_skip_freq`
 selects): query i attends keys i - left ... i, as Hugging Face's `sliding_window = left + 1` (`kv > q - window`).
@@ -85,6 +88,40 @@ def sliding_window_overrides(hf_config) -> dict:
     if not window:
         return {}
     return {"window_size": (int(window) - 1, 0)}
+
+
+def _flash_takes_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
+    """Whether SDPA's flash kernel runs these CUDA tensors with grouped K/V heads as they are (`enable_gqa`)."""
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    if not q.is_cuda:
+        return False
+    try:
+        # is_causal False, as CausalBias asks it (flash refuses is_causal with lq != lk; the bias is causal)
+        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, dropout_p, False, True)))
+    except Exception:  # pragma: no cover - SDPAParams without the enable_gqa argument (torch < 2.5)
+        return False
+
+
+def lower_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                       scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention of the queries q [b, h, lq, d] as the last lq rows of a longer sequence whose keys are
+    k / v [b, g, lk, d] (lk >= lq, g divides h): query i sees keys 0 ... lk - lq + i (a bottom-right aligned
+    causal mask). Computed by SDPA with `causal_lower_right(lq, lk)`: on CUDA the flash kernel skips the masked
+    blocks and reads no mask; elsewhere the mask is materialised (math kernel). Grouped K/V heads are repeated
+    only where the flash kernel cannot take them as they are."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    kwargs = {}
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_HAS_GQA and _flash_takes_gqa(q, k, v, dropout_p):
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+    bias = causal_lower_right(q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale, **kwargs)
 
 
 class _Piece(NamedTuple):
@@ -264,8 +301,13 @@ class SDPAttention(MegatronModule):
             k_end = p.seg_start + (p.offset + p.length if causal else p.seg_len)
             ki = k[:, :, p.seg_start: k_end]
             vi = v[:, :, p.seg_start: k_end]
-            mask = None
             window = self._window_for(k_end - p.seg_start) if causal else None
+            if causal and p.offset > 0 and window is None and attention_mask is None:
+                # keys of chunks 0..j for the chunk at position j: bottom-right causal, masked blocks skipped
+                outs.append(lower_right_causal(qi, ki, vi, self.dropout_p if self.training else 0.0,
+                                               self.softmax_scale))
+                continue
+            mask = None
             if causal and (p.offset > 0 or window is not None):
                 mask = causal_band(p.length, k_end - p.seg_start, p.offset, window, q.device)
             if attention_mask is not None:

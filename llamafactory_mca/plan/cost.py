@@ -8,9 +8,9 @@ Every constant is a measurement of ours on H200 (benchmarks/RESULTS.md, benchmar
 that they still match those files):
 
 * DENSE_MFU 0.499: s2.json (Llama-3-8B, 4 GPUs, TP=1, distributed optimizer, both overlaps, 4096 tokens).
-* MOE_MFU 0.281: s3.json (Qwen3-30B-A3B widths, 1 GPU, grouped-GEMM experts, sync-free permutation; commit
-  ee89da3's run).
-* EP_FACTOR 0.570: s3x4.json / s3.json MFU (EP=4 alltoall against EP=1: the dispatcher's host syncs; s3x4 was
+* MOE_MFU 0.293: s3.json (Qwen3-30B-A3B widths, 1 GPU, grouped-GEMM experts, sync-free permutation; commit
+  d305fdd's run).
+* EP_FACTOR 0.547: s3x4.json / s3.json MFU (EP=4 alltoall against EP=1: the dispatcher's host syncs; s3x4 was
   measured before the sync-free permutation of kernels/permute.py, so this is pessimistic for EP).
 * TP_FACTOR 0.8155 per doubling: RESULTS.md "s2, Llama-3-8B" table, TP=2 + SP (38.9%) against TP=1 (47.7%):
   without Transformer Engine TP collectives are not overlapped.
@@ -27,8 +27,8 @@ from typing import Any
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16 (benchmarks/shapes.py)
 DENSE_MFU = 0.499
-MOE_MFU = 0.281
-EP_FACTOR = 0.570
+MOE_MFU = 0.293
+EP_FACTOR = 0.547
 TP_FACTOR = 0.8155
 CP_FACTOR = TP_FACTOR
 RECOMPUTE_FLOPS = {"full": 4.0 / 3.0, "selective": 1.05, None: 1.0}

@@ -157,8 +157,10 @@ def _loss_func(loss_mask: torch.Tensor, num_tokens: torch.Tensor, num_samples: i
     """
     losses = output_tensor.float().reshape(-1)
     loss_sum = torch.sum(losses * loss_mask.reshape(-1))
+    # the sample count is filled on the device (`new_full`): a host tensor copied over would make the host wait
+    # for the GPU after every microbatch's forward (a blocking copy, `cudaStreamSynchronize`)
     report = torch.stack([loss_sum.detach().clone(), num_tokens.detach().float(),
-                          torch.tensor(float(num_samples), device=loss_sum.device)])
+                          loss_sum.detach().new_full((), float(num_samples))])
     return loss_sum, num_tokens, {"lm loss": report}
 
 
@@ -200,6 +202,9 @@ def run_schedule(ddp_models: list, mbs: list, forward_only: bool, forward_step: 
 
 
 def _sum_all(value: float, device: torch.device, group: Any = None) -> float:
+    """`value` summed over `group` (itself on one rank: no host -> device copy, which would wait for the GPU)."""
+    if dist.get_world_size(group) == 1:
+        return float(value)
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, group=group)
     return float(t[0])
@@ -280,12 +285,14 @@ class SupervisedTask:
         save_final_model(run)
 
     def train_step(self, run: Run, mbs: list) -> tuple[float, dict[str, float]]:
-        """Forward and backward of one optimizer step's microbatches; returns (loss, metrics to log)."""
+        """Forward and backward of one optimizer step's microbatches; returns (loss, metrics to log). The loss may
+        be a 0-d device tensor (the loop converts it after the optimizer step, so that the host queues the step's
+        kernels before it waits for the GPU)."""
         if run.router_aux is not None:
             run.router_aux.begin_step(mbs, run.device)
         losses = run_schedule(run.ddp_models, mbs, forward_only=False)
         report = _reduce_report(losses, run.device, len(mbs)).sum(0)
-        loss = float(report[0]) / max(float(report[1]), 1.0)
+        loss = report[0] / report[1].clamp(min=1.0)  # on the device: the loop reads it after the optimizer step
         if run.router_aux is None:
             return loss, {}
         aux = run.router_aux.end_step(run.device)  # the HF path's loss adds coef * aux (models/router_aux_loss.py)
@@ -536,6 +543,7 @@ def train(run: Run, task: Any) -> None:
             run.optimizer.zero_grad()
             loss, metrics = task.train_step(run, mbs)
             ok, grad_norm, _ = run.optimizer.step()
+            loss = float(loss)  # the first wait for the GPU after the step's kernels are queued
             if m.check_for_nan_in_loss_and_grad:  # raised before any checkpoint of this state is written
                 check_finite(book.state.global_step + 1, loss, grad_norm)
             if ok:

@@ -1,0 +1,145 @@
+"""GPU check of this round's kernels (issue 22), one JSON line on stdout:
+
+    python benchmarks/kernel_check.py
+
+* cp_attention: one CP rank's core attention at s4x2's shape (Llama-3-8B heads: 32 queries, 8 K/V groups, head
+  dim 128; 32768 tokens, cp=2: chunks of 8192, rank r holds chunks r and 3-r), forward + backward, bf16.
+  `before`: each query chunk against the key prefix up to its end with a materialised boolean causal mask and
+  K/V repeated per query head (models/attention.py up to c1a2d75); `now`: `lower_right_causal` (bottom-right
+  causal bias, flash kernel, grouped K/V). `full_causal_32k` is one whole-sequence causal attention (HF's work
+  per sample) for scale. Also the largest output / gradient difference between the two.
+* lower_right_backends: rank 0's far chunk alone (8192 queries against 32768 keys, bottom-right causal), forward +
+  backward, by each SDPA kernel that can take it: flash with grouped K/V (what `lower_right_causal` picks), flash
+  with K/V repeated, memory-efficient (its own lower-right mask type, K/V repeated); and, as bounds, the same
+  shapes with no mask at all (cuDNN / default) and HF's whole 32k causal attention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from grad_accum_check import cuda_time_ms  # noqa: E402
+
+from llamafactory_mca.models.attention import causal_band, lower_right_causal  # noqa: E402
+
+
+def _masked_prefix(q, k, v, offset):
+    """The c1a2d75 path: boolean mask (diagonal shifted by the offset), K/V repeated per query head."""
+    rep = q.shape[1] // k.shape[1]
+    mask = causal_band(q.shape[2], k.shape[2], offset, None, q.device)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                          attn_mask=mask)
+
+
+def _rank_attention(q, k, v, chunk, cp, rank, fn):
+    """Every local chunk of `rank` against the key prefix up to its end; the chunk at position 0 is plain causal."""
+    outs = []
+    for i, m in enumerate((rank, 2 * cp - 1 - rank)):
+        qi = q[:, :, i * chunk:(i + 1) * chunk]
+        ki, vi = k[:, :, :(m + 1) * chunk], v[:, :, :(m + 1) * chunk]
+        if m == 0:
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True))
+        else:
+            outs.append(fn(qi, ki, vi, m * chunk))
+    return torch.cat(outs, 2)
+
+
+def _fwd_bwd(fn, inputs, grad):
+    def run():
+        for t in inputs:
+            t.grad = None
+        fn().backward(grad)
+    return run
+
+
+def check_cp_attention(seq: int = 32768, cp: int = 2, heads: int = 32, groups: int = 8, dim: int = 128) -> dict:
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    chunk = seq // (2 * cp)
+    k = torch.randn(1, groups, seq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(1, groups, seq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    out: dict = dict(seq=seq, cp=cp, heads=heads, groups=groups, head_dim=dim)
+    for rank in range(cp):
+        q = torch.randn(1, heads, 2 * chunk, dim, device=dev, generator=g).bfloat16().requires_grad_()
+        dy = torch.randn(1, heads, 2 * chunk, dim, device=dev, generator=g).bfloat16()
+        res = {}
+        for name, fn in (("before", _masked_prefix), ("now", lambda a, b, c, off: lower_right_causal(a, b, c))):
+            o = _rank_attention(q, k, v, chunk, cp, rank, fn)
+            grads = torch.autograd.grad(o, (q, k, v), dy)
+            res[name] = (o.float(), [x.float() for x in grads])
+            torch.cuda.reset_peak_memory_stats()
+            ms = cuda_time_ms(_fwd_bwd(lambda: _rank_attention(q, k, v, chunk, cp, rank, fn), (q, k, v), dy), 5)
+            out[f"rank{rank}_{name}_ms"] = round(ms, 2)
+            out[f"rank{rank}_{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out[f"rank{rank}_out_max_abs_diff"] = float((res["before"][0] - res["now"][0]).abs().max().detach())
+        out[f"rank{rank}_grad_max_abs_diff"] = max(float((a - b).abs().max())
+                                                   for a, b in zip(res["before"][1], res["now"][1]))
+    qf = torch.randn(1, heads, seq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    dyf = torch.randn_like(qf)
+    out["full_causal_32k_ms"] = round(cuda_time_ms(_fwd_bwd(
+        lambda: F.scaled_dot_product_attention(qf, k, v, is_causal=True, enable_gqa=True), (qf, k, v), dyf), 5), 2)
+    return out
+
+
+def check_lower_right_backends(seq: int = 32768, heads: int = 32, groups: int = 8, dim: int = 128) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(1)
+    lq = seq // 4
+    q = torch.randn(1, heads, lq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(1, groups, seq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(1, groups, seq, dim, device=dev, generator=g).bfloat16().requires_grad_()
+    dy = torch.randn_like(q)
+    rep = heads // groups
+    bias = causal_lower_right(lq, seq)
+    variants = {
+        "flash_gqa": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, enable_gqa=True)),
+        "flash_repeat": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias)),
+        "efficient_repeat": (SDPBackend.EFFICIENT_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=bias)),
+        "bound_no_mask_cudnn_repeat": (SDPBackend.CUDNN_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))),
+        "bound_no_mask_flash_gqa": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True)),
+    }
+    out: dict = dict(lq=lq, lk=seq, heads=heads, groups=groups)
+    ref = None
+    for name, (backend, fn) in variants.items():
+        try:
+            with sdpa_kernel([backend]):
+                o = fn()
+                if not name.startswith("bound") and ref is None:
+                    ref = o.detach().float()
+                elif not name.startswith("bound"):
+                    out[f"{name}_max_abs_diff"] = float((o.detach().float() - ref).abs().max())
+                out[f"{name}_ms"] = round(cuda_time_ms(_fwd_bwd(fn, (q, k, v), dy), 5), 2)
+        except Exception as exc:
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def main() -> int:
+    out = dict(card=torch.cuda.get_device_name(0), torch=torch.__version__)
+    for name, fn in (("cp_attention", check_cp_attention), ("lower_right_backends", check_lower_right_backends)):
+        try:
+            out[name] = fn()
+        except Exception as exc:  # one failing check still reports the other
+            out[name] = dict(error=f"{type(exc).__name__}: {exc}"[:500])
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
