@@ -183,3 +183,24 @@ def check_mla_tensor_parallel(text_config: dict[str, Any], tensor_model_parallel
         require(not isinstance(value, int) or value % tp == 0, "tensor_model_parallel_size",
                 f"the model's {name} ({value}) does not split evenly over {tp} ranks (multi-latent attention's "
                 "down projections are split over TP)", f"choose a tensor_model_parallel_size that divides {value}")
+
+
+def check_linear_attention(text_config: dict[str, Any], tensor_model_parallel_size: int,
+                           context_parallel_size: int, transformer_engine: bool = False) -> None:
+    """McaArgumentError for layouts the gated delta-net layers of a hybrid model (Qwen3-Next `linear_num_key_heads`)
+    cannot run: key heads not splitting over the TP ranks (TP splits them by key-head groups), context
+    parallelism (the recurrence runs over the whole sequence on one rank) and Transformer Engine's layer spec
+    (our GatedDeltaNet has local linears only)."""
+    heads = text_config.get("linear_num_key_heads")
+    if not isinstance(heads, int):
+        return
+    tp = tensor_model_parallel_size
+    require(heads % tp == 0, "tensor_model_parallel_size",
+            f"the model's {heads} linear-attention key heads (linear_num_key_heads) do not split evenly over {tp} "
+            "ranks", "choose a tensor_model_parallel_size that divides linear_num_key_heads")
+    require(context_parallel_size == 1, "context_parallel_size",
+            "the gated delta-net (linear-attention) layers are not split over context-parallel ranks yet",
+            "set context_parallel_size: 1")
+    require(not transformer_engine, "transformer_impl",
+            "the gated delta-net layers have no Transformer Engine implementation",
+            "set transformer_impl: local (or auto) and remove attention_backend: te")
