@@ -1,5 +1,9 @@
-"""Qwen3-Next pieces (issue 15), single process: the gated delta rule against transformers' torch reference and
-the two new split kinds (gated attention q_proj, conv1d over q|k|v) round-tripping bit-exactly over TP=1 and 2."""
+"""Qwen3-Next (issue 15): the gated delta rule against transformers' torch reference, the two split kinds of the
+family (gated attention q_proj, conv1d over q|k|v) round-tripping bit-exactly over TP=1 and 2, the config mapping
+and refusals, then the bridge on 2 processes (logits vs Hugging Face <= 1e-5 fp32 and bit-exact round trips: TP=2 +
+SP, PP=2 with a linear- and a full-attention layer on each stage, EP=2 in the default tier; one process per model
+(dp2), TP=2 without SP and virtual pipeline stages extended) and sft through `USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path
+with the merged checkpoint loaded by Qwen3NextForCausalLM (extended)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_bridge_unit import DictSource
+
+from tests.dist_helpers import assert_logits_parity, assert_round_trip, run_bridge_checks
+from tests.tiny_models import assert_table_covers_checkpoint, make_tiny_model, tiny_config
+
+KIND = "qwen3_next"
+TOL = 1e-5
+# one torchrun launch per tier: its start (~35 s on 2 CPU cores) dominates, a layout inside it costs 1-3 s
+DEFAULT_LAYOUTS = ("tp2sp", "pp2", "ep2")
+EXTENDED_LAYOUTS = ("dp2", "tp2", "vpp2")
 
 
 def test_gated_delta_rule_matches_hf_torch_reference():
@@ -41,3 +54,135 @@ def test_gated_qkv_and_conv_sections_round_trip(tp):
     one = GatedFusedQKV().local_shard(src, ("q", "k", "v"), ShardContext(0, 1, cfg, layout))
     assert torch.equal(one[16:32], src.tensors["q"][32:48])  # group 0: q of head 1 follows q of head 0
     assert torch.equal(one[32:48], src.tensors["q"][16:32])  # then the gate of head 0
+
+
+# ------------------------------------------------------------------------------------ config, table, refusals
+
+
+def test_transformer_config_and_hybrid_spec():
+    """Gated attention, the delta-net shapes, Qwen2-MoE's MLP; the block spec puts GatedDeltaNet on the
+    linear-attention layers of each pipeline chunk and the zero-centred norm everywhere."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.gated_delta_net import GatedDeltaNet, ZeroCenteredRMSNorm
+    from llamafactory_mca.models.qwen3_next import hybrid_block_spec
+    from llamafactory_mca.models.registry import bridge_for
+    from llamafactory_mca.models.spec import block_spec
+
+    hf = tiny_config(KIND)
+    bridge = bridge_for(KIND)
+    cfg = bridge.transformer_config(hf, MegatronArguments())
+    assert cfg.attention_output_gate and cfg.qk_layernorm and not cfg.add_qkv_bias
+    assert (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+            cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim) == (2, 4, 16, 8, 4)
+    assert cfg.moe_layer_freq == [0, 1, 1, 1] and cfg.moe_shared_expert_gate
+    assert cfg.moe_shared_expert_intermediate_size == 40 and not cfg.moe_router_pre_softmax  # norm_topk_prob
+    assert bridge.rotary_percent(hf) == 0.5
+    spec = hybrid_block_spec(block_spec(cfg, MegatronArguments(), True), cfg, hf.layer_types, None)
+    mixers = [s.submodules.self_attention.module for s in spec.layer_specs]
+    assert mixers == [GatedDeltaNet, SelfAttention, GatedDeltaNet, SelfAttention]
+    assert spec.layer_norm is ZeroCenteredRMSNorm
+    for s in spec.layer_specs:
+        assert s.submodules.input_layernorm is ZeroCenteredRMSNorm
+        assert s.submodules.pre_mlp_layernorm is ZeroCenteredRMSNorm
+    assert spec.layer_specs[1].submodules.self_attention.submodules.q_layernorm is ZeroCenteredRMSNorm
+    assert spec.layer_specs[1].submodules.self_attention.submodules.k_layernorm is ZeroCenteredRMSNorm
+
+
+def test_table_covers_checkpoint(tmp_path):
+    from llamafactory_mca.models.registry import bridge_for
+
+    assert_table_covers_checkpoint(bridge_for(KIND), make_tiny_model(KIND, str(tmp_path / KIND)))
+
+
+@pytest.mark.parametrize("layout,key", [
+    (dict(tensor_model_parallel_size=4), "tensor_model_parallel_size"),  # 2 linear-attention key heads
+    (dict(context_parallel_size=2), "context_parallel_size"),
+    (dict(transformer_impl="transformer_engine"), "transformer_impl"),
+])
+def test_layout_refused_before_launch(layout, key):
+    """The recipe check (config.json against the layout, before torchrun) names the key and the fix."""
+    from llamafactory_mca.args import MegatronArguments, McaArgumentError, check_layout_against_model
+
+    config = tiny_config(KIND).to_dict()
+    config["num_attention_heads"] = config["num_key_value_heads"] = 8  # only the linear-attention heads refuse
+    with pytest.raises(McaArgumentError, match=f"`{key}`.*Fix:"):
+        check_layout_against_model(MegatronArguments(**layout), config)
+
+
+def test_attention_bias_refused():
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.registry import bridge_for
+
+    hf = tiny_config(KIND)
+    hf.attention_bias = True
+    with pytest.raises(ValueError, match="attention_bias.*Fix:"):
+        bridge_for(KIND).transformer_config(hf, MegatronArguments())
+
+
+# ------------------------------------------------------------------------------------ bridge on 2 processes
+
+
+@pytest.fixture(scope="module")
+def default_results(tmp_path_factory):
+    return run_bridge_checks(tmp_path_factory, [KIND], DEFAULT_LAYOUTS)
+
+
+@pytest.fixture(scope="module")
+def extended_results(tmp_path_factory):
+    return run_bridge_checks(tmp_path_factory, [KIND], EXTENDED_LAYOUTS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", DEFAULT_LAYOUTS)
+def test_bridge_parallel(default_results, layout):
+    """Logits vs HF (fp32) and the bit-exact round trip (export, sharded save, transformers reload) at TP=2 + SP,
+    PP=2 (a linear- and a full-attention layer on each stage) and EP=2."""
+    assert_logits_parity(default_results, layout, KIND, TOL)
+    assert_round_trip(default_results, layout, KIND)
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("layout", EXTENDED_LAYOUTS)
+def test_bridge_other_layouts(extended_results, layout):
+    """As test_bridge_parallel: one process per model (dp2), TP=2 without SP, 2 virtual pipeline chunks."""
+    assert_logits_parity(extended_results, layout, KIND, TOL)
+    assert_round_trip(extended_results, layout, KIND)
+
+
+# ------------------------------------------------------------------------------------ training through the CLI
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.timeout(3600)
+def test_training_parity_and_merge(tmp_path):
+    """`USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path (fp32, CPU, 5 steps, global batch 4),
+    1 process and TP=2 + SP x EP=1 ... per step within 1e-4 relative; the TP=2 run's checkpoint merges with
+    `llamafactory-mca merge` into a model that Qwen3NextForCausalLM loads (no missing or unexpected keys) equal to
+    the HF-trained weights."""
+    import os
+
+    from lf_runs import assert_parity, make_recipe, merge, train
+    from transformers import Qwen3NextForCausalLM
+
+    from tests.tiny_models import make_tiny_family_model
+
+    model = make_tiny_family_model(KIND, str(tmp_path / "model"))
+    hf = train(tmp_path, "hf", make_recipe(model, str(tmp_path / "hf")), mca=False)
+    assert_parity(hf, train(tmp_path, "mca_one", make_recipe(model, str(tmp_path / "one"), save_hf_model=False)))
+    tp2 = make_recipe(model, str(tmp_path / "tp2"), tensor_model_parallel_size=2, sequence_parallel=True,
+                      save_strategy="steps", save_steps=5, save_hf_model=False)
+    assert_parity(hf, train(tmp_path, "mca_tp2", tp2, nproc=2))
+    merged = merge(os.path.join(tp2["output_dir"], "checkpoint-5"), str(tmp_path / "merged"), "--fp32")
+    loaded, info = Qwen3NextForCausalLM.from_pretrained(merged, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    theirs = Qwen3NextForCausalLM.from_pretrained(hf).state_dict()
+    ours = loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
