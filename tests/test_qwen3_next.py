@@ -68,7 +68,9 @@ def test_transformer_config_and_hybrid_spec():
     from llamafactory_mca.models.gated_delta_net import GatedDeltaNet, ZeroCenteredRMSNorm
     from llamafactory_mca.models.qwen3_next import hybrid_block_spec
     from llamafactory_mca.models.registry import bridge_for
-    from llamafactory_mca.models.spec import block_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from llamafactory_mca.models.spec import FusedRMSNorm, layer_spec
 
     hf = tiny_config(KIND)
     bridge = bridge_for(KIND)
@@ -79,15 +81,18 @@ def test_transformer_config_and_hybrid_spec():
     assert cfg.moe_layer_freq == [0, 1, 1, 1] and cfg.moe_shared_expert_gate
     assert cfg.moe_shared_expert_intermediate_size == 40 and not cfg.moe_router_pre_softmax  # norm_topk_prob
     assert bridge.rotary_percent(hf) == 0.5
-    spec = hybrid_block_spec(block_spec(cfg, MegatronArguments(), True), cfg, hf.layer_types, None)
+    moe, dense = layer_spec(cfg, MegatronArguments(), True), layer_spec(cfg, MegatronArguments(), True, None)
+    block = TransformerBlockSubmodules(layer_specs=[moe, dense], layer_norm=FusedRMSNorm)  # layers 1, 2 (a stage)
+    spec = hybrid_block_spec(block, hf.layer_types, offset=1)
     mixers = [s.submodules.self_attention.module for s in spec.layer_specs]
-    assert mixers == [GatedDeltaNet, SelfAttention, GatedDeltaNet, SelfAttention]
+    assert mixers == [SelfAttention, GatedDeltaNet]
     assert spec.layer_norm is ZeroCenteredRMSNorm
     for s in spec.layer_specs:
         assert s.submodules.input_layernorm is ZeroCenteredRMSNorm
         assert s.submodules.pre_mlp_layernorm is ZeroCenteredRMSNorm
-    assert spec.layer_specs[1].submodules.self_attention.submodules.q_layernorm is ZeroCenteredRMSNorm
-    assert spec.layer_specs[1].submodules.self_attention.submodules.k_layernorm is ZeroCenteredRMSNorm
+    assert spec.layer_specs[0].submodules.self_attention.submodules.q_layernorm is ZeroCenteredRMSNorm
+    assert spec.layer_specs[0].submodules.self_attention.submodules.k_layernorm is ZeroCenteredRMSNorm
+    assert moe.submodules.input_layernorm is FusedRMSNorm  # the shared specs are copied, not changed
 
 
 def test_table_covers_checkpoint(tmp_path):

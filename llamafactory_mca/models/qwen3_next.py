@@ -82,14 +82,12 @@ def with_gated_delta_net(spec: Any) -> Any:
                                                                     self_attention=ModuleSpec(module=GatedDeltaNet)))
 
 
-def hybrid_block_spec(block: Any, config: Any, types: list[str], vp_stage: Any) -> Any:
-    """The block spec of one pipeline chunk (`vp_stage`) with the layer specs of its global layers: zero-centred
-    norms everywhere, GatedDeltaNet for the linear-attention layers."""
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
+def hybrid_block_spec(block: Any, types: list[str], offset: int) -> Any:
+    """The block spec of one pipeline chunk whose first layer is global layer `offset`, with the layer specs of its
+    layers (`types`: the model's layer types): zero-centred norms everywhere, GatedDeltaNet for the
+    linear-attention layers."""
     from llamafactory_mca.models.gated_delta_net import ZeroCenteredRMSNorm
 
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     specs = []
     for i, spec in enumerate(block.layer_specs):
         spec = zero_centered_norms(spec)
@@ -150,7 +148,9 @@ class Qwen3NextBridge(Qwen2MoeBridge):
 
     def new_model(self, hf_config, config, mca_args, **kwargs):
         from megatron.core.models.gpt import GPTModel
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-        kwargs["transformer_layer_spec"] = hybrid_block_spec(kwargs["transformer_layer_spec"], config,
-                                                             layer_types(hf_config), kwargs.get("vp_stage"))
+        offset = get_transformer_layer_offset(config, vp_stage=kwargs.get("vp_stage"))
+        kwargs["transformer_layer_spec"] = hybrid_block_spec(kwargs["transformer_layer_spec"], layer_types(hf_config),
+                                                             offset)
         return GPTModel(config=config, rotary_percent=self.rotary_percent(hf_config), **kwargs)
