@@ -114,6 +114,28 @@ def test_layout_refused_before_launch(layout, key):
         check_layout_against_model(MegatronArguments(**layout), config)
 
 
+@pytest.mark.parametrize("keys,key", [
+    (dict(finetuning_type="lora"), "lora_target"),  # LLaMA-Factory's default lora_target: all
+    (dict(finetuning_type="lora", lora_target="q_proj,o_proj"), "lora_target"),
+    (dict(finetuning_type="full", neat_packing=True), "neat_packing"),
+    (dict(finetuning_type="full", packing=True), "packing"),
+])
+def test_recipe_refused_before_launch(tmp_path, keys, key):
+    """The recipe check (before torchrun) refuses what the hybrid layers do not run yet, naming the key and the fix;
+    LoRA on the other projections and unpacked full training pass."""
+    import json
+
+    from llamafactory_mca.args import McaArgumentError
+    from llamafactory_mca.recipe_checks import check_llamafactory_keys
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(KIND).to_dict()))
+    recipe = dict(model_name_or_path=str(tmp_path), stage="sft", **keys)
+    with pytest.raises(McaArgumentError, match=f"`{key}`.*Fix:"):
+        check_llamafactory_keys(recipe)
+    check_llamafactory_keys(dict(recipe, finetuning_type="lora", lora_target="o_proj,in_proj_qkvz,out_proj",
+                                 packing=False, neat_packing=False))
+
+
 def test_attention_bias_refused():
     from llamafactory_mca.args import MegatronArguments
     from llamafactory_mca.models.registry import bridge_for
