@@ -153,10 +153,13 @@ def test_attention_bias_refused():
 @pytest.mark.extended
 @pytest.mark.timeout(3600)
 def test_training_parity_and_merge(tmp_path):
-    """`USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path (fp32, CPU, 5 steps, global batch 4),
-    1 process and TP=2 + SP x EP=1 ... per step within 1e-4 relative; the TP=2 run's checkpoint merges with
-    `llamafactory-mca merge` into a model that Qwen3NextForCausalLM loads (no missing or unexpected keys) equal to
-    the HF-trained weights."""
+    """`USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path (fp32, CPU, 5 steps, global batch 4): 1
+    process and TP=2 + SP, losses per step within 1e-4 relative. The TP=2 run's distributed checkpoint merges at
+    TP=1 with `llamafactory-mca merge` into a model that Qwen3NextForCausalLM loads with no missing or unexpected
+    keys, equal to the run's own Hugging Face export (the convolution's q/k/v sections are saved TP-independently,
+    gated_delta_net.split_sections_factory), and close to the HF-trained weights: within 1e-3, as Adam turns the
+    fp32 rounding of the delta-net gate path's near-zero gradients (in_proj_ba's `a` rows, dt_bias, A_log) into
+    steps of up to the learning rate (1e-3); every other tensor agrees to 1e-5."""
     import os
 
     from lf_runs import assert_parity, make_recipe, merge, train
@@ -168,13 +171,18 @@ def test_training_parity_and_merge(tmp_path):
     hf = train(tmp_path, "hf", make_recipe(model, str(tmp_path / "hf")), mca=False)
     assert_parity(hf, train(tmp_path, "mca_one", make_recipe(model, str(tmp_path / "one"), save_hf_model=False)))
     tp2 = make_recipe(model, str(tmp_path / "tp2"), tensor_model_parallel_size=2, sequence_parallel=True,
-                      save_strategy="steps", save_steps=5, save_hf_model=False)
-    assert_parity(hf, train(tmp_path, "mca_tp2", tp2, nproc=2))
+                      save_strategy="steps", save_steps=5)
+    exported = train(tmp_path, "mca_tp2", tp2, nproc=2)
+    assert_parity(hf, exported)
     merged = merge(os.path.join(tp2["output_dir"], "checkpoint-5"), str(tmp_path / "merged"), "--fp32")
     loaded, info = Qwen3NextForCausalLM.from_pretrained(merged, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    theirs = Qwen3NextForCausalLM.from_pretrained(hf).state_dict()
     ours = loaded.state_dict()
-    assert ours.keys() == theirs.keys()
+    export = Qwen3NextForCausalLM.from_pretrained(exported).state_dict()
+    theirs = Qwen3NextForCausalLM.from_pretrained(hf).state_dict()
+    assert ours.keys() == theirs.keys() == export.keys()
+    gate_path = ("in_proj_ba", "dt_bias", "A_log")
     for k in theirs:
-        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert torch.equal(ours[k], export[k]), k
+        atol = 1e-3 if any(g in k for g in gate_path) else 1e-5
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=atol, msg=k)

@@ -121,11 +121,6 @@ class Qwen3NextBridge(Qwen2MoeBridge):
     def qk_layernorm(self, hf_config) -> bool:
         return True
 
-    def rotary_percent(self, hf_config) -> float:
-        """The share of each head's channels that get the rotary embedding (HF `partial_rotary_factor`)."""
-        rope = self.rope_parameters(hf_config)
-        return float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)))
-
     def num_experts(self, hf_config):
         return getattr(hf_config, "num_experts", 0) or None
 
