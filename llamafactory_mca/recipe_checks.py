@@ -98,8 +98,8 @@ def check_hybrid_model_options(recipe: dict[str, Any]) -> None:
     hit = [t for t in targets if t == "all" or t in GATED_ATTENTION_PROJECTIONS]
     require(not hit, "lora_target", f"{model_type}: LoRA on the gated attention's q_proj / k_proj / v_proj is not "
             f"supported by the Megatron backend yet ({', '.join(hit)})",
-            "list the modules instead, e.g. lora_target: o_proj,in_proj_qkvz,in_proj_ba,out_proj,gate_proj,up_proj,"
-            "down_proj (or use finetuning_type: full)")
+            "list the modules instead, e.g. lora_target: o_proj,gate_proj,up_proj,down_proj (or use "
+            "finetuning_type: full)")
 
 
 def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] = None,

@@ -132,7 +132,7 @@ def test_recipe_refused_before_launch(tmp_path, keys, key):
     recipe = dict(model_name_or_path=str(tmp_path), stage="sft", **keys)
     with pytest.raises(McaArgumentError, match=f"`{key}`.*Fix:"):
         check_llamafactory_keys(recipe)
-    check_llamafactory_keys(dict(recipe, finetuning_type="lora", lora_target="o_proj,in_proj_qkvz,out_proj",
+    check_llamafactory_keys(dict(recipe, finetuning_type="lora", lora_target="o_proj,gate_proj,up_proj,down_proj",
                                  packing=False, neat_packing=False))
 
 
