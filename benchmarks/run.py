@@ -137,6 +137,16 @@ SCENARIOS = {
         hf={},
         target={},  # issue 14 asks for the row, with no speed target
     ),
+    "q3next": dict(
+        title="hybrid Qwen3-Next-80B-A3B widths, 4 layers (3 gated delta-net, 1 gated attention), 128 experts, 1 GPU",
+        gpus=1, global_batch=8, seq=4096,
+        # as s3: grouped-GEMM experts. The delta rule: ours on fla's chunk kernel where `fla` imports (checked
+        # against the torch reference first, kernels/linear_attention.py), HF's Qwen3NextGatedDeltaNet on fla and
+        # causal-conv1d where they import (torch otherwise): `versions` in the JSON records which are installed
+        ours=dict(moe_grouped_gemm=True, moe_token_dispatcher_type="alltoall"),
+        hf={},
+        target={},  # issue 15 asks for the row, with no speed target
+    ),
     # issue 9: the published recipes, scaled from 8 GPUs to 4 (benchmarks/recipes.py); no speed target there
     "r_moe": dict(
         title="recipe qwen3_moe_full.yaml on 4 GPUs (24 of 48 layers, PP=2 x EP=2)", gpus=4, global_batch=16,
@@ -456,7 +466,8 @@ def device_info(tiny: bool) -> dict:
 
 def versions() -> dict:
     out = {}
-    for mod in ("transformers", "llamafactory", "megatron.core", "accelerate", "llamafactory_mca"):
+    for mod in ("transformers", "llamafactory", "megatron.core", "accelerate", "llamafactory_mca",
+                "fla", "causal_conv1d"):  # the last two: the delta-net fast paths (q3next)
         try:
             m = __import__(mod, fromlist=["__version__"])
             out[mod] = getattr(m, "__version__", "?")

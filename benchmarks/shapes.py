@@ -13,6 +13,9 @@ s2x2 Llama-3-8B on 2 GPUs; s4x2 the same model at 32k tokens per sample, 2 GPUs
 r_moe2 qwen3_moe_full.yaml's model with 12 of its 48 layers on 2 GPUs (PP=2 at EP=1: a stage of 6 layers holds
      all 128 experts, the expert weights of the 12-layer stage at EP=2 of the 8-GPU recipe)
 r_vl2 r_vl's model on 2 GPUs
+q3next hybrid Qwen3-Next-80B-A3B widths (gated delta-net and gated attention layers, 3 : 1; experts of 512 wide,
+     top-10, a gated shared expert) with 4 of its 48 layers and 128 of its 512 experts (the HF side's fp32 master
+     weights and Adam state of 512 experts would not fit one GPU), 1 GPU (issue 15)
 dsv3 DeepSeek-V3 architecture (multi-latent attention, a dense first layer, then MoE layers with shared experts
      and sigmoid routing) at Moonlight-16B-A3B's widths (hidden 2048, 16 heads, kv_lora_rank 512, no q LoRA,
      64 routed experts top-6 + 2 shared, vocab 163840) with 6 of its 27 layers, 1 GPU (issue 14)
@@ -58,6 +61,18 @@ MOONLIGHT_16B_A3B = dict(
     norm_topk_prob=True, vocab_size=163840, tie_word_embeddings=False, rope_theta=50000.0,
 )
 SCENARIO_SHAPES["dsv3"] = dict(MOONLIGHT_16B_A3B, num_hidden_layers=6)
+
+# Qwen/Qwen3-Next-80B-A3B-Instruct's config.json (48 layers, every 4th full attention)
+QWEN3_NEXT_80B_A3B = dict(
+    family="qwen3_next", hidden_size=2048, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2,
+    head_dim=256, intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+    num_experts=512, num_experts_per_tok=10, linear_num_key_heads=16, linear_num_value_heads=32,
+    linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, vocab_size=151936,
+    tie_word_embeddings=False, rope_theta=10000000.0,
+)
+SCENARIO_SHAPES["q3next"] = dict(QWEN3_NEXT_80B_A3B, num_hidden_layers=4, num_experts=128)
+TINY_LINEAR_ATTENTION = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                             linear_value_head_dim=16, shared_expert_intermediate_size=32)
 
 SCENARIO_SHAPES.update(s2x2=SCENARIO_SHAPES["s2"], s4x2=SCENARIO_SHAPES["s2"], r_vl2=SCENARIO_SHAPES["r_vl"])
 
@@ -110,6 +125,8 @@ def hf_config_for(scenario: str, tiny: bool = False, layers: int | None = None, 
 
         shape["rope_parameters"] = {"rope_type": "default", "rope_theta": shape.pop("rope_theta")}
         return DeepseekV3Config(**shape, **common, rope_interleave=True, attention_bias=False)
+    if family == "qwen3_next":
+        return qwen3_next_config(shape, common, tiny)
     if family == "qwen3":
         from transformers import Qwen3Config as C
     elif family == "llama":
@@ -123,6 +140,44 @@ def hf_config_for(scenario: str, tiny: bool = False, layers: int | None = None, 
         common.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, router_aux_loss_coef=0.001,
                       output_router_logits=False)
     return C(**shape, **common)
+
+
+def qwen3_next_config(shape: dict, common: dict, tiny: bool):
+    """The Qwen3NextConfig of a scenario shape: every 4th layer full attention (the last of a tiny model's 2), rotary
+    on a quarter of each head, every layer MoE."""
+    from transformers import Qwen3NextConfig
+
+    if tiny:
+        shape.update(TINY_LINEAR_ATTENTION)
+    layers = shape["num_hidden_layers"]
+    types = ["full_attention" if (i + 1) % 4 == 0 or (tiny and i == layers - 1) else "linear_attention"
+             for i in range(layers)]
+    rope = {"rope_type": "default", "rope_theta": shape.pop("rope_theta"), "partial_rotary_factor": 0.25}
+    return Qwen3NextConfig(**shape, **common, layer_types=types, rope_parameters=rope, partial_rotary_factor=0.25,
+                           decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, router_aux_loss_coef=0.001,
+                           output_router_logits=False)
+
+
+def layer_kinds(cfg) -> list[str]:
+    """"full_attention" or "linear_attention" per decoder layer (all full attention but in hybrid models)."""
+    return list(_g(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+
+
+def gated_delta_net_params(cfg) -> int:
+    """Matrix weights of one gated delta-net layer: in_proj_qkvz, in_proj_ba, out_proj."""
+    H = cfg.hidden_size
+    keys, values = cfg.linear_num_key_heads * cfg.linear_key_head_dim, cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    return H * (2 * keys + 2 * values) + H * 2 * cfg.linear_num_value_heads + values * H
+
+
+def token_mixer_params(cfg) -> int:
+    """Matrix weights of all decoder layers' token mixers: attention (gated attention's q_proj holds q and its gate)
+    or, in hybrid models, the gated delta-net of a linear-attention layer."""
+    kinds = layer_kinds(cfg)
+    full = kinds.count("full_attention")
+    linear = len(kinds) - full
+    gate = cfg.hidden_size * _g(cfg, "head_dim", 0) * cfg.num_attention_heads if cfg.model_type == "qwen3_next" else 0
+    return full * (attention_params(cfg) + gate) + (linear * gated_delta_net_params(cfg) if linear else 0)
 
 
 def _g(cfg, name, default=None):
@@ -162,21 +217,24 @@ def mlp_params(cfg, active: bool) -> int:
     dense_layers = min(_g(cfg, "first_k_dense_replace", 0), L)
     routed = cfg.num_experts_per_tok if active else experts
     moe = (routed + _g(cfg, "n_shared_experts", 0)) * 3 * H * cfg.moe_intermediate_size + H * experts
+    moe += 3 * H * _g(cfg, "shared_expert_intermediate_size", 0)  # Qwen2-MoE / Qwen3-Next's one shared expert
     return dense_layers * 3 * H * cfg.intermediate_size + (L - dense_layers) * moe
 
 
 def matmul_params_per_token(cfg) -> int:
     """Weights touched by one token in matrix products (active experts only; LM head included; the embedding
     lookup excluded)."""
-    return cfg.num_hidden_layers * attention_params(cfg) + mlp_params(cfg, active=True) + cfg.hidden_size * cfg.vocab_size
+    return token_mixer_params(cfg) + mlp_params(cfg, active=True) + cfg.hidden_size * cfg.vocab_size
 
 
 def flops_per_token(cfg, seq: int) -> float:
     """Model FLOPs per trained token for fwd+bwd: 6 * active matmul weights + causal attention
-    (QK^T and PV: 2*s*(qk + v width) per token and layer forward, halved by the causal mask, x3 for fwd+bwd)."""
-    return 6.0 * matmul_params_per_token(cfg) + 3.0 * cfg.num_hidden_layers * seq * attention_score_dims(cfg)
+    (QK^T and PV: 2*s*(qk + v width) per token and layer forward, halved by the causal mask, x3 for fwd+bwd) in the
+    full-attention layers (a hybrid model's delta-rule recurrence is not counted)."""
+    full = layer_kinds(cfg).count("full_attention")
+    return 6.0 * matmul_params_per_token(cfg) + 3.0 * full * seq * attention_score_dims(cfg)
 
 
 def total_params(cfg) -> int:
     emb = cfg.hidden_size * cfg.vocab_size * (1 if cfg.tie_word_embeddings else 2)
-    return cfg.num_hidden_layers * attention_params(cfg) + mlp_params(cfg, active=False) + emb
+    return token_mixer_params(cfg) + mlp_params(cfg, active=False) + emb

@@ -463,10 +463,16 @@ def check_layout_against_model(m: MegatronArguments, config: dict) -> None:
     model_type = config.get("model_type")
     tp, pp, cp, ep = (m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size,
                       m.expert_model_parallel_size)
-    from llamafactory_mca.recipe_checks import check_mla_tensor_parallel, check_sliding_window  # (imports args)
+    from llamafactory_mca.recipe_checks import (  # (imports args)
+        check_linear_attention,
+        check_mla_tensor_parallel,
+        check_sliding_window,
+    )
 
     check_sliding_window(text, cp)
     check_mla_tensor_parallel(text, tp, m.sequence_parallel)
+    te = m.transformer_impl != "local" and (m.transformer_impl == "transformer_engine" or m.attention_backend == "te")
+    check_linear_attention(text, tp, cp, te)
     experts = model_config.num_experts(text)
     require(ep == 1 or experts, "expert_model_parallel_size",
             f"the model ({model_type}) is dense: it has no experts to spread over {ep} ranks",

@@ -78,6 +78,30 @@ def check_stage_options(recipe: dict[str, Any]) -> None:
             "use stage sft or dpo for this model, or run without USE_MCA")
 
 
+HYBRID_MODEL_TYPES = ("qwen3_next",)  # gated delta-net (linear attention) layers: models/gated_delta_net.py
+GATED_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # fused as q|gate, k, v per group: no LoRA slots yet
+
+
+def check_hybrid_model_options(recipe: dict[str, Any]) -> None:
+    """McaArgumentError for what a hybrid linear-attention model (Qwen3-Next) does not run yet under the Megatron
+    backend: packed sequences (the delta rule runs over whole rows) and LoRA on the gated attention's q/k/v
+    projections (LLaMA-Factory's default `lora_target: all` includes them)."""
+    model_type = local_model_type(recipe.get("model_name_or_path"))
+    if model_type not in HYBRID_MODEL_TYPES:
+        return
+    for key in ("packing", "neat_packing"):
+        require(not _truthy(recipe.get(key)), key, f"{model_type}'s linear-attention layers do not take packed "
+                "sequences yet", f"set {key}: false")
+    if (recipe.get("finetuning_type") or LF_DEFAULT_FINETUNING_TYPE) != "lora":
+        return
+    targets = [t.strip() for t in str(recipe.get("lora_target") or "all").split(",")]
+    hit = [t for t in targets if t == "all" or t in GATED_ATTENTION_PROJECTIONS]
+    require(not hit, "lora_target", f"{model_type}: LoRA on the gated attention's q_proj / k_proj / v_proj is not "
+            f"supported by the Megatron backend yet ({', '.join(hit)})",
+            "list the modules instead, e.g. lora_target: o_proj,gate_proj,up_proj,down_proj (or use "
+            "finetuning_type: full)")
+
+
 def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] = None,
                             schedules: Optional[tuple] = None) -> tuple[dict[str, Any], list[str]]:
     """(recipe without the keys dropped, notices to print once) or McaArgumentError naming key and fix.
@@ -99,6 +123,7 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
     if stages is not None:
         check_stage(out.get("stage", "sft"), stages)
     check_stage_options(out)
+    check_hybrid_model_options(out)
     ftype = out.get("finetuning_type")
     if ftype is None:
         notices.append(f"`finetuning_type` is not set: LLaMA-Factory's default '{LF_DEFAULT_FINETUNING_TYPE}' runs "
@@ -183,3 +208,24 @@ def check_mla_tensor_parallel(text_config: dict[str, Any], tensor_model_parallel
         require(not isinstance(value, int) or value % tp == 0, "tensor_model_parallel_size",
                 f"the model's {name} ({value}) does not split evenly over {tp} ranks (multi-latent attention's "
                 "down projections are split over TP)", f"choose a tensor_model_parallel_size that divides {value}")
+
+
+def check_linear_attention(text_config: dict[str, Any], tensor_model_parallel_size: int,
+                           context_parallel_size: int, transformer_engine: bool = False) -> None:
+    """McaArgumentError for layouts the gated delta-net layers of a hybrid model (Qwen3-Next `linear_num_key_heads`)
+    cannot run: key heads not splitting over the TP ranks (TP splits them by key-head groups), context
+    parallelism (the recurrence runs over the whole sequence on one rank) and Transformer Engine's layer spec
+    (our GatedDeltaNet has local linears only)."""
+    heads = text_config.get("linear_num_key_heads")
+    if not isinstance(heads, int):
+        return
+    tp = tensor_model_parallel_size
+    require(heads % tp == 0, "tensor_model_parallel_size",
+            f"the model's {heads} linear-attention key heads (linear_num_key_heads) do not split evenly over {tp} "
+            "ranks", "choose a tensor_model_parallel_size that divides linear_num_key_heads")
+    require(context_parallel_size == 1, "context_parallel_size",
+            "the gated delta-net (linear-attention) layers are not split over context-parallel ranks yet",
+            "set context_parallel_size: 1")
+    require(not transformer_engine, "transformer_impl",
+            "the gated delta-net layers have no Transformer Engine implementation",
+            "set transformer_impl: local (or auto) and remove attention_backend: te")

@@ -28,7 +28,7 @@ LAYOUTS = {
     "tp2ep2": dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1),
     "tp1": dict(),
 }
-MOE_KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3")
+MOE_KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "deepseek_v3", "qwen3_next")
 
 
 def run_bridge_checks(tmp_path_factory, kinds, layouts) -> list:

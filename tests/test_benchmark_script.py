@@ -25,7 +25,8 @@ def _trainer_importable() -> str | None:
                                       pytest.param("s4x2", marks=pytest.mark.extended),
                                       pytest.param("r_moe", marks=pytest.mark.extended),
                                       pytest.param("r_vl", marks=pytest.mark.extended),
-                                      pytest.param("dsv3", marks=pytest.mark.extended)])
+                                      pytest.param("dsv3", marks=pytest.mark.extended),
+                                      pytest.param("q3next", marks=pytest.mark.extended)])
 def test_benchmark_script_tiny(tmp_path, scenario):
     """s1: a pre-training scenario; dsv3: DeepSeek-V3's MLA + shared experts + a dense first layer; s3x2 / s4x2: the 2-GPU MoE and long-context scenarios at tiny shapes on one
     process (their layouts dropped); r_moe / r_vl: the example recipes (MoE, Qwen2-VL) run as they are, merged

@@ -46,7 +46,7 @@ def _family_config(kind: str, common: dict):
     """Configs of the issue-14 MoE families, odd shapes on purpose: a dense first layer, shared experts (qwen2_moe's
     gated), 6 or 8 experts, grouped sigmoid routing with a score-correction bias and scaled weights (glm4_moe),
     partial rotary and q/k norm."""
-    from transformers import Glm4MoeConfig, Qwen2MoeConfig
+    from transformers import Glm4MoeConfig, Qwen2MoeConfig, Qwen3NextConfig
 
     if kind == "qwen2_moe":
         return Qwen2MoeConfig(intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=40,
@@ -57,6 +57,13 @@ def _family_config(kind: str, common: dict):
                              num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                              first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
                              head_dim=16, partial_rotary_factor=0.5, tie_word_embeddings=False, **common)
+    if kind == "qwen3_next":  # linear / full attention on both halves (PP=2), 2 key heads of 2 value heads each
+        return Qwen3NextConfig(intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                               num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0],
+                               head_dim=16, partial_rotary_factor=0.5, linear_num_key_heads=2,
+                               linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                               layer_types=["linear_attention", "full_attention"] * 2, tie_word_embeddings=False,
+                               **common)
     return None
 
 

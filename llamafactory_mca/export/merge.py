@@ -145,6 +145,18 @@ def _plan(bridge: Any, model: torch.nn.Module, hf_config: Any, dtype: torch.dtyp
     ]
 
 
+def stored_keys(sharded: Any) -> list[str]:
+    """The checkpoint keys one value of a sharded state dict is stored under: its key, or the keys of the parts a
+    ShardedTensorFactory builds (e.g. GatedDeltaNet's convolution sections, `<key>.query` ...)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if not isinstance(sharded, ShardedTensorFactory):
+        return [sharded.key]
+    parts = sharded.build()
+    parts = parts if isinstance(parts, (list, tuple)) else [parts]
+    return [key for part in parts for key in stored_keys(part)]
+
+
 def merge_checkpoint(
     checkpoint_path: str,
     output_path: str,
@@ -194,7 +206,7 @@ def merge_checkpoint(
             for unit in units(model):
                 unit.to_empty(device="cpu")
                 sharded = _materialized_sharded_state_dict(model)
-                missing = [sh.key for sh in sharded.values() if sh.key not in tensor_meta]
+                missing = [key for sh in sharded.values() for key in stored_keys(sh) if key not in tensor_meta]
                 if missing:
                     raise CheckpointError(
                         f"{checkpoint_path} lacks {missing[:3]}: it was written for another model or with another "

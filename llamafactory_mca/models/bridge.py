@@ -11,7 +11,7 @@ concerns live in their own modules; this class is their one entry point for a fa
   hf_export.py           export to Hugging Face (`export_hf_state_dict`, `save_hf_pretrained`)
 
 Hooks a family may override (all public): `check_config`, `text_config`, `rope_parameters`, `rope_theta`,
-`head_dim`, `qk_layernorm`, `add_qkv_bias`, `tied_embeddings`, `num_experts`, `moe_ffn_hidden_size`,
+`rotary_percent`, `head_dim`, `qk_layernorm`, `add_qkv_bias`, `tied_embeddings`, `num_experts`, `moe_ffn_hidden_size`,
 `moe_topk`, `moe_router_pre_softmax`, the MoE structure / router hooks (`moe_layer_freq`,
 `moe_shared_expert_intermediate_size`, `moe_shared_expert_gate`, `moe_router_score_function`,
 `moe_router_expert_bias`, `moe_router_groups`, `moe_router_topk_scaling_factor`), `config_overrides`, `vocab_size`, `padded_vocab_size`,
@@ -137,6 +137,12 @@ class ModelBridge:
         """The rotary base."""
         rope = self.rope_parameters(hf_config)
         return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+    def rotary_percent(self, hf_config) -> float:
+        """The share of each head's channels that get the rotary embedding (HF `partial_rotary_factor`; families
+        with partial rotary pass it to GPTModel in their `new_model`)."""
+        rope = self.rope_parameters(hf_config)
+        return float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)))
 
     def head_dim(self, hf_config) -> int:
         """Channels per attention head."""

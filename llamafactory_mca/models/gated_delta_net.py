@@ -14,7 +14,7 @@ layout kept so that conversion is a plain split (models/param_mapping.py):
 
 Under sequence parallelism the input projections gather the sequence and out_proj scatters it back, as for
 attention. The recurrence itself is `kernels.linear_attention.gated_delta_rule` (fla on a GPU, torch elsewhere).
-Packed sequences (THD) and context parallelism are refused by the bridge before the model is built.
+Packed sequences (THD) and context parallelism are refused before launch (recipe_checks.py).
 """
 
 from __future__ import annotations
@@ -49,6 +49,35 @@ class ZeroCenteredRMSNorm(torch.nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def split_sections_factory(sharded: Any, sections: list[int], names: list[str]) -> Any:
+    """A ShardedTensorFactory saving a TP shard made of `sections` (rows of dim 0, one per name) as one sharded
+    tensor per section, `<key>.<name>`, each split over TP on its own (megatron's gated delta-net does the same
+    for its convolution)."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    template = sharded.without_data()
+
+    @torch.no_grad()
+    def build(key: str, t: torch.Tensor, replica_id: Any, flattened_range: Any) -> list:
+        whole = replace(template, key=key, data=t, dtype=t.dtype, replica_id=replica_id,
+                        flattened_range=flattened_range)
+        parts, start = [], 0
+        for size, name in zip(sections, names):
+            for part in whole.narrow(0, start, size):
+                part.key = f"{part.key}.{name}"
+                parts.append(part)
+            start += size
+        return parts
+
+    @torch.no_grad()
+    def merge(parts: list) -> torch.Tensor:
+        return torch.cat(parts)
+
+    return ShardedTensorFactory(sharded.key, sharded.data, build, merge, sharded.replica_id)
 
 
 class GatedDeltaNet(MegatronModule):
@@ -113,9 +142,10 @@ class GatedDeltaNet(MegatronModule):
         return self.out_proj(out)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """Distributed-checkpoint tensors: the per-head parameters and the convolution split over TP along dim 0
-        (the convolution's global layout is that of the TP size it was saved at), the input / output projections
-        as megatron's linears, the norm replicated."""
+        """Distributed-checkpoint tensors: the per-head parameters split over TP along dim 0, the convolution as its
+        three sections (q, k, v channels: `conv1d.weight.query` ..., each split over TP, so a checkpoint loads at
+        any TP size), the input / output projections as megatron's linears (their rows are grouped per key head:
+        the same global layout at every TP size), the norm replicated."""
         from megatron.core.transformer.utils import (
             ensure_metadata_has_dp_cp_group,
             make_sharded_tensors_for_checkpoint,
@@ -129,6 +159,10 @@ class GatedDeltaNet(MegatronModule):
         out = make_sharded_tensors_for_checkpoint(own, prefix, {"dt_bias": 0, "A_log": 0}, sharded_offsets, **groups)
         out.update(make_sharded_tensors_for_checkpoint(self.conv1d.state_dict(prefix="", keep_vars=True),
                                                        f"{prefix}conv1d.", {"weight": 0}, sharded_offsets, **groups))
+        key_dim = self.nk_local * self.dk
+        out[f"{prefix}conv1d.weight"] = split_sections_factory(out[f"{prefix}conv1d.weight"],
+                                                               [key_dim, key_dim, self.nv_local * self.dv],
+                                                               ["query", "key", "value"])
         out.update(make_sharded_tensors_for_checkpoint(self.norm.state_dict(prefix="", keep_vars=True),
                                                        f"{prefix}norm.", {}, sharded_offsets, **groups))
         for name in ("in_proj_qkvz", "in_proj_ba", "out_proj"):

@@ -41,11 +41,6 @@ class Glm4MoeBridge(ModelBridge):
     def qk_layernorm(self, hf_config) -> bool:
         return bool(getattr(hf_config, "use_qk_norm", False))
 
-    def rotary_percent(self, hf_config) -> float:
-        """The share of each head's channels that get the rotary embedding (HF `partial_rotary_factor`)."""
-        rope = self.rope_parameters(hf_config)
-        return float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)))
-
     def new_model(self, hf_config, config, mca_args, **kwargs):
         from megatron.core.models.gpt import GPTModel
 

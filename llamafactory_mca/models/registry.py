@@ -26,6 +26,7 @@ _FAMILIES = {
     "qwen2_5_vl": ("llamafactory_mca.models.qwen2_5_vl", "Qwen2_5_VLBridge"),
     "qwen3_vl": ("llamafactory_mca.models.qwen3_vl", "Qwen3VLBridge"),
     "qwen3_vl_moe": ("llamafactory_mca.models.qwen3_vl_moe", "Qwen3VLMoeBridge"),
+    "qwen3_next": ("llamafactory_mca.models.qwen3_next", "Qwen3NextBridge"),
 }
 
 
