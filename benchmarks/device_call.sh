@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements of one device call, within a time budget, on nvidia-h200-x2 with the wheels and this project
 # installed (benchmarks/RESULTS.md "Reproduce"):
-#   bash benchmarks/device_call.sh OUTDIR BUDGET_S CALL      # CALL: a, b, c or d (below)
+#   bash benchmarks/device_call.sh OUTDIR BUDGET_S CALL      # CALL: a, b, c, d or e (below)
 # Each step is cut at what is left of the budget (run.py keeps <scenario>.partial.json with the sides done), so
 # the tarball of OUTDIR/res is always written. One-GPU scenarios run two at a time, one per GPU ("lanes").
 set -u
