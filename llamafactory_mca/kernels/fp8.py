@@ -97,11 +97,10 @@ def _compiled_quantize():
         fn = None
         if os.environ.get("LLAMAFACTORY_MCA_FP8_COMPILE", "1") != "0" and torch.cuda.is_available():
             try:
-                import torch._dynamo
+                from torch._dynamo import config as cfg  # (`import torch._dynamo` here would make `torch` local)
 
                 # one graph per (dtype, axis, operand rank/layout): more than dynamo's default 8 recompiles
                 # (measured on the H200: the limit was hit and the rest ran eager)
-                cfg = torch._dynamo.config
                 name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
                 setattr(cfg, name, max(getattr(cfg, name), 64))
                 fn = torch.compile(quantize_eager, dynamic=True)
