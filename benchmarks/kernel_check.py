@@ -195,6 +195,7 @@ def main() -> int:
             out[name] = fn()
         except Exception as exc:  # one failing check still reports the other
             out[name] = dict(error=f"{type(exc).__name__}: {exc}"[:500])
+        print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)  # partial results if a later one hangs
     print(json.dumps(out), flush=True)
     return 0
 
