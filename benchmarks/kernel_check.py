@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -55,6 +56,13 @@ def _rank_attention(q, k, v, chunk, cp, rank, fn):
         else:
             outs.append(fn(qi, ki, vi, m * chunk))
     return torch.cat(outs, 2)
+
+
+def _backend(backend):
+    """SDPA restricted to `backend`; None: SDPA's own choice (and the split's private ops, which ignore it)."""
+    from torch.nn.attention import sdpa_kernel
+
+    return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
 
 
 def _fwd_bwd(fn, inputs, grad):
@@ -97,7 +105,7 @@ def check_cp_attention(seq: int = 32768, cp: int = 2, heads: int = 32, groups: i
 
 
 def check_lower_right_backends(seq: int = 32768, heads: int = 32, groups: int = 8, dim: int = 128) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
     from torch.nn.attention.bias import causal_lower_right
 
     dev = torch.device("cuda")
@@ -127,7 +135,7 @@ def check_lower_right_backends(seq: int = 32768, heads: int = 32, groups: int = 
     ref = None
     for name, (backend, fn) in variants.items():
         try:
-            with sdpa_kernel([backend] if backend is not None else list(SDPBackend)):
+            with _backend(backend):
                 o = fn()
                 if not name.startswith("bound") and ref is None:
                     ref = o.detach().float()
@@ -140,7 +148,7 @@ def check_lower_right_backends(seq: int = 32768, heads: int = 32, groups: int = 
 
 
 def check_diagonal_chunk(chunk: int = 8192, heads: int = 32, groups: int = 8, dim: int = 128) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(2)
@@ -158,7 +166,7 @@ def check_diagonal_chunk(chunk: int = 8192, heads: int = 32, groups: int = 8, di
     }
     for name, (backend, fn) in variants.items():
         try:
-            with sdpa_kernel([backend] if backend is not None else list(SDPBackend)):
+            with _backend(backend):
                 out[f"{name}_ms"] = round(cuda_time_ms(_fwd_bwd(fn, (q, k, v), dy), 5), 2)
         except Exception as exc:
             out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
