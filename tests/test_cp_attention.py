@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llamafactory_mca.kernels import prefix_attention
 from llamafactory_mca.models import attention as attn_mod
 from llamafactory_mca.models.attention import SDPAttention, lower_right_causal
 from llamafactory_mca.models.packing import cp_indices
@@ -47,8 +48,13 @@ def _dense_reference(q, k, v, seg_lens):
     return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
 
 
-@pytest.mark.parametrize("cp,seg_lens", [(2, [32]), (3, [24]), (2, [8, 16])])
-def test_cp_attention_matches_dense(monkeypatch, cp, seg_lens):
+@pytest.mark.parametrize("cp,seg_lens,split", [(2, [32], False), (3, [24], False), (2, [8, 16], False),
+                                              (3, [24], True), (2, [8, 16], True)])
+def test_cp_attention_matches_dense(monkeypatch, cp, seg_lens, split):
+    """split: the far chunks through the two-call log-sum-exp merge (`split_lower_right_causal`, torch's CPU
+    flash kernel standing in for cuDNN), as CUDA runs them; else SDPA with the lower-right bias (CPU's path)."""
+    if split:
+        monkeypatch.setattr(prefix_attention, "split_kernel", lambda q: "cpu")
     torch.manual_seed(0)
     s, b, heads, groups, d = sum(seg_lens), 1, 4, 2, 8
     q, k, v = (torch.randn(s, b, n, d, dtype=torch.float64, requires_grad=True) for n in (heads, groups, groups))
@@ -85,12 +91,25 @@ def test_cp_attention_matches_dense(monkeypatch, cp, seg_lens):
         torch.testing.assert_close(g, rg, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("lq,lk,heads,groups", [(4, 12, 4, 2), (5, 5, 2, 2), (3, 16, 6, 1)])
-def test_lower_right_causal_matches_masked_sdpa(lq, lk, heads, groups):
+_SHAPES = [(4, 12, 4, 2), (5, 6, 2, 2), (3, 16, 6, 1)]
+
+
+def _lower_right(impl: str, q, k, v, scale: float):
+    if impl == "split":
+        return prefix_attention.split_lower_right_causal(q, k, v, scale, kernel="cpu")
+    return lower_right_causal(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("impl,lq,lk,heads,groups",
+                         [("sdpa", *shape) for shape in _SHAPES + [(5, 5, 2, 2)]]
+                         + [("split", *shape) for shape in _SHAPES])
+def test_lower_right_causal_matches_masked_sdpa(impl, lq, lk, heads, groups):
+    """sdpa: `lower_right_causal` (CPU: SDPA with the lower-right bias); split: the two-call log-sum-exp merge
+    with torch's CPU flash kernel, as CUDA runs it with cuDNN."""
     torch.manual_seed(1)
     q = torch.randn(2, heads, lq, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, groups, lk, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    out = lower_right_causal(q, k, v, scale=0.3)
+    out = _lower_right(impl, q, k, v, 0.3)
     rep = heads // groups
     allowed = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)  # query i sees keys 0 .. lk - lq + i
     ref = torch.nn.functional.scaled_dot_product_attention(
@@ -100,3 +119,36 @@ def test_lower_right_causal_matches_masked_sdpa(lq, lk, heads, groups):
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=0, atol=1e-12)
+
+
+def _attention_with_lse(q, k, v, scale, allowed=None):
+    """Math reference: softmax attention [b, h, lq, d] and the natural log-sum-exp of the scaled scores."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v, lse
+
+
+def test_merge_partials_equals_softmax_over_all_keys():
+    torch.manual_seed(2)
+    q = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 3, 11, 8, dtype=torch.float64), torch.randn(2, 3, 11, 8, dtype=torch.float64)
+    allowed = torch.ones(5, 11, dtype=torch.bool).tril(6)
+    want, want_lse = _attention_with_lse(q, k, v, 0.4, allowed)
+    out_a, lse_a = _attention_with_lse(q, k[:, :, :6], v[:, :, :6], 0.4)
+    out_b, lse_b = _attention_with_lse(q, k[:, :, 6:], v[:, :, 6:], 0.4, allowed[:, 6:])
+    out, lse = prefix_attention.merge_partials(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-13)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-13)
+    # a block whose log-sum-exp is 40 below the other's contributes nothing (no overflow, no NaN)
+    out, lse = prefix_attention.merge_partials(out_a, lse_a + 40, out_b, lse_b)
+    torch.testing.assert_close(out, out_a, rtol=0, atol=1e-12)
+
+
+def test_split_kernel_choice_and_self_check_on_cpu():
+    q = torch.randn(1, 2, 4, 8)
+    assert prefix_attention.split_kernel(q) is None  # CPU keeps SDPA with the bias
+    assert prefix_attention.reference_error("cpu", torch.device("cpu"), torch.float32) < 1e-5
+    with pytest.raises(ValueError, match="needs more keys"):
+        prefix_attention.split_lower_right_causal(q, q[:, :1], q[:, :1], kernel="cpu")

@@ -13,9 +13,10 @@ sequence (each packed sub-sequence under THD) is cut into 2*cp chunks and CP ran
 2*cp-1-r, concatenated (`megatron.core.utils.get_batch_on_this_cp_rank`, `models/packing.py`). Keys and values
 are all-gathered over the CP group (backward: reduce-scatter of their gradients), put back into sequence order,
 and each local query chunk attends to the key prefix up to its own end (chunks 0..j for the chunk at position j)
-with the causal diagonal aligned to the bottom right (`torch.nn.attention.bias.causal_lower_right`: no mask is
-materialised, SDPA stays on its flash kernel, which skips the masked blocks and takes grouped K/V heads without
-repeating them; `lower_right_causal`). RoPE needs nothing here: megatron's rotary embedding already slices
+with the causal diagonal aligned to the bottom right (`lower_right_causal`: on CUDA cuDNN over the unmasked key
+prefix plus cuDNN causal over the diagonal block, merged by log-sum-exp, `kernels/prefix_attention.py`; else
+SDPA with `torch.nn.attention.bias.causal_lower_right`: no mask is materialised, the flash kernel skips the
+masked blocks and takes grouped K/V heads without repeating them). RoPE needs nothing here: megatron's rotary embedding already slices
 positions per CP rank the same way.
 
 Sliding window (`config.window_size = (left, 0)`, megatron's convention, on the layers `window_attn_skip_freq`
@@ -40,6 +41,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from llamafactory_mca.kernels import prefix_attention
 
 try:  # torch >= 2.5
     _SDPA_HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__
@@ -107,9 +110,21 @@ def lower_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
                        scale: Optional[float] = None) -> torch.Tensor:
     """Causal attention of the queries q [b, h, lq, d] as the last lq rows of a longer sequence whose keys are
     k / v [b, g, lk, d] (lk >= lq, g divides h): query i sees keys 0 ... lk - lq + i (a bottom-right aligned
-    causal mask). Computed by SDPA with `causal_lower_right(lq, lk)`: on CUDA the flash kernel skips the masked
-    blocks and reads no mask; elsewhere the mask is materialised (math kernel). Grouped K/V heads are repeated
-    only where the flash kernel cannot take them as they are."""
+    causal mask). On CUDA without dropout, where cuDNN passed its self-check (`kernels.prefix_attention`): cuDNN
+    over the unmasked keys [0, lk - lq) plus cuDNN causal over the diagonal block, merged by log-sum-exp;
+    otherwise `lower_right_causal_sdpa`."""
+    if dropout_p == 0.0 and k.shape[2] > q.shape[2]:
+        kernel = prefix_attention.split_kernel(q)
+        if kernel is not None:
+            return prefix_attention.split_lower_right_causal(q, k, v, scale, kernel)
+    return lower_right_causal_sdpa(q, k, v, dropout_p, scale)
+
+
+def lower_right_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    """`lower_right_causal` by one SDPA call with `causal_lower_right(lq, lk)`: on CUDA the flash kernel skips
+    the masked blocks and reads no mask; elsewhere the mask is materialised (math kernel). Grouped K/V heads are
+    repeated only where the flash kernel cannot take them as they are."""
     from torch.nn.attention.bias import causal_lower_right
 
     kwargs = {}
