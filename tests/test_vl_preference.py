@@ -28,7 +28,7 @@ def _recipe(model: str, out: str, **overrides) -> dict:
 
     recipe = make_recipe(model, out, stage="dpo", dataset="tiny_vl_dpo", template="qwen2_vl", cutoff_len=256,
                          max_steps=STEPS, learning_rate=5.0e-4, pref_beta=0.1, pref_loss="sigmoid",
-                         dpo_label_smoothing=0.1, pref_ftx=0.2)
+                         dpo_label_smoothing=0.1, pref_ftx=0.2, warmup_steps=0)
     recipe.update(overrides)
     return recipe
 

@@ -122,7 +122,8 @@ class KTOTask(ReferenceTask):
         if fa.pref_ftx > 1e-6 and n_chosen > 0:  # TRL's rescaling, as LLaMA-Factory writes it
             sft_loss = -(target / lengths[:n])[tags]
             loss = loss + fa.pref_ftx * sft_loss.nanmean() / n_chosen * n
-        logit_sums, _ = logits_sums(logits, slice(0, n), mb.extra["attention_mask"], run.hf_config.vocab_size)
+        logit_sums, _ = logits_sums(logits, slice(0, n), mb.extra["attention_mask"],
+                                     run.bridge.vocab_size(run.hf_config))
         values = {"loss": loss.detach(), "kl": kl / (dp if mode == "train" else 1)}
         for side, mask in (("chosen", tags), ("rejected", ~tags)):
             values[f"rewards/{side}_sum"] = (beta * logratios.detach()[mask]).sum()
