@@ -45,7 +45,9 @@ class TargetAndKLRows:
 
     Vision-language data: a KL row holds its sample's own prompt (images included) with another sample's
     response, and the HF path feeds the KL forward the target batch's pixel values; the stacked batch therefore
-    carries the target batch's vision inputs twice (targets' images, then the KL rows' same images)."""
+    carries the target batch's vision inputs twice (targets' images, then the KL rows' same images). Videos go
+    with them too, where LLaMA-Factory 0.9.5's KTO trainer passes its model images only (its video tokens then
+    embed as text): with video data the two backends differ."""
 
     def __init__(self, collator: Any, pad_token_id: int) -> None:
         self.collator = collator

@@ -4,6 +4,9 @@ reduction of each micro-batch's metric report over micro-batches and data-parall
 
 A micro-batch holds the batch's first rows (chosen for pairs, the targets for kto) followed by its second rows
 (rejected, or kto's KL rows), so a sample never straddles micro-batches, pipeline stages or data-parallel ranks.
+Vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE)): the rows are built by sft's `data.to_microbatch`
+(pixel values / grids of every row, in row order, and Hugging Face's mRoPE positions) and reach the model as sft's
+do (`loop.model_kwargs`), under every layout sft runs (PP, TP + SP, CP).
 
 Reference model (where the loss needs one), never a second model copy:
   lora: the same model with the adapters disabled, a forward-only pass over each step's micro-batches before the
