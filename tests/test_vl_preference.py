@@ -91,32 +91,50 @@ def test_vl_dpo_parallel_parity(vl_model, hf_dpo, tmp_path, layout):
     assert_preference_parity(hf_dpo, ours, DPO_KEYS)
 
 
-@pytest.mark.slow
-@pytest.mark.extended  # the same data path and forward step as dpo (PairBatches, preference.forward_step)
-def test_vl_rm_parity(vl_model, tmp_path):
-    """rm on image pairs (value head from a seeded value_head.safetensors, no summary dropout): per-step losses
-    match LLaMA-Factory's HF path (TRL's value head on Qwen2VLForConditionalGeneration)."""
+STAGES = {  # stage: (recipe overrides, compared keys)
+    "rm": (dict(stage="rm", learning_rate=1.0e-3), ("loss",)),
+    "kto": (dict(stage="kto", dataset="tiny_vl_kto", pref_beta=0.2, kto_chosen_weight=1.5, kto_rejected_weight=0.8,
+                 pref_ftx=0.2, learning_rate=2.0e-3), KTO_KEYS),
+}
+
+
+@pytest.fixture(scope="module")
+def stage_runs(vl_model, tmp_path_factory) -> dict:
+    """stage -> (model, HF run's output_dir), made when first asked for. rm's model is the tiny Qwen2-VL with a
+    seeded value head (`lf_runs.add_seeded_value_head`)."""
     import shutil
 
     from lf_runs import add_seeded_value_head
 
-    model = add_seeded_value_head(shutil.copytree(vl_model, str(tmp_path / "qwen2_vl_rm")))
-    rm = dict(stage="rm", learning_rate=1.0e-3)
-    hf = train_vl(tmp_path, "hf_vl_rm", _recipe(model, str(tmp_path / "hf"), **rm), mca=False)
-    ours = train_vl(tmp_path, "mca_vl_rm", _recipe(model, str(tmp_path / "out"), save_hf_model=False, **rm))
-    assert_preference_parity(hf, ours, ("loss",))
+    runs: dict = {}
+
+    def get(stage: str) -> tuple[str, str]:
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"hf_vl_{stage}")
+            model = vl_model
+            if stage == "rm":
+                model = add_seeded_value_head(shutil.copytree(vl_model, str(tmp / "qwen2_vl_rm")))
+            runs[stage] = model, train_vl(tmp, f"hf_vl_{stage}", _recipe(model, str(tmp / "out"), **STAGES[stage][0]),
+                                          mca=False)
+        return runs[stage]
+
+    return get
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # the same data path as dpo (PairBatches), plus the stacked target / KL rows
-def test_vl_kto_parity(vl_model, tmp_path):
-    """kto on image samples: the KL rows carry their sample's images as the HF path's KL forward does; loss, kl,
-    rewards and log-probs per step match."""
-    kto = dict(stage="kto", dataset="tiny_vl_kto", pref_beta=0.2, kto_chosen_weight=1.5, kto_rejected_weight=0.8,
-               pref_ftx=0.2, learning_rate=2.0e-3)
-    hf = train_vl(tmp_path, "hf_vl_kto", _recipe(vl_model, str(tmp_path / "hf"), **kto), mca=False)
-    ours = train_vl(tmp_path, "mca_vl_kto", _recipe(vl_model, str(tmp_path / "out"), save_hf_model=False, **kto))
-    assert_preference_parity(hf, ours, KTO_KEYS)
+@pytest.mark.extended  # the same data path and forward step as dpo (PairBatches, preference.forward_step)
+@pytest.mark.parametrize("layout", [dict(), dict(pipeline_model_parallel_size=2)], ids=["1proc", "pp2"])
+@pytest.mark.parametrize("stage", ["rm", "kto"])
+def test_vl_rm_kto_parity(stage_runs, tmp_path, stage, layout):
+    """rm on image pairs (TRL's value head on Qwen2VLForConditionalGeneration on the HF side) and kto on image
+    samples (the KL rows carry their sample's images, as the HF path's KL forward does), 1 process and PP=2: the
+    logged numbers per step match the HF path's."""
+    model, hf = stage_runs(stage)
+    overrides, keys = STAGES[stage]
+    nproc = 2 if layout else 1
+    ours = train_vl(tmp_path, f"mca_vl_{stage}", _recipe(model, str(tmp_path / "out"), save_hf_model=False,
+                                                         **overrides, **layout), nproc=nproc)
+    assert_preference_parity(hf, ours, keys)
 
 
 def test_pair_forward_gets_vision_inputs():
