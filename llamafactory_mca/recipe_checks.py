@@ -10,8 +10,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from llamafactory_mca.args import McaArgumentError, coerce_value, require
-from llamafactory_mca.models.families import MULTIMODAL_MODEL_TYPES
-from llamafactory_mca.model_config import model_type as local_model_type
 
 # key -> (type, test of the value, what a valid value is)
 _Rule = tuple[type, Callable[[Any], bool], str]
@@ -72,10 +70,6 @@ def check_stage_options(recipe: dict[str, Any]) -> None:
             "set context_parallel_size: 1 (use tensor or pipeline parallelism for long sequences)")
     for key in ("packing", "neat_packing"):
         require(not _truthy(recipe.get(key)), key, f"stage {stage} trains unpacked samples", f"set {key}: false")
-    model_type = local_model_type(recipe.get("model_name_or_path"))
-    require(model_type not in MULTIMODAL_MODEL_TYPES, "stage",
-            f"stage {stage} is not supported for the vision-language model {model_type} by the Megatron backend yet",
-            "use stage sft or dpo for this model, or run without USE_MCA")
 
 
 HYBRID_MODEL_TYPES = ("qwen3_next",)  # gated delta-net (linear attention) layers: models/gated_delta_net.py

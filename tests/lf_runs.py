@@ -163,6 +163,25 @@ def make_dpo_data(root) -> str:
     return str(root)
 
 
+def add_seeded_value_head(model_dir: str) -> str:
+    """Give `model_dir` a seeded `value_head.safetensors` (LLaMA-Factory's loader reads it from there; hidden size
+    from `text_config` for vision-language models) and `summary_dropout_prob: 0.0` in its config.json (TRL's
+    value-head dropout draws masks no two backends share), so that rm runs on both backends start alike."""
+    import torch
+    from safetensors.torch import save_file
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    config["summary_dropout_prob"] = 0.0
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    hidden = config.get("hidden_size") or config["text_config"]["hidden_size"]
+    g = torch.Generator().manual_seed(5)
+    save_file({"v_head.summary.weight": torch.randn(1, hidden, generator=g) * 0.5,
+               "v_head.summary.bias": torch.randn(1, generator=g)}, os.path.join(model_dir, "value_head.safetensors"))
+    return model_dir
+
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -90,8 +90,12 @@ def assert_same_weights(ours: str, hf: str) -> None:
         torch.testing.assert_close(trained[k], theirs[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("layout", [dict(pipeline_model_parallel_size=2),
-                                    dict(tensor_model_parallel_size=2, sequence_parallel=True)], ids=["pp2", "tp2sp"])
+@pytest.mark.parametrize("layout", [
+    dict(pipeline_model_parallel_size=2),
+    # extended: the preference path under TP=2 + SP stays in the default tier in test_kto.py::test_kto_parallel
+    # (the same ReferenceTask log-probs), paying for test_vl_preference.py::test_vl_dpo_parity
+    pytest.param(dict(tensor_model_parallel_size=2, sequence_parallel=True), marks=pytest.mark.extended)],
+    ids=["pp2", "tp2sp"])
 def test_dpo_sigmoid_parallel(models, dpo_data, hf_sigmoid, tmp_path, layout):
     export = "pipeline_model_parallel_size" in layout  # the PP=2 run's export is compared with HF's weights
     out = train(tmp_path, "mca_dpo_par", _dpo(models, dpo_data, str(tmp_path / "out"), save_hf_model=export,

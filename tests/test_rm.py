@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 from conftest import run_checked
-from lf_runs import make_recipe, make_tiny_model, train, training_history
+from lf_runs import add_seeded_value_head, make_recipe, make_tiny_model, train, training_history
 
 
 STEPS = 4
@@ -31,18 +31,7 @@ RM = dict(stage="rm", dataset="tiny_pairwise", max_steps=STEPS, learning_rate=1.
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """The tiny dense model with a seeded value head file and no value-head dropout."""
-    from safetensors.torch import save_file
-
-    path = make_tiny_model(str(tmp_path_factory.mktemp("models") / "dense_rm"))
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["summary_dropout_prob"] = 0.0
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    g = torch.Generator().manual_seed(5)
-    save_file({"v_head.summary.weight": torch.randn(1, config["hidden_size"], generator=g) * 0.5,
-               "v_head.summary.bias": torch.randn(1, generator=g)}, os.path.join(path, "value_head.safetensors"))
-    return path
+    return add_seeded_value_head(make_tiny_model(str(tmp_path_factory.mktemp("models") / "dense_rm")))
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ class DPOTask(ReferenceTask):
         """TRL's DPO losses (sigmoid with label smoothing, ipo, orpo, simpo) + `pref_ftx`, per micro-batch."""
         fa = run.finetuning_args
         n = mb.extra["pairs"]
-        vocab = run.hf_config.vocab_size
+        vocab = run.bridge.vocab_size(run.hf_config)
         attn = mb.extra["attention_mask"]
         logits_c = logits_mean(logits, slice(0, n), attn, vocab)
         logits_r = logits_mean(logits, slice(n, 2 * n), attn, vocab)

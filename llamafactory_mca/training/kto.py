@@ -41,7 +41,13 @@ METRICS = ("loss", "kl", *(f"{key}/{side}_sum" for side in SIDES for key in SUMS
 
 class TargetAndKLRows:
     """LLaMA-Factory's `KTODataCollatorWithPadding`, its target and KL batches stacked into one batch of 2n rows
-    (right-padded to one length; padding carries no label), with the `kto_tags` of the n samples."""
+    (right-padded to one length; padding carries no label), with the `kto_tags` of the n samples.
+
+    Vision-language data: a KL row holds its sample's own prompt (images included) with another sample's
+    response, and the HF path feeds the KL forward the target batch's pixel values; the stacked batch therefore
+    carries the target batch's vision inputs twice (targets' images, then the KL rows' same images). Videos go
+    with them too, where LLaMA-Factory 0.9.5's KTO trainer passes its model images only (its video tokens then
+    embed as text): with video data the two backends differ."""
 
     def __init__(self, collator: Any, pad_token_id: int) -> None:
         self.collator = collator
@@ -57,8 +63,12 @@ class TargetAndKLRows:
             parts = [torch.nn.functional.pad(t[i], (0, length - t[i].shape[1]), value=value) for t in (target, kl)]
             return torch.cat(parts, dim=0)
 
-        return {"input_ids": stack(0, self.pad_token_id), "attention_mask": stack(1, 0),
-                "labels": stack(2, mdata.IGNORE_INDEX), "kto_tags": batch["kto_tags"].bool()}
+        stacked = {"input_ids": stack(0, self.pad_token_id), "attention_mask": stack(1, 0),
+                   "labels": stack(2, mdata.IGNORE_INDEX), "kto_tags": batch["kto_tags"].bool()}
+        for key in (*mdata.MODEL_INPUT_KEYS, "second_per_grid_ts"):
+            if torch.is_tensor(batch.get(key)):
+                stacked[key] = torch.cat([batch[key], batch[key]], dim=0)
+        return stacked
 
 
 class KTOBatches(PairBatches):
@@ -114,7 +124,8 @@ class KTOTask(ReferenceTask):
         if fa.pref_ftx > 1e-6 and n_chosen > 0:  # TRL's rescaling, as LLaMA-Factory writes it
             sft_loss = -(target / lengths[:n])[tags]
             loss = loss + fa.pref_ftx * sft_loss.nanmean() / n_chosen * n
-        logit_sums, _ = logits_sums(logits, slice(0, n), mb.extra["attention_mask"], run.hf_config.vocab_size)
+        logit_sums, _ = logits_sums(logits, slice(0, n), mb.extra["attention_mask"],
+                                     run.bridge.vocab_size(run.hf_config))
         values = {"loss": loss.detach(), "kl": kl / (dp if mode == "train" else 1)}
         for side, mask in (("chosen", tags), ("rejected", ~tags)):
             values[f"rewards/{side}_sum"] = (beta * logratios.detach()[mask]).sum()

@@ -4,6 +4,9 @@ reduction of each micro-batch's metric report over micro-batches and data-parall
 
 A micro-batch holds the batch's first rows (chosen for pairs, the targets for kto) followed by its second rows
 (rejected, or kto's KL rows), so a sample never straddles micro-batches, pipeline stages or data-parallel ranks.
+Vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE)): the rows are built by sft's `data.to_microbatch`
+(pixel values / grids of every row, in row order, and Hugging Face's mRoPE positions) and reach the model as sft's
+do (`loop.model_kwargs`), under every layout sft runs (PP, TP + SP, CP).
 
 Reference model (where the loss needs one), never a second model copy:
   lora: the same model with the adapters disabled, a forward-only pass over each step's micro-batches before the
@@ -22,13 +25,15 @@ import torch
 import torch.distributed as dist
 
 from llamafactory_mca.training import data as mdata
-from llamafactory_mca.training.loop import Run, SupervisedTask, run_schedule
+from llamafactory_mca.training.loop import Run, SupervisedTask, model_kwargs, run_schedule
 
 
 class PairBatches(mdata.StepBatches):
     """Micro-batches of two rows a sample: [first_1..n, second_1..n] rows (+ padding rows/columns that carry
-    nothing). Built like StepBatches' (same inputs), with the sample bookkeeping in `extra`: `pairs` (n), `ids`
-    (dataset indices), `attention_mask` and every collated key named in `extra_keys` (e.g. kto's `kto_tags`)."""
+    nothing). Built like StepBatches' (same inputs, `mdata.to_microbatch`: vision-language batches keep their
+    pixel values / grids in `model_inputs` and get mRoPE positions from `rope_fn`), with the sample bookkeeping in
+    `extra`: `pairs` (n), `ids` (dataset indices), `attention_mask` and every collated key named in `extra_keys`
+    (e.g. kto's `kto_tags`)."""
 
     extra_keys: tuple = ()
 
@@ -38,7 +43,7 @@ class PairBatches(mdata.StepBatches):
         for idx in batches:
             ids = idx if idx is not None else [0]
             features = self.collator([self.dataset[i] for i in ids])
-            mb = mdata.to_microbatch(features, self.pad_token_id)
+            mb = mdata.to_microbatch(features, self.pad_token_id, rope_fn=self.rope_fn)
             mb.extra = {"pairs": len(ids) if idx is not None else 0, "ids": list(ids) if idx is not None else [],
                         "attention_mask": features["attention_mask"].float()}
             mb.extra.update({key: features[key] for key in self.extra_keys})
@@ -129,11 +134,12 @@ def logits_mean(logits: torch.Tensor, rows: slice, mask: torch.Tensor, vocab: in
 
 
 def forward_step(loss_func: Any, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
-    """megatron's forward step for text micro-batches: the model's output on the next micro-batch, and
-    `loss_func(micro_batch, output)` bound to it."""
+    """megatron's forward step of the preference stages: the model's output (logits, or rm's values) on the next
+    micro-batch, with its multimodal inputs (pixel values, grids) and mRoPE positions as sft passes them
+    (`loop.model_kwargs`), and `loss_func(micro_batch, output)` bound to it."""
     mb: mdata.MicroBatch = next(data_iterator)
     device = next(model.parameters()).device
-    output = model(mb.tokens.to(device), mb.position_ids.to(device), None)
+    output = model(mb.tokens.to(device), mb.position_ids.to(device), None, **model_kwargs(mb, device))
     return output, partial(loss_func, mb)
 
 
@@ -173,7 +179,7 @@ class ReferenceTask(SupervisedTask):
         """Two-row micro-batches; their loss masks stay unweighted (the loss is weighted in the loss function,
         see `loss_weighting`)."""
         return self.batches_class(dataset, run.collator, run.pad_id, run.layout, uniform_shapes=run.pp > 1,
-                                  micro_batch_size=micro_batch_size)
+                                  micro_batch_size=micro_batch_size, rope_fn=run.rope_fn)
 
     # ---------------------------------------------------------------------------------------- reference
     def prepare(self, run: Run) -> None:

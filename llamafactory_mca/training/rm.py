@@ -48,7 +48,7 @@ class RMTask(SupervisedTask):
     def batch_builder(self, run: Run, dataset: Any, micro_batch_size: int, training: bool = False) -> Any:
         """Pair micro-batches (the loss is weighted in the loss function)."""
         return PairBatches(dataset, run.collator, run.pad_id, run.layout, uniform_shapes=run.pp > 1,
-                           micro_batch_size=micro_batch_size)
+                           micro_batch_size=micro_batch_size, rope_fn=run.rope_fn)
 
     def plot_keys(self) -> list[str]:
         """The log keys plotted with `plot_loss` (as LLaMA-Factory's rm workflow; eval_loss is added by the loop)."""
