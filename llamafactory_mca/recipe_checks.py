@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from llamafactory_mca.args import McaArgumentError, coerce_value, require
+from llamafactory_mca.model_config import model_type as local_model_type
 
 # key -> (type, test of the value, what a valid value is)
 _Rule = tuple[type, Callable[[Any], bool], str]
