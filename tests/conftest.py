@@ -74,6 +74,23 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadscopereorder = False
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_process_group_left(request: pytest.FixtureRequest):
+    """Each module starts without a torch.distributed group: one left initialised by a module's in-process test
+    would make the next module's one-process code on that worker (the planner's simulated ranks, merge) refuse to
+    run. A leftover group is torn down here, with a warning naming the module that left it."""
+    yield
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    import warnings
+
+    from llamafactory_mca.platform import destroy_parallel
+
+    warnings.warn(f"{request.module.__name__} left a torch.distributed process group initialised", stacklevel=1)
+    destroy_parallel()
+
+
 def longest_first(items: list[pytest.Item]) -> None:
     """Sort `items` (stably) by LONGEST_MODULES_FIRST; tests keep their order within a module."""
     rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
