@@ -208,15 +208,20 @@ class FusedQKV(ParamMapping):
     gather_dim = 0
 
     def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
-        """[q_g, k_g, v_g] for each query group g of this rank."""
+        """[query rows of g, k_g, v_g] for each query group g of this rank (`query_rows`)."""
         lay = ctx.qkv
-        d, hpg = lay.head_dim, lay.heads_per_group
+        d = lay.head_dim
         parts = []
         for g in lay.rank_groups(ctx.tp_size, ctx.tp_rank):
-            parts.append(source.read(hf_names[0], 0, g * hpg * d, (g + 1) * hpg * d))
+            parts += self.query_rows(source, hf_names[0], g, lay)
             parts.append(source.read(hf_names[1], 0, g * d, (g + 1) * d))
             parts.append(source.read(hf_names[2], 0, g * d, (g + 1) * d))
         return torch.cat(parts, 0)
+
+    def query_rows(self, source: TensorSource, q_name: str, g: int, lay: "QkvLayout") -> list[torch.Tensor]:
+        """The fused tensor's rows before k_g in query group g: q_g."""
+        size = lay.heads_per_group * lay.head_dim
+        return [source.read(q_name, 0, g * size, (g + 1) * size)]
 
     def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
         """q, k and v, de-interleaved."""
@@ -234,26 +239,23 @@ class FusedQKV(ParamMapping):
         return ctx.qkv.local_sizes(ctx.tp_size)
 
 
-class GatedFusedQKV(ParamMapping):
+class GatedFusedQKV(FusedQKV):
     """Gated attention: HF `q_proj` rows per head [q_h (d); gate_h (d)], k, v; megatron's fused tensor per query
     group [q_g (heads/group * d), gate_g (heads/group * d), k_g (d), v_g (d)]; TP splits by query groups."""
 
     kind = GQKV
-    gather_dim = 0
 
-    def local_shard(self, source: TensorSource, hf_names: tuple, ctx: ShardContext) -> torch.Tensor:
-        """[q_g, gate_g, k_g, v_g] for each query group g of this rank."""
-        lay = ctx.qkv
+    def query_rows(self, source: TensorSource, q_name: str, g: int, lay: "QkvLayout") -> list[torch.Tensor]:
+        """q_g then gate_g: HF's per-head [q_h; gate_h] rows of query group g, de-interleaved."""
         d, hpg = lay.head_dim, lay.heads_per_group
-        parts = []
-        for g in lay.rank_groups(ctx.tp_size, ctx.tp_rank):
-            q_gate = source.read(hf_names[0], 0, g * hpg * 2 * d, (g + 1) * hpg * 2 * d)
-            q_gate = q_gate.reshape(hpg, 2, d, *q_gate.shape[1:])
-            parts += [q_gate[:, 0].reshape(hpg * d, *q_gate.shape[3:]),
-                      q_gate[:, 1].reshape(hpg * d, *q_gate.shape[3:])]
-            parts.append(source.read(hf_names[1], 0, g * d, (g + 1) * d))
-            parts.append(source.read(hf_names[2], 0, g * d, (g + 1) * d))
-        return torch.cat(parts, 0)
+        q_gate = source.read(q_name, 0, g * hpg * 2 * d, (g + 1) * hpg * 2 * d)
+        q_gate = q_gate.reshape(hpg, 2, d, *q_gate.shape[1:])
+        return [q_gate[:, 0].reshape(hpg * d, *q_gate.shape[3:]), q_gate[:, 1].reshape(hpg * d, *q_gate.shape[3:])]
+
+    def lora_slot_sizes(self, out_local: int, ctx: ShardContext) -> list[int]:
+        """One slot, as any mapping without per-module LoRA slots: LoRA on the gated q/k/v is refused before launch
+        (recipe_checks.check_hybrid_model_options), not FusedQKV's q/k/v sizes, which leave out the gate rows."""
+        return ParamMapping.lora_slot_sizes(self, out_local, ctx)
 
     def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
         """q_proj (q and gate interleaved per head again), k and v."""
