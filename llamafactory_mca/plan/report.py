@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from llamafactory_mca.plan.cost import tokens_per_second
 from llamafactory_mca.plan.memory import GIB, HEADROOM_BYTES
