@@ -45,8 +45,36 @@ def env_enabled(env: Mapping[str, str], name: str, default: str = "0") -> bool:
     return env.get(name, default).lower() in ENABLED
 
 
+LOWEST_PICKED_PORT = 20000
+
+
+def ephemeral_port_start() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux's ip_local_port_range; 32768 where
+    it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port free now on this machine (LLaMA-Factory's `find_available_port`)."""
+    """A TCP port free now on this machine, picked at random below the ephemeral range: LLaMA-Factory's
+    `find_available_port` takes an ephemeral port, which an outgoing connection of another process (another
+    run's gloo sockets, say) can take before torchrun binds it (seen as EADDRINUSE with two runs starting at
+    once). An ephemeral port as upstream's where no port below the range is free."""
+    import random
+
+    top = ephemeral_port_start() - 1
+    pick = random.Random()
+    for _ in range(64 if top > LOWEST_PICKED_PORT else 0):
+        port = pick.randint(LOWEST_PICKED_PORT, top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]

@@ -70,3 +70,18 @@ def test_launching_process_does_not_import_the_training_stack(tmp_path):
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "llamafactory_mca.torchrun_launch" in imported
     assert not imported & {"torch", "transformers", "llamafactory.extras.misc"}, sorted(imported)[:50]
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable():
+    """The port given to torchrun is free and, where the kernel's range allows, not one an outgoing connection of
+    another process could take before torchrun binds it."""
+    import socket
+
+    from llamafactory_mca.torchrun_launch import LOWEST_PICKED_PORT, ephemeral_port_start, free_port
+
+    for _ in range(5):
+        port = free_port()
+        if ephemeral_port_start() > LOWEST_PICKED_PORT + 1:
+            assert LOWEST_PICKED_PORT <= port < ephemeral_port_start()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", port))
