@@ -25,7 +25,6 @@ import contextlib
 import datetime
 import importlib
 import os
-import socket
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -433,19 +432,15 @@ def setup_platform() -> None:
 # --------------------------------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_minutes: int = 30) -> None:
     """torch.distributed with env:// (torchrun), or a one-process group when launched without torchrun."""
     if torch.distributed.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        from llamafactory_mca.torchrun_launch import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ["RANK"] = "0"
         os.environ["WORLD_SIZE"] = "1"
         os.environ.setdefault("LOCAL_RANK", "0")

@@ -7,7 +7,6 @@ layout launched on one node (same ranks, same math: bit-identical losses).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 
 import pytest
@@ -16,13 +15,9 @@ import yaml
 from conftest import REPO, clean_env
 from lf_runs import losses, make_models, make_recipe, train
 
+from llamafactory_mca.torchrun_launch import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +31,7 @@ def test_two_nodes_equal_one_node(models, tmp_path):
 
     recipe_path = tmp_path / "two_nodes.yaml"
     recipe_path.write_text(yaml.safe_dump(make_recipe(models["dense"], str(tmp_path / "two"), **layout)))
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         subprocess.Popen(
             ["llamafactory-cli", "train", str(recipe_path)],
