@@ -16,8 +16,8 @@ and each local query chunk attends to the key prefix up to its own end (chunks 0
 with the causal diagonal aligned to the bottom right (`lower_right_causal`: on CUDA cuDNN over the unmasked key
 prefix plus cuDNN causal over the diagonal block, merged by log-sum-exp, `kernels/prefix_attention.py`; else
 SDPA with `torch.nn.attention.bias.causal_lower_right`: no mask is materialised, the flash kernel skips the
-masked blocks and takes grouped K/V heads without repeating them). RoPE needs nothing here: megatron's rotary embedding already slices
-positions per CP rank the same way.
+masked blocks and takes grouped K/V heads without repeating them). RoPE needs nothing here: megatron's rotary
+embedding already slices positions per CP rank the same way.
 
 Sliding window (`config.window_size = (left, 0)`, megatron's convention, on the layers `window_attn_skip_freq`
 selects): query i attends keys i - left ... i, as Hugging Face's `sliding_window = left + 1` (`kv > q - window`).
