@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements of one device call, within a time budget, on nvidia-h200-x2 with the wheels and this project
 # installed (benchmarks/RESULTS.md "Reproduce"):
-#   bash benchmarks/device_call.sh OUTDIR BUDGET_S CALL      # CALL: a, b, c, d or e (below)
+#   bash benchmarks/device_call.sh OUTDIR BUDGET_S CALL      # CALL: a, b, c, d, e or f (below)
 # Each step is cut at what is left of the budget (run.py keeps <scenario>.partial.json with the sides done), so
 # the tarball of OUTDIR/res is always written. One-GPU scenarios run two at a time, one per GPU ("lanes").
 set -u
@@ -46,6 +46,10 @@ case $call in
       # sides run their torch delta rule (the JSON's `versions` says so)
     step fp8_check 250 python -m llamafactory_mca.kernels.fp8
     bench q3next 5 --scenario q3next --sides ours,hf --steps 2 --warmup 1 --timeout 150 ;;
+  f)  # one GPU: the delta-rule kernels (kernel_check.py --only delta_rule), then the Qwen3-Next row with the HF
+      # side first (both sides on their torch delta rule: fla refuses Hopper with the image's Triton, see e)
+    step delta_rule 400 python benchmarks/kernel_check.py --only delta_rule
+    bench q3next 5 --scenario q3next --sides hf,ours --steps 2 --warmup 1 --timeout 250 ;;
   c)  # the VL recipe (both sides, merged + loaded)
     bench r_vl2 5 --scenario r_vl2 --sides ours,hf --steps 4 --warmup 2 --timeout 220 ;;
 esac

@@ -16,6 +16,13 @@
   (grouped K/V as they are / repeated); and, as bounds, the same shapes with no mask at all (cuDNN / flash).
 * diagonal_chunk: the chunk at position 0 (8192 queries, plain causal): SDPA's own choice vs cuDNN forced.
 * self_check: `reference_error` of each split kernel (the once-per-device check's number) and `split_kernel`.
+* delta_rule (issue 15): the gated delta rule at Qwen3-Next-80B-A3B's linear-attention shape (32 value / 16 key
+  heads of 128 channels, 4096 tokens, bf16 in), forward + backward: ours (kernels/linear_attention's torch path:
+  one triangular solve, state-only loop), transformers' `torch_chunk_gated_delta_rule` (what HF's path runs
+  without fla), and fla's Triton kernel where it passes our check; with each one's largest difference to the
+  reference (output and input gradients).
+
+    python benchmarks/kernel_check.py --only delta_rule     # one check
 """
 
 from __future__ import annotations
@@ -195,10 +202,48 @@ def check_self_check() -> dict:
     return out
 
 
-def main() -> int:
+def check_delta_rule(seq: int = 4096, heads: int = 32, key_heads: int = 16, dim: int = 128) -> dict:
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    from llamafactory_mca.kernels import linear_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(1, seq, key_heads, dim, device="cuda", generator=gen).repeat_interleave(heads // key_heads, 2)
+            for _ in range(2))
+    v = torch.randn(1, seq, heads, dim, device="cuda", generator=gen)
+    g = -torch.rand(1, seq, heads, device="cuda", generator=gen) * 0.5
+    beta = torch.rand(1, seq, heads, device="cuda", generator=gen)
+    inputs = [t.to(torch.bfloat16).requires_grad_(True) for t in (q, k, v, g, beta)]
+    grad = torch.randn(1, seq, heads, dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    def hf(*a):
+        return torch_chunk_gated_delta_rule(*a[:3], g=a[3], beta=a[4], use_qk_l2norm_in_kernel=True)[0]
+
+    kernels = {"hf_torch": hf, "ours_torch": linear_attention.torch_gated_delta_rule}
+    if linear_attention.fla_matches_reference():
+        kernels["fla"] = linear_attention.fla_gated_delta_rule
+    results, ref = {}, None
+    for name, fn in kernels.items():
+        run = _fwd_bwd(lambda fn=fn: fn(*inputs), inputs, grad)
+        run()
+        got = [fn(*inputs).detach().float()] + [t.grad.float() for t in inputs]
+        ref = ref or got
+        results[name] = dict(fwd_bwd_ms=round(cuda_time_ms(run, reps=5), 2),
+                             max_diff_vs_hf=[round((a - b).abs().max().item(), 5) for a, b in zip(got, ref)])
+    results["chosen"] = linear_attention.kernel_name(torch.device("cuda"))
+    return results
+
+
+CHECKS = {"self_check": check_self_check, "cp_attention": check_cp_attention,
+          "lower_right_backends": check_lower_right_backends, "diagonal_chunk": check_diagonal_chunk,
+          "delta_rule": check_delta_rule}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[argv.index("--only") + 1:] if "--only" in argv else list(CHECKS)
     out = dict(card=torch.cuda.get_device_name(0), torch=torch.__version__)
-    for name, fn in (("self_check", check_self_check), ("cp_attention", check_cp_attention),
-                     ("lower_right_backends", check_lower_right_backends), ("diagonal_chunk", check_diagonal_chunk)):
+    for name, fn in ((name, CHECKS[name]) for name in only):
         try:
             out[name] = fn()
         except Exception as exc:  # one failing check still reports the other
