@@ -79,14 +79,11 @@ GATED_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # fused as q|gate,
 
 def check_hybrid_model_options(recipe: dict[str, Any]) -> None:
     """McaArgumentError for what a hybrid linear-attention model (Qwen3-Next) does not run yet under the Megatron
-    backend: packed sequences (the delta rule runs over whole rows) and LoRA on the gated attention's q/k/v
-    projections (LLaMA-Factory's default `lora_target: all` includes them)."""
+    backend: LoRA on the gated attention's q/k/v projections (LLaMA-Factory's default `lora_target: all` includes
+    them). Packed sequences run (the delta-net layers restart per sample: models/gated_delta_net.py)."""
     model_type = local_model_type(recipe.get("model_name_or_path"))
     if model_type not in HYBRID_MODEL_TYPES:
         return
-    for key in ("packing", "neat_packing"):
-        require(not _truthy(recipe.get(key)), key, f"{model_type}'s linear-attention layers do not take packed "
-                "sequences yet", f"set {key}: false")
     if (recipe.get("finetuning_type") or LF_DEFAULT_FINETUNING_TYPE) != "lora":
         return
     targets = [t.strip() for t in str(recipe.get("lora_target") or "all").split(",")]

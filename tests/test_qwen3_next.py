@@ -139,12 +139,10 @@ def test_layout_refused_before_launch(layout, key):
 @pytest.mark.parametrize("keys,key", [
     (dict(finetuning_type="lora"), "lora_target"),  # LLaMA-Factory's default lora_target: all
     (dict(finetuning_type="lora", lora_target="q_proj,o_proj"), "lora_target"),
-    (dict(finetuning_type="full", neat_packing=True), "neat_packing"),
-    (dict(finetuning_type="full", packing=True), "packing"),
 ])
 def test_recipe_refused_before_launch(tmp_path, keys, key):
     """The recipe check (before torchrun) refuses what the hybrid layers do not run yet, naming the key and the fix;
-    LoRA on the other projections and unpacked full training pass."""
+    LoRA on the other projections and packed full training pass."""
     import json
 
     from llamafactory_mca.args import McaArgumentError
@@ -154,8 +152,8 @@ def test_recipe_refused_before_launch(tmp_path, keys, key):
     recipe = dict(model_name_or_path=str(tmp_path), stage="sft", **keys)
     with pytest.raises(McaArgumentError, match=f"`{key}`.*Fix:"):
         check_llamafactory_keys(recipe)
-    check_llamafactory_keys(dict(recipe, finetuning_type="lora", lora_target="o_proj,gate_proj,up_proj,down_proj",
-                                 packing=False, neat_packing=False))
+    check_llamafactory_keys(dict(recipe, finetuning_type="lora", lora_target="o_proj,gate_proj,up_proj,down_proj"))
+    check_llamafactory_keys(dict(recipe, finetuning_type="full", neat_packing=True))
 
 
 def test_attention_bias_refused():

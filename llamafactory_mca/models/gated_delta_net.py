@@ -14,7 +14,10 @@ layout kept so that conversion is a plain split (models/param_mapping.py):
 
 Under sequence parallelism the input projections gather the sequence and out_proj scatters it back, as for
 attention. The recurrence itself is `kernels.linear_attention.gated_delta_rule` (fla on a GPU, torch elsewhere).
-Packed sequences (THD) and context parallelism are refused before launch (recipe_checks.py).
+Packed sequences (neat_packing's THD rows, `PackedSeqParams`): the convolution and the recurrence restart at every
+sample's (padded) start, so each sample sees only itself, as the attention layers do; the segment boundaries are
+read to the host once per micro-batch (`segment_lengths`). Context parallelism is refused before launch
+(recipe_checks.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,25 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from llamafactory_mca.kernels.linear_attention import gated_delta_rule
+
+_LAST_SEGMENTS: list = [None, None]  # (cu_seqlens tensor, its lengths): every layer of a micro-batch shares one
+
+
+def segment_lengths(packed_seq_params: Any, seq: int) -> list[int]:
+    """Token counts of the packed samples of a THD row of `seq` tokens (padded boundaries where given), [seq]
+    without packing. One host read per micro-batch: the layers share the micro-batch's cu_seqlens tensor."""
+    if packed_seq_params is None:
+        return [seq]
+    cu = packed_seq_params.cu_seqlens_q_padded
+    cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+    if _LAST_SEGMENTS[0] is not cu:
+        bounds = cu.tolist()
+        _LAST_SEGMENTS[:] = [cu, [b - a for a, b in zip(bounds, bounds[1:])]]
+    lengths = _LAST_SEGMENTS[1]
+    if sum(lengths) != seq:
+        raise ValueError(f"packed samples of {sum(lengths)} tokens in a row of {seq}: the linear-attention layers "
+                         "need the whole THD row (context parallelism is not supported for them)")
+    return lengths
 
 
 class ZeroCenteredRMSNorm(torch.nn.Module):
@@ -80,6 +102,13 @@ def split_sections_factory(sharded: Any, sections: list[int], names: list[str]) 
     return ShardedTensorFactory(sharded.key, sharded.data, build, merge, sharded.replica_id)
 
 
+def per_segment(fn: Any, tensors: list[torch.Tensor], lengths: list[int], dim: int) -> torch.Tensor:
+    """`fn(*tensors)` run on each packed sample alone (the tensors split along `dim` by `lengths`), concatenated."""
+    if len(lengths) == 1:
+        return fn(*tensors)
+    return torch.cat([fn(*part) for part in zip(*(t.split(lengths, dim=dim) for t in tensors))], dim=dim)
+
+
 class GatedDeltaNet(MegatronModule):
     """Gated delta-net token mixer of one linear-attention layer: [s, b, h] -> ([s, b, h], None)."""
 
@@ -113,19 +142,18 @@ class GatedDeltaNet(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, packed_seq_params: Any = None,
                 **kwargs: Any):
         """Megatron's self-attention call: returns (output [s, b, h], None)."""
-        if packed_seq_params is not None:
-            raise ValueError("qwen3_next linear-attention layers do not take packed sequences. Fix: set "
-                             "neat_packing: false and packing: false")
         qkvz, _ = self.in_proj_qkvz(hidden_states)
         ba, _ = self.in_proj_ba(hidden_states)
         seq, batch = qkvz.shape[:2]
+        lengths = segment_lengths(packed_seq_params, seq)
         qkvz = qkvz.transpose(0, 1).reshape(batch, seq, self.nk_local, -1)
         ba = ba.transpose(0, 1).reshape(batch, seq, self.nk_local, -1)
         vz = self.per_key * self.dv
         query, key, value, z = torch.split(qkvz, [self.dk, self.dk, vz, vz], dim=3)
         b, a = torch.split(ba, [self.per_key, self.per_key], dim=3)
         mixed = torch.cat([t.reshape(batch, seq, -1) for t in (query, key, value)], dim=-1).transpose(1, 2)
-        mixed = F.silu(self.conv1d(mixed)[:, :, :seq]).transpose(1, 2)
+        mixed = per_segment(lambda x: F.silu(self.conv1d(x)[:, :, :x.shape[-1]]), [mixed], lengths, dim=2)
+        mixed = mixed.transpose(1, 2)
         key_dim = self.nk_local * self.dk
         query, key, value = torch.split(mixed, [key_dim, key_dim, self.nv_local * self.dv], dim=-1)
         query = query.reshape(batch, seq, self.nk_local, self.dk)
@@ -136,7 +164,7 @@ class GatedDeltaNet(MegatronModule):
         if self.per_key > 1:
             query = query.repeat_interleave(self.per_key, dim=2)
             key = key.repeat_interleave(self.per_key, dim=2)
-        out = gated_delta_rule(query, key, value, g, beta)
+        out = per_segment(gated_delta_rule, [query, key, value, g, beta], lengths, dim=1)
         out = self.gated_norm(out.reshape(-1, self.dv), z.reshape(-1, self.dv))
         out = out.reshape(batch, seq, -1).transpose(0, 1).contiguous()
         return self.out_proj(out)
