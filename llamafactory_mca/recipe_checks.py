@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from llamafactory_mca.args import McaArgumentError, coerce_value, require
-from llamafactory_mca.model_config import model_type as local_model_type
 
 # key -> (type, test of the value, what a valid value is)
 _Rule = tuple[type, Callable[[Any], bool], str]
@@ -73,27 +72,6 @@ def check_stage_options(recipe: dict[str, Any]) -> None:
         require(not _truthy(recipe.get(key)), key, f"stage {stage} trains unpacked samples", f"set {key}: false")
 
 
-HYBRID_MODEL_TYPES = ("qwen3_next",)  # gated delta-net (linear attention) layers: models/gated_delta_net.py
-GATED_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # fused as q|gate, k, v per group: no LoRA slots yet
-
-
-def check_hybrid_model_options(recipe: dict[str, Any]) -> None:
-    """McaArgumentError for what a hybrid linear-attention model (Qwen3-Next) does not run yet under the Megatron
-    backend: LoRA on the gated attention's q/k/v projections (LLaMA-Factory's default `lora_target: all` includes
-    them). Packed sequences run (the delta-net layers restart per sample: models/gated_delta_net.py)."""
-    model_type = local_model_type(recipe.get("model_name_or_path"))
-    if model_type not in HYBRID_MODEL_TYPES:
-        return
-    if (recipe.get("finetuning_type") or LF_DEFAULT_FINETUNING_TYPE) != "lora":
-        return
-    targets = [t.strip() for t in str(recipe.get("lora_target") or "all").split(",")]
-    hit = [t for t in targets if t == "all" or t in GATED_ATTENTION_PROJECTIONS]
-    require(not hit, "lora_target", f"{model_type}: LoRA on the gated attention's q_proj / k_proj / v_proj is not "
-            f"supported by the Megatron backend yet ({', '.join(hit)})",
-            "list the modules instead, e.g. lora_target: o_proj,gate_proj,up_proj,down_proj (or use "
-            "finetuning_type: full)")
-
-
 def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] = None,
                             schedules: Optional[tuple] = None) -> tuple[dict[str, Any], list[str]]:
     """(recipe without the keys dropped, notices to print once) or McaArgumentError naming key and fix.
@@ -115,7 +93,6 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
     if stages is not None:
         check_stage(out.get("stage", "sft"), stages)
     check_stage_options(out)
-    check_hybrid_model_options(out)
     ftype = out.get("finetuning_type")
     if ftype is None:
         notices.append(f"`finetuning_type` is not set: LLaMA-Factory's default '{LF_DEFAULT_FINETUNING_TYPE}' runs "

@@ -51,7 +51,7 @@ from llamafactory_mca.models.lora_experts import (
     peft_to_factors,
 )
 from llamafactory_mca.models.model_state import hf_config_of, model_state, unwrap_model
-from llamafactory_mca.models.param_mapping import COLUMN, GLU, QKV, ROW, mapping_for
+from llamafactory_mca.models.param_mapping import COLUMN, GLU, GQKV, QKV, ROW, mapping_for
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -118,10 +118,11 @@ def _tp_info() -> tuple[int, int]:
 class _LoraMixin:
     """Swapped in as the class of an adapted ColumnParallelLinear / RowParallelLinear instance."""
 
-    lora_kind: str  # QKV / GLU / COLUMN / ROW
+    lora_kind: str  # QKV / GQKV / GLU / COLUMN / ROW
     lora_slots: list  # [(hf module path, short name, local out size)] in fused order
     lora_state: LoraState
-    lora_groups: int = 1  # local query groups (QKV)
+    lora_mapping: Any  # the split kind's ParamMapping: fuses the per-module outputs (param_mapping.fuse_outputs)
+    lora_ctx: Any  # the ShardContext of this rank
 
     def forward(self, input_, *args, **kwargs):  # noqa: D102
         out, bias = super().forward(input_, *args, **kwargs)
@@ -172,11 +173,7 @@ class _LoraMixin:
     def slot_values(self, fused: torch.Tensor) -> list:
         """Inverse of `_fuse` for a vector in the local output layout: one piece per slot."""
         sizes = [size for _, _, size in self.lora_slots]
-        if self.lora_kind == QKV:
-            g = self.lora_groups
-            per = fused.reshape(g, -1).split([n // g for n in sizes], dim=-1)
-            return [p.reshape(-1) for p in per]
-        return list(fused.split(sizes))
+        return self.lora_mapping.split_outputs(fused, sizes, self.lora_ctx)
 
     # ---- math
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,12 +208,7 @@ class _LoraMixin:
 
     def _fuse(self, outs: list) -> torch.Tensor:
         """Per-module outputs [..., out_i] -> the fused layer's local output layout [..., sum out_i]."""
-        if self.lora_kind == QKV:
-            g = self.lora_groups
-            lead = outs[0].shape[:-1]
-            q, k, v = (o.reshape(*lead, g, -1) for o in outs)
-            return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
-        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        return self.lora_mapping.fuse_outputs(outs, self.lora_ctx)
 
     def merged_weight(self) -> torch.Tensor:
         """The local weight with the adapter merged in: W + s B A, with DoRA scaled per row by m / |W + s B A|."""
@@ -406,13 +398,12 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
         shorts = [_module_short(h) for h in hf]
         if not any(s in state.target_modules for s in shorts):
             continue
-        if kind not in (QKV, GLU, COLUMN, ROW):
+        if kind not in (QKV, GQKV, GLU, COLUMN, ROW):
             raise ValueError(f"LoRA: {key} has bridge kind {kind!r}, which the Megatron backend cannot adapt")
         weight = module.weight
         out_local, in_local = weight.shape
-        sizes = mapping_for(kind).lora_slot_sizes(out_local, ctx)
-        if kind == QKV:
-            module.lora_groups = ctx.qkv.local_groups(tp)
+        module.lora_mapping, module.lora_ctx = mapping_for(kind), ctx
+        sizes = module.lora_mapping.lora_slot_sizes(out_local, ctx)
         module.lora_kind = kind
         module.lora_slots = [(_module_path(h), s, n) for h, s, n in zip(hf, shorts, sizes)]
         module.lora_state = state

@@ -125,6 +125,15 @@ class ParamMapping:
         """Output rows of each Hugging Face module fused in this rank's shard of `out_local` rows (LoRA)."""
         return [out_local]
 
+    def fuse_outputs(self, outs: list[torch.Tensor], ctx: ShardContext) -> torch.Tensor:
+        """Per-Hugging-Face-module outputs [..., n_i] (in `lora_slot_sizes` order, each in HF row order) -> this
+        rank's fused output layout [..., sum n_i] (LoRA's outputs, delta weights and DoRA vectors)."""
+        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+
+    def split_outputs(self, fused: torch.Tensor, sizes: list[int], ctx: ShardContext) -> list[torch.Tensor]:
+        """Inverse of `fuse_outputs` for a vector in the fused layout: one piece per module."""
+        return list(fused.split(sizes))
+
 
 class Replicated(ParamMapping):
     """The same full tensor on every TP rank (norms, router)."""
@@ -238,6 +247,26 @@ class FusedQKV(ParamMapping):
         """Rows of q, k and v of this rank's query groups."""
         return ctx.qkv.local_sizes(ctx.tp_size)
 
+    def fuse_outputs(self, outs: list[torch.Tensor], ctx: ShardContext) -> torch.Tensor:
+        """q, k, v outputs interleaved per query group ([q_g, k_g, v_g] for each of the rank's groups)."""
+        lead, groups = outs[0].shape[:-1], ctx.qkv.local_groups(ctx.tp_size)
+        q, k, v = (o.reshape(*lead, groups, -1) for o in outs)
+        return torch.cat([self.fused_query(q, ctx.qkv.head_dim), k, v], dim=-1).reshape(*lead, -1)
+
+    def split_outputs(self, fused: torch.Tensor, sizes: list[int], ctx: ShardContext) -> list[torch.Tensor]:
+        """q, k and v pieces of a fused vector (per-group interleaving undone)."""
+        groups = ctx.qkv.local_groups(ctx.tp_size)
+        q, k, v = fused.reshape(groups, -1).split([n // groups for n in sizes], dim=-1)
+        return [self.hf_query(q, ctx.qkv.head_dim).reshape(-1), k.reshape(-1), v.reshape(-1)]
+
+    def fused_query(self, q: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """[..., groups, rows] of q_proj's output in HF order -> the fused tensor's query rows of each group."""
+        return q
+
+    def hf_query(self, q: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """Inverse of `fused_query`."""
+        return q
+
 
 class GatedFusedQKV(FusedQKV):
     """Gated attention: HF `q_proj` rows per head [q_h (d); gate_h (d)], k, v; megatron's fused tensor per query
@@ -253,9 +282,17 @@ class GatedFusedQKV(FusedQKV):
         return [q_gate[:, 0].reshape(hpg * d, *q_gate.shape[3:]), q_gate[:, 1].reshape(hpg * d, *q_gate.shape[3:])]
 
     def lora_slot_sizes(self, out_local: int, ctx: ShardContext) -> list[int]:
-        """One slot, as any mapping without per-module LoRA slots: LoRA on the gated q/k/v is refused before launch
-        (recipe_checks.check_hybrid_model_options), not FusedQKV's q/k/v sizes, which leave out the gate rows."""
-        return ParamMapping.lora_slot_sizes(self, out_local, ctx)
+        """Rows of q_proj (q and gate), k and v of this rank's query groups."""
+        q, k, v = ctx.qkv.local_sizes(ctx.tp_size)
+        return [2 * q, k, v]
+
+    def fused_query(self, q: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """HF's per-head [q_h; gate_h] rows of each group -> [q of the group's heads; their gates]."""
+        return q.unflatten(-1, (-1, 2, head_dim)).transpose(-3, -2).flatten(-3)
+
+    def hf_query(self, q: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """Inverse of `fused_query`."""
+        return q.unflatten(-1, (2, -1, head_dim)).transpose(-3, -2).flatten(-3)
 
     def to_hf(self, hf_names: tuple, full: torch.Tensor, ctx: ShardContext) -> list[tuple[str, torch.Tensor]]:
         """q_proj (q and gate interleaved per head again), k and v."""
