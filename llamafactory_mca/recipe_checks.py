@@ -182,19 +182,22 @@ def check_mla_tensor_parallel(text_config: dict[str, Any], tensor_model_parallel
 def check_linear_attention(text_config: dict[str, Any], tensor_model_parallel_size: int,
                            context_parallel_size: int, transformer_engine: bool = False) -> None:
     """McaArgumentError for layouts the gated delta-net layers of a hybrid model (Qwen3-Next `linear_num_key_heads`)
-    cannot run: key heads not splitting over the TP ranks (TP splits them by key-head groups), context
-    parallelism (the recurrence runs over the whole sequence on one rank) and Transformer Engine's layer spec
-    (our GatedDeltaNet has local linears only)."""
+    cannot run: key heads not splitting over the TP x CP ranks (TP splits them by key-head groups, context
+    parallelism exchanges whole sequences of a share of the groups) and Transformer Engine's layer spec (our
+    GatedDeltaNet has local linears only)."""
     heads = text_config.get("linear_num_key_heads")
     if not isinstance(heads, int):
         return
-    tp = tensor_model_parallel_size
+    tp, cp = tensor_model_parallel_size, context_parallel_size
     require(heads % tp == 0, "tensor_model_parallel_size",
             f"the model's {heads} linear-attention key heads (linear_num_key_heads) do not split evenly over {tp} "
             "ranks", "choose a tensor_model_parallel_size that divides linear_num_key_heads")
-    require(context_parallel_size == 1, "context_parallel_size",
-            "the gated delta-net (linear-attention) layers are not split over context-parallel ranks yet",
-            "set context_parallel_size: 1")
+    require(heads % (tp * cp) == 0, "context_parallel_size",
+            f"the model's {heads} linear-attention key heads (linear_num_key_heads) do not split evenly over "
+            f"tensor_model_parallel_size x context_parallel_size = {tp * cp} ranks (each CP rank runs the recurrence "
+            "of its share of the heads over whole sequences)",
+            "choose a context_parallel_size such that tensor_model_parallel_size x context_parallel_size divides "
+            "linear_num_key_heads")
     require(not transformer_engine, "transformer_impl",
             "the gated delta-net layers have no Transformer Engine implementation",
             "set transformer_impl: local (or auto) and remove attention_backend: te")

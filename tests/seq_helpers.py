@@ -103,7 +103,7 @@ def _compare_grads(ours: dict, hf_model) -> dict:
     for n, g in ref.items():
         if n not in ours and n.endswith(("experts.gate_up_proj", "experts.down_proj")):
             ours[n] = _fuse_experts(ours, n, g.shape[0])
-    worst, worst_rel, name = 0.0, 0.0, None
+    worst, worst_rel, name, rel_name = 0.0, 0.0, None, None
     for n, g in ref.items():
         if n not in ours:
             return {"grad_error": f"missing {n}"}
@@ -111,9 +111,10 @@ def _compare_grads(ours: dict, hf_model) -> dict:
         scale = float(g.abs().max()) + 1e-12
         if d > worst:
             worst, name = d, n
-        worst_rel = max(worst_rel, d / scale)
+        if d / scale > worst_rel:
+            worst_rel, rel_name = d / scale, n
     return {"grad_max_abs_diff": worst, "grad_max_rel_diff": worst_rel, "grad_worst": name,
-            "grad_scale": max(float(g.abs().max()) for g in ref.values())}
+            "grad_worst_rel": rel_name, "grad_scale": max(float(g.abs().max()) for g in ref.values())}
 
 
 def check(kind: str, model_dir: str, layout: str, mode: str) -> dict:

@@ -1,4 +1,5 @@
-"""Context parallelism without Transformer Engine (`SDPAttention` all-gathers K/V over the CP group).
+"""Context parallelism without Transformer Engine (`SDPAttention` all-gathers K/V over the CP group; qwen3_next's
+gated delta-net layers exchange key-head groups for whole sequences: models/cp_head_exchange.py).
 
 One `torchrun --nproc_per_node 2` launch (tests/seq_helpers.py), context_parallel_size=2, fp32 on CPU:
 * sbhd: a [2, 16] batch split with `cp_split` (causal load balancing: chunks r and 2*cp-1-r) -> logits equal
@@ -14,11 +15,15 @@ import pytest
 
 from tests.seq_helpers import assert_logits_match, launch
 
-KINDS = ("llama", "qwen3", "qwen3_moe")
+KINDS = ("llama", "qwen3", "qwen3_moe", "qwen3_next")  # qwen3_next: its delta-net layers exchange heads over CP
 MODES = ("sbhd", "thd")
 CASES = [("cp2", kind, mode) for kind in KINDS for mode in MODES]
 TOL = 1e-5
 GRAD_REL_TOL = 1e-5  # max |grad diff| / max |HF grad| per tensor
+# qwen3_next: fp32 rounding through the delta-net recurrence's backward, largest on the gate path's small gradients
+# (A_log 1.6e-4 at cp2 thd; 4.8e-5 on embed_tokens already with one process, no CP); an exchange that puts tokens or
+# heads in the wrong place is off by 3.5 and more (checked)
+GRAD_REL_TOL_KIND = {"qwen3_next": 1e-3}
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +47,7 @@ def test_cp_grads_match_hf(results, layout, kind, mode):
     r = results[0][(layout, kind, mode)]
     assert "error" not in r, r["error"]
     assert "grad_error" not in r, r["grad_error"]
-    assert r["grad_max_rel_diff"] <= GRAD_REL_TOL, r
+    assert r["grad_max_rel_diff"] <= GRAD_REL_TOL_KIND.get(kind, GRAD_REL_TOL), (r["grad_worst_rel"], r)
 
 
 def test_cp_split_layout():

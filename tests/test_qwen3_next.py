@@ -123,7 +123,7 @@ def test_table_covers_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("layout,key", [
     (dict(tensor_model_parallel_size=4), "tensor_model_parallel_size"),  # 2 linear-attention key heads
-    (dict(context_parallel_size=2), "context_parallel_size"),
+    (dict(context_parallel_size=4), "context_parallel_size"),  # tp x cp must divide the 2 key heads
     (dict(transformer_impl="transformer_engine"), "transformer_impl"),
 ])
 def test_layout_refused_before_launch(layout, key):
@@ -188,7 +188,7 @@ def test_lora_on_hybrid_layers_matches_peft(tmp_path):
 @pytest.mark.timeout(3600)
 def test_training_parity_and_merge(tmp_path):
     """`USE_MCA=1 llamafactory-cli train` against LLaMA-Factory's HF path (fp32, CPU, 5 steps, global batch 4): 1
-    process and TP=2 + SP, losses per step within 1e-4 relative. The TP=2 run's distributed checkpoint merges at
+    process, TP=2 + SP and CP=2, losses per step within 1e-4 relative. The TP=2 run's distributed checkpoint merges at
     TP=1 with `llamafactory-mca merge` into a model that Qwen3NextForCausalLM loads with no missing or unexpected
     keys, equal to the run's own Hugging Face export (the convolution's q/k/v sections are saved TP-independently,
     gated_delta_net.split_sections_factory), and close to the HF-trained weights: within 1e-3, as Adam turns the
@@ -208,6 +208,8 @@ def test_training_parity_and_merge(tmp_path):
                       save_strategy="steps", save_steps=5)
     exported = train(tmp_path, "mca_tp2", tp2, nproc=2)
     assert_parity(hf, exported)
+    assert_parity(hf, train(tmp_path, "mca_cp2", make_recipe(model, str(tmp_path / "cp2"), save_hf_model=False,
+                                                             context_parallel_size=2), nproc=2))
     merged = merge(os.path.join(tp2["output_dir"], "checkpoint-5"), str(tmp_path / "merged"), "--fp32")
     loaded, info = Qwen3NextForCausalLM.from_pretrained(merged, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info

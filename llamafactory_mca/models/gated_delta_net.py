@@ -16,8 +16,9 @@ Under sequence parallelism the input projections gather the sequence and out_pro
 attention. The recurrence itself is `kernels.linear_attention.gated_delta_rule` (fla on a GPU, torch elsewhere).
 Packed sequences (neat_packing's THD rows, `PackedSeqParams`): the convolution and the recurrence restart at every
 sample's (padded) start, so each sample sees only itself, as the attention layers do; the segment boundaries are
-read to the host once per micro-batch (`segment_lengths`). Context parallelism is refused before launch
-(recipe_checks.py).
+read to the host once per micro-batch (`segment_lengths`). Context parallelism: an all-to-all over the CP group
+gives each rank whole sequences of `nk / (tp * cp)` key-head groups for the convolution and the recurrence, and
+returns the outputs to its load-balanced chunks before out_proj (models/cp_head_exchange.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from llamafactory_mca.kernels.linear_attention import gated_delta_rule
+from llamafactory_mca.models.cp_head_exchange import CpHeadExchange
 
 _LAST_SEGMENTS: list = [None, None]  # (cu_seqlens tensor, its lengths): every layer of a micro-batch shares one
 
@@ -53,7 +55,7 @@ def segment_lengths(packed_seq_params: Any, seq: int) -> list[int]:
     lengths = _LAST_SEGMENTS[1]
     if sum(lengths) != seq:
         raise ValueError(f"packed samples of {sum(lengths)} tokens in a row of {seq}: the linear-attention layers "
-                         "need the whole THD row (context parallelism is not supported for them)")
+                         "need the whole THD row")
     return lengths
 
 
@@ -138,36 +140,53 @@ class GatedDeltaNet(MegatronModule):
         self.out_proj = RowParallelLinear(nv * self.dv, config.hidden_size, config=config,
                                           init_method=config.output_layer_init_method, bias=False,
                                           input_is_parallel=True, skip_bias_add=True, is_expert=False)
+        self.cp = CpHeadExchange.of_parallel_state()
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, packed_seq_params: Any = None,
                 **kwargs: Any):
-        """Megatron's self-attention call: returns (output [s, b, h], None)."""
+        """Megatron's self-attention call: returns (output [s, b, h], None). Under context parallelism the key-head
+        groups go through the recurrence on whole sequences, `nk / (tp * cp)` per rank (cp_head_exchange.py)."""
         qkvz, _ = self.in_proj_qkvz(hidden_states)
         ba, _ = self.in_proj_ba(hidden_states)
-        seq, batch = qkvz.shape[:2]
+        local_seq, batch = qkvz.shape[:2]
+        groups = torch.cat([qkvz.reshape(local_seq, batch, self.nk_local, -1),
+                            ba.reshape(local_seq, batch, self.nk_local, -1)], dim=-1)
+        groups = self.cp.to_heads(groups, packed_seq_params).transpose(0, 1)  # [b, s, key-head groups of this rank]
+        seq, nk = groups.shape[1:3]
+        nv = nk * self.per_key
         lengths = segment_lengths(packed_seq_params, seq)
-        qkvz = qkvz.transpose(0, 1).reshape(batch, seq, self.nk_local, -1)
-        ba = ba.transpose(0, 1).reshape(batch, seq, self.nk_local, -1)
         vz = self.per_key * self.dv
-        query, key, value, z = torch.split(qkvz, [self.dk, self.dk, vz, vz], dim=3)
-        b, a = torch.split(ba, [self.per_key, self.per_key], dim=3)
+        query, key, value, z, b, a = torch.split(groups, [self.dk, self.dk, vz, vz, self.per_key, self.per_key], dim=3)
         mixed = torch.cat([t.reshape(batch, seq, -1) for t in (query, key, value)], dim=-1).transpose(1, 2)
-        mixed = per_segment(lambda x: F.silu(self.conv1d(x)[:, :, :x.shape[-1]]), [mixed], lengths, dim=2)
-        mixed = mixed.transpose(1, 2)
-        key_dim = self.nk_local * self.dk
-        query, key, value = torch.split(mixed, [key_dim, key_dim, self.nv_local * self.dv], dim=-1)
-        query = query.reshape(batch, seq, self.nk_local, self.dk)
-        key = key.reshape(batch, seq, self.nk_local, self.dk)
-        value = value.reshape(batch, seq, self.nv_local, self.dv)
-        beta = b.reshape(batch, seq, self.nv_local).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.reshape(batch, seq, self.nv_local).float() + self.dt_bias)
+        weight = self.conv_weight_of_rank(nk)
+        pad = weight.shape[-1] - 1
+        mixed = per_segment(lambda x: F.silu(F.conv1d(x, weight, padding=pad, groups=weight.shape[0])[..., :x.shape[-1]]),
+                            [mixed], lengths, dim=2).transpose(1, 2)
+        query, key, value = torch.split(mixed, [nk * self.dk, nk * self.dk, nv * self.dv], dim=-1)
+        query = query.reshape(batch, seq, nk, self.dk)
+        key = key.reshape(batch, seq, nk, self.dk)
+        value = value.reshape(batch, seq, nv, self.dv)
+        heads = slice(self.cp.rank * nv, (self.cp.rank + 1) * nv)
+        beta = b.reshape(batch, seq, nv).sigmoid()
+        g = -self.A_log[heads].float().exp() * F.softplus(a.reshape(batch, seq, nv).float() + self.dt_bias[heads])
         if self.per_key > 1:
             query = query.repeat_interleave(self.per_key, dim=2)
             key = key.repeat_interleave(self.per_key, dim=2)
         out = per_segment(gated_delta_rule, [query, key, value, g, beta], lengths, dim=1)
         out = self.gated_norm(out.reshape(-1, self.dv), z.reshape(-1, self.dv))
-        out = out.reshape(batch, seq, -1).transpose(0, 1).contiguous()
-        return self.out_proj(out)
+        out = self.cp.to_sequence(out.reshape(batch, seq, nv, self.dv).transpose(0, 1), packed_seq_params)
+        return self.out_proj(out.reshape(local_seq, batch, -1))
+
+    def conv_weight_of_rank(self, nk: int) -> torch.Tensor:
+        """The convolution's channels of this CP rank's `nk` key-head groups: its q, k and v sections' slices (all
+        channels without context parallelism)."""
+        weight = self.conv1d.weight
+        if nk == self.nk_local:
+            return weight
+        r, key_dim, nv = self.cp.rank, self.nk_local * self.dk, nk * self.per_key
+        q, k, v = weight.split([key_dim, key_dim, self.nv_local * self.dv])
+        return torch.cat([q[r * nk * self.dk:(r + 1) * nk * self.dk], k[r * nk * self.dk:(r + 1) * nk * self.dk],
+                          v[r * nv * self.dv:(r + 1) * nv * self.dv]])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Distributed-checkpoint tensors: the per-head parameters split over TP along dim 0, the convolution as its

@@ -9,8 +9,8 @@ channels). The MLP is Qwen2-MoE's (router, experts, a shared expert scaled by a 
 The megatron model is a GPTModel whose block spec lists one layer spec per layer of each pipeline chunk
 (`hybrid_block_spec`): GatedDeltaNet as `self_attention` where the layer is linear attention, megatron's
 SelfAttention with `attention_output_gate` elsewhere, `ZeroCenteredRMSNorm` for every norm. Refused before the
-model is built: Transformer Engine's spec, context parallelism and a TP size that does not divide
-`linear_num_key_heads` (recipe_checks.check_linear_attention), attention biases.
+model is built: Transformer Engine's spec, TP or TP x CP sizes that do not divide `linear_num_key_heads`
+(recipe_checks.check_linear_attention), attention biases.
 """
 
 from __future__ import annotations
