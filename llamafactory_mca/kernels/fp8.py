@@ -565,30 +565,20 @@ def convert_model_to_fp8(model: torch.nn.Module, recipe: Fp8Recipe) -> list[str]
 
 def _bench_linear(recipe: Optional[Fp8Recipe], m: int = 8192, k: int = 4096, n: int = 14336, reps: int = 10) -> float:
     """Seconds of one forward + backward of an [m, k] x [k, n] linear (bf16 when recipe is None)."""
+    from llamafactory_mca.kernels.timing import cuda_time_ms
+
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    return _time(lambda: (x @ w.t() if recipe is None else _Fp8Linear.apply(
+    return cuda_time_ms(lambda: (x @ w.t() if recipe is None else _Fp8Linear.apply(
         x, w, None, False, False, False, None, recipe)).backward(torch.ones(m, n, device="cuda", dtype=torch.bfloat16)),
-        reps)
-
-
-def _time(fn, reps: int = 10, warmup: int = 3) -> float:
-    """Seconds per call of fn on the GPU (CUDA events, after warm-up calls)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / reps
+        reps, warmup=3) / 1000
 
 
 def _bench_casts(m: int = 8192, k: int = 4096) -> dict[str, float]:
     """Milliseconds of each cast of a [m, k] bf16 operand: the Triton casts and `quantize_eager` (eager and, where
     it compiles, torch.compile'd)."""
+    from llamafactory_mca.kernels.timing import cuda_time_ms
+
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = {
         "triton_rowwise": lambda: fp8_cast.cast_rowwise(x, E4M3),
@@ -605,7 +595,7 @@ def _bench_casts(m: int = 8192, k: int = 4096) -> dict[str, float]:
     timed = {}
     for name, fn in out.items():
         try:
-            timed[name] = round(_time(fn, reps=20) * 1000, 4)
+            timed[name] = round(cuda_time_ms(fn, reps=20, warmup=3), 4)
         except Exception as err:  # noqa: BLE001 - a report: say what failed, time the rest
             timed[name] = f"{type(err).__name__}: {str(err)[:120]}"
     return timed
