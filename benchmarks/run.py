@@ -9,6 +9,8 @@
     python benchmarks/run.py --scenario s1 --sides ours,hf,hf_liger,hf_bf16       # + HF in pure bf16 (info)
     python benchmarks/run.py --scenario dsv3               # DeepSeek-V3 (MLA) at Moonlight-16B-A3B widths, 6 layers, 1 GPU
     python benchmarks/run.py --scenario s1 --tiny          # CPU smoke run (tests/test_benchmark_script.py)
+    python benchmarks/run.py --scenario q_dense --sides ours,ours_fp8   # FP8 speed on the quality-run models; their
+                                                           # 300-step losses: benchmarks/fp8_quality.py (issue 18)
 
 For each scenario it builds, in a temporary folder, a model with the real architecture and size and random
 weights (benchmarks/shapes.py; vocab 151936 / 128256), a word-level tokenizer, and a generated pre-training
