@@ -17,19 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llamafactory_mca.kernels.grad_accum import accumulate_, fast_accumulate_available  # noqa: E402
-
-
-def cuda_time_ms(fn, reps: int = 20) -> float:
-    """Mean milliseconds of `fn()` on the current CUDA stream over `reps` calls, after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from llamafactory_mca.kernels.timing import cuda_time_ms  # noqa: E402  (kernel_check.py imports it from here)
 
 
 def main() -> int:

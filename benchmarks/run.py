@@ -9,6 +9,8 @@
     python benchmarks/run.py --scenario s1 --sides ours,hf,hf_liger,hf_bf16       # + HF in pure bf16 (info)
     python benchmarks/run.py --scenario dsv3               # DeepSeek-V3 (MLA) at Moonlight-16B-A3B widths, 6 layers, 1 GPU
     python benchmarks/run.py --scenario s1 --tiny          # CPU smoke run (tests/test_benchmark_script.py)
+    python benchmarks/run.py --scenario q_dense --sides ours,ours_fp8   # FP8 speed on the quality-run models; their
+                                                           # 300-step losses: benchmarks/fp8_quality.py (issue 18)
 
 For each scenario it builds, in a temporary folder, a model with the real architecture and size and random
 weights (benchmarks/shapes.py; vocab 151936 / 128256), a word-level tokenizer, and a generated pre-training
@@ -170,6 +172,14 @@ SCENARIOS = {
         target=dict(ratio=None, merged=True),
     ),
 }
+# issue 18: the FP8 quality runs' small models (benchmarks/fp8_quality.py: 300 steps of ours vs ours_fp8, a
+# fine-tune's schedule); here, as any scenario, a speed comparison (`--sides ours,ours_fp8`)
+SCENARIOS["q_dense"] = dict(
+    title="dense Qwen3 ~0.35B (Qwen3-0.6B widths, 20 layers), 1 GPU", gpus=1, global_batch=4, seq=2048,
+    ours={}, hf={}, target={})
+SCENARIOS["q_moe"] = dict(
+    title="MoE Qwen3 ~0.5B (hidden 1024, 8 layers, 32 experts top-4), 1 GPU", gpus=1, global_batch=4, seq=2048,
+    ours=dict(moe_grouped_gemm=True, moe_token_dispatcher_type="alltoall"), hf={}, target={})
 # issue 22: the recipes on the lent 2-GPU kind, as r_moe / r_vl otherwise. The MoE recipe keeps pipeline
 # parallelism and full recompute; with EP=1 a stage of 6 layers holds all 128 experts, the expert weights a stage
 # of 12 layers at EP=2 holds on 8 GPUs, so 12 of the 48 layers (shapes.py)
@@ -190,6 +200,7 @@ OURS_VARIANTS = {
     "allgather": dict(moe_token_dispatcher_type="allgather"),
     "alltoall": dict(moe_token_dispatcher_type="alltoall"),
     "fp8": dict(fp8=True),  # issue 18: FP8 GEMMs (e4m3, tensorwise), RESULTS.md "FP8"
+    "fp8_rowwise": dict(fp8=True, fp8_recipe="rowwise"),
 }
 
 
@@ -458,6 +469,14 @@ def _git(*args: str) -> str:
         return ""
 
 
+def provenance() -> dict:
+    """The commit measured and whether the tree had changes: MCA_BENCH_COMMIT / MCA_BENCH_DIRTY where set (a
+    device copy of the tree has no .git), else git's answer."""
+    in_git = bool(_git("rev-parse", "HEAD"))
+    return dict(commit=os.environ.get("MCA_BENCH_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
+                dirty=os.environ.get("MCA_BENCH_DIRTY") or (bool(_git("status", "--porcelain")) if in_git else None))
+
+
 def device_info(tiny: bool) -> dict:
     import torch
 
@@ -515,9 +534,7 @@ def run_scenario(name: str, args) -> dict:
     pk = peak_tflops(dinfo["card"]) if dinfo["device"] == "cuda" else 0.0
     result = dict(
         scenario=name, title=sc["title"], date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=os.environ.get("MCA_BENCH_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
-        dirty=os.environ.get("MCA_BENCH_DIRTY") or (bool(_git("status", "--porcelain")) if _git("rev-parse", "HEAD") else None),
-        command=" ".join(["python", "benchmarks/run.py"] + sys.argv[1:]),
+        **provenance(), command=" ".join(["python", "benchmarks/run.py"] + sys.argv[1:]),
         **dinfo, gpus=sc["gpus"], versions=versions(), model=model_info, data=data_info, seq=sc["seq"],
         global_batch=sc["global_batch"], flops_per_token=fpt, peak_bf16_tflops=pk, recipe_common=common,
         target=sc["target"], tiny=tiny, profiled_step=profiled,

@@ -16,6 +16,9 @@ r_vl2 r_vl's model on 2 GPUs
 q3next hybrid Qwen3-Next-80B-A3B widths (gated delta-net and gated attention layers, 3 : 1; experts of 512 wide,
      top-10, a gated shared expert) with 4 of its 48 layers and 128 of its 512 experts (the HF side's fp32 master
      weights and Adam state of 512 experts would not fit one GPU), 1 GPU (issue 15)
+q_dense / q_moe  small models of the FP8 quality runs (benchmarks/fp8_quality.py, issue 18): Qwen3 at Qwen3-0.6B's
+     widths with 20 of its 28 layers (~0.35B), and a Qwen3-MoE of hidden 1024, 8 layers, 32 experts top-4 (~0.5B,
+     ~0.15B active); vocab 32768 (the generated tokenizer's 32004 words: the output layer stays bf16 under FP8)
 dsv3 DeepSeek-V3 architecture (multi-latent attention, a dense first layer, then MoE layers with shared experts
      and sigmoid routing) at Moonlight-16B-A3B's widths (hidden 2048, 16 heads, kv_lora_rank 512, no q LoRA,
      64 routed experts top-6 + 2 shared, vocab 163840) with 6 of its 27 layers, 1 GPU (issue 14)
@@ -73,6 +76,14 @@ QWEN3_NEXT_80B_A3B = dict(
 SCENARIO_SHAPES["q3next"] = dict(QWEN3_NEXT_80B_A3B, num_hidden_layers=4, num_experts=128)
 TINY_LINEAR_ATTENTION = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                              linear_value_head_dim=16, shared_expert_intermediate_size=32)
+
+# issue 18's quality runs: 300 steps of both sides of both models take minutes on one GPU
+SCENARIO_SHAPES["q_dense"] = dict(
+    family="qwen3", hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=8,
+    head_dim=128, intermediate_size=3072, vocab_size=32768, tie_word_embeddings=True, rope_theta=1000000.0,
+)
+SCENARIO_SHAPES["q_moe"] = dict(QWEN3_30B_A3B, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                                moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4, vocab_size=32768)
 
 SCENARIO_SHAPES.update(s2x2=SCENARIO_SHAPES["s2"], s4x2=SCENARIO_SHAPES["s2"], r_vl2=SCENARIO_SHAPES["r_vl"])
 

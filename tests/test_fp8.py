@@ -212,6 +212,27 @@ def test_fp8_weight_copy_is_renewed_after_an_optimizer_step():
     assert q is not first[0] and torch.equal(q.float() * inv, torch.full((16, 16), 2.0))
 
 
+def test_casts_without_triton_are_the_eager_quantization():
+    """Without a GPU the casts are `quantize_eager`'s (the Triton ones, kernels/fp8_cast.py, are checked against it
+    on the GPU: `python -m llamafactory_mca.kernels.fp8`); wgrad's transposed, padded operands are made from the
+    quantized tensors as before."""
+    from llamafactory_mca.kernels import fp8
+
+    fp8.reset_cast_choice()
+    assert fp8.cast_backend() == "torch" and fp8.cast_reason() == "no Triton with a CUDA device"
+    x = torch.randn(21, 48)
+    q, inv, qt = fp8.quantize_with_t(x, fp8.E4M3)
+    ref_q, ref_inv = fp8.quantize_eager(x, fp8.E4M3, None)
+    assert qt is None and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(inv, ref_inv)
+    padded = fp8.transpose_padded(q)
+    assert padded.shape == (48, 32) and padded.is_contiguous() and not padded[:, 21:].float().any()
+    assert torch.equal(padded[:, :21].float(), q.float().t())
+    qt, inv = fp8.quantize_rowwise_t(x, fp8.E4M3)
+    ref_q, ref_inv = fp8.quantize_eager(torch.cat([x, x.new_zeros(11, 48)]).t(), fp8.E4M3, -1)
+    assert qt.shape == (48, 32) and qt.is_contiguous() and torch.equal(qt.float(), ref_q.float())
+    assert torch.equal(inv, ref_inv)
+
+
 def test_tensor_and_sequence_parallel_fp8_matches_fp32(tmp_path, tiny_dirs):
     """TP=2 and TP=2 + SP on 2 gloo ranks: the FP8 linears' communication (SP all-gather, dgrad all-reduce /
     reduce-scatter) gives each rank the logits and weight gradients of the fp32 model within FP8 noise."""

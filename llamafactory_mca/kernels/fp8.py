@@ -27,6 +27,11 @@ Kernels: "cuda" (the torch ops above) after a numerical check on this GPU (`chec
 capability >= 9.0, each op against a dequantized fp32 reference, once per process), or "emulate": the same
 quantization in fp32 arithmetic (quantize, dequantize, matmul) for CPU wiring tests
 (`LLAMAFACTORY_MCA_FP8_KERNEL=emulate`). Nothing else chooses an FP8 kernel.
+
+Casts (the quantization in front of each GEMM, `cast_backend`): "triton", one kernel per operand
+(kernels/fp8_cast.py: rowwise amax + scale + cast in one pass, tensorwise amax then one cast that also writes the
+transposed, padded copy wgrad needs), used after its own check against `quantize_eager` on this GPU; else
+"torch": `quantize_eager`, through torch.compile where it works (`LLAMAFACTORY_MCA_FP8_CAST=torch` forces it).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Optional
 import torch
 
 from llamafactory_mca.args import FP8_FORMATS, FP8_RECIPES  # noqa: F401  (the keys' values, re-exported)
+from llamafactory_mca.kernels import fp8_cast
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -110,10 +116,68 @@ def _compiled_quantize():
     return _STATE["compiled"]
 
 
+def cast_backend() -> str:
+    """'triton' (kernels/fp8_cast.py, once its check against `quantize_eager` passed on this GPU) or 'torch'
+    (`quantize_eager`, compiled where possible); decided once per process, the reason kept for the report."""
+    if "cast" not in _STATE:
+        reason = "LLAMAFACTORY_MCA_FP8_CAST=torch" if os.environ.get("LLAMAFACTORY_MCA_FP8_CAST") == "torch" else None
+        if reason is None and (kernel_backend() != "cuda" or not fp8_cast.triton_available()):
+            reason = "no Triton with a CUDA device"
+        reason = reason or fp8_cast.self_check()
+        _STATE["cast"], _STATE["cast_reason"] = ("torch" if reason else "triton"), reason
+    return _STATE["cast"]
+
+
+def cast_reason() -> Optional[str]:
+    """Why `cast_backend` chose the torch casts (None when it chose Triton or has not been asked yet)."""
+    return _STATE.get("cast_reason")
+
+
+def reset_cast_choice() -> None:
+    """Forget the cast choice (the next FP8 cast decides again): for tests and the report's comparison."""
+    _STATE.pop("cast", None)
+    _STATE.pop("cast_reason", None)
+
+
+def _fast_cast(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dim() == 2 and t.numel() > 0 and kernel_backend() == "cuda" and cast_backend() == "triton"
+
+
 def quantize(t: torch.Tensor, dtype: torch.dtype, axis: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_eager`, compiled on CUDA where possible."""
+    """`quantize_eager`'s numbers: one Triton kernel (plus an amax reduction) for 2D tensors on the GPU where
+    `cast_backend` chose them, else `quantize_eager`, compiled on CUDA where possible."""
+    if _fast_cast(t):
+        if axis is None:
+            q, _, inv = fp8_cast.cast_tensorwise(t, dtype)
+            return q, inv
+        if t.stride(-1) == 1:
+            return fp8_cast.cast_rowwise(t, dtype)
+        q, _, inv = fp8_cast.cast_scaled(t, fp8_cast.amax(t, dim=1), dtype)
+        return q, inv
     fn = _compiled_quantize() if t.is_cuda else None
     return (fn or quantize_eager)(t, dtype, axis)
+
+
+def quantize_with_t(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Tensorwise `quantize(t)` and, from the same pass where the Triton casts run, t^T quantized alike with its
+    token axis zero-padded to 16 (wgrad's operand; None otherwise: `transpose_padded` makes it from q)."""
+    if _fast_cast(t):
+        q, qt, inv = fp8_cast.cast_tensorwise(t, dtype, transposed=True)
+        return q, inv, qt
+    return (*quantize(t, dtype, None), None)
+
+
+def quantize_rowwise_t(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rowwise quantization of t^T [K, M] for t [M, K], M zero-padded to 16, contiguous (wgrad's operands)."""
+    if _fast_cast(t) and t.stride(-1) == 1:
+        return fp8_cast.cast_rowwise_t(t, dtype)
+    q, s = quantize(_pad_rows(t).t(), dtype, -1)
+    return q.contiguous(), s
+
+
+def transpose_padded(q: torch.Tensor) -> torch.Tensor:
+    """q^T of an FP8 [M, N], M zero-padded to 16, contiguous."""
+    return _pad_rows(q.view(torch.uint8)).view(q.dtype).t().contiguous()
 
 
 def quantize_weight(w: torch.Tensor, dtype: torch.dtype, axis: Optional[int], transpose: bool = False):
@@ -207,9 +271,9 @@ def blockwise_mm_nt(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = t
 def linear_forward(x: torch.Tensor, w: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, tuple]:
     """(x [M, K] @ w [N, K]^T in the input dtype, what backward needs)."""
     if recipe.name == "tensorwise":
-        xq, xs = quantize(x, E4M3, None)
+        xq, xs, xqt = quantize_with_t(x, E4M3)
         wq, ws = quantize_weight(w, E4M3, None)
-        return scaled_mm_nt(xq, xs, wq, ws, x.dtype), (xq, xs, w)
+        return scaled_mm_nt(xq, xs, wq, ws, x.dtype), (xq, xs, w, xqt)
     if recipe.name == "rowwise":
         xq, xs = quantize(x, E4M3, -1)
         wq, ws = quantize_weight(w, E4M3, -1)
@@ -220,30 +284,31 @@ def linear_forward(x: torch.Tensor, w: torch.Tensor, recipe: Fp8Recipe) -> tuple
 def linear_dgrad(dy: torch.Tensor, saved: tuple, recipe: Fp8Recipe) -> tuple[torch.Tensor, Optional[tuple]]:
     """(dx = dy [M, N] @ w [N, K], the quantized dy for wgrad where the recipe reuses it)."""
     if recipe.name == "tensorwise":
-        wq, ws = quantize_weight(saved[2], E4M3, None)  # the forward's copy (one scale: transposing is exact)
-        dyq, dys = quantize(dy, recipe.grad_dtype, None)
-        return scaled_mm_nt(dyq, dys, wq.t().contiguous(), ws, dy.dtype), (dyq, dys)
+        # w^T quantized (one scale: the forward copy's), kept as the forward copy is
+        wtq, ws = quantize_weight(saved[2], E4M3, None, transpose=True)
+        dyq, dys, dyqt = quantize_with_t(dy, recipe.grad_dtype)
+        return scaled_mm_nt(dyq, dys, wtq, ws, dy.dtype), (dyq, dys, dyqt)
     x, w = saved
     if recipe.name == "rowwise":
         dyq, dys = quantize(dy, E4M3, -1)
-        wtq, wts = quantize(w.t(), E4M3, -1)
-        return scaled_mm_nt(dyq, dys, wtq.contiguous(), wts, dy.dtype), None
+        wtq, wts = quantize_weight(w, E4M3, -1, transpose=True)  # per input feature, over N
+        return scaled_mm_nt(dyq, dys, wtq, wts, dy.dtype), None
     return blockwise_mm_nt(dy, w.t().contiguous(), dy.dtype), None
 
 
 def linear_wgrad(dy: torch.Tensor, saved: tuple, dy_q: Optional[tuple], recipe: Fp8Recipe) -> torch.Tensor:
     """dw = dy [M, N]^T @ x [M, K] in fp32 (the reduction over tokens; rows padded to 16 for the kernel)."""
     if recipe.name == "tensorwise":
-        xq, xs, _ = saved
-        dyq, dys = dy_q
-        a = _pad_rows(dyq.view(torch.uint8)).view(dyq.dtype).t().contiguous()
-        b = _pad_rows(xq.view(torch.uint8)).view(xq.dtype).t().contiguous()
+        xq, xs, _, xqt = saved
+        dyq, dys, dyqt = dy_q
+        a = dyqt if dyqt is not None else transpose_padded(dyq)
+        b = xqt if xqt is not None else transpose_padded(xq)
         return scaled_mm_nt(a, dys, b, xs, torch.float32)
     x, _ = saved
     if recipe.name == "rowwise":
-        aq, as_ = quantize(_pad_rows(dy).t(), E4M3, -1)
-        bq, bs = quantize(_pad_rows(x).t(), E4M3, -1)
-        return scaled_mm_nt(aq.contiguous(), as_, bq.contiguous(), bs, torch.bfloat16).float()
+        aq, as_ = quantize_rowwise_t(dy, E4M3)
+        bq, bs = quantize_rowwise_t(x, E4M3)
+        return scaled_mm_nt(aq, as_, bq, bs, torch.bfloat16).float()
     return (dy.t() @ x).float()
 
 
@@ -500,25 +565,47 @@ def convert_model_to_fp8(model: torch.nn.Module, recipe: Fp8Recipe) -> list[str]
 
 def _bench_linear(recipe: Optional[Fp8Recipe], m: int = 8192, k: int = 4096, n: int = 14336, reps: int = 10) -> float:
     """Seconds of one forward + backward of an [m, k] x [k, n] linear (bf16 when recipe is None)."""
+    from llamafactory_mca.kernels.timing import cuda_time_ms
+
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    for i in range(reps + 3):
-        if i == 3:
-            torch.cuda.synchronize()
-            start = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start[0].record()
-        y = x @ w.t() if recipe is None else _Fp8Linear.apply(x, w, None, False, False, False, None, recipe)
-        y.backward(torch.ones_like(y))
-    start[1].record()
-    torch.cuda.synchronize()
-    return start[0].elapsed_time(start[1]) / 1000 / reps
+    return cuda_time_ms(lambda: (x @ w.t() if recipe is None else _Fp8Linear.apply(
+        x, w, None, False, False, False, None, recipe)).backward(torch.ones(m, n, device="cuda", dtype=torch.bfloat16)),
+        reps, warmup=3) / 1000
+
+
+def _bench_casts(m: int = 8192, k: int = 4096) -> dict[str, float]:
+    """Milliseconds of each cast of a [m, k] bf16 operand: the Triton casts and `quantize_eager` (eager and, where
+    it compiles, torch.compile'd)."""
+    from llamafactory_mca.kernels.timing import cuda_time_ms
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = {
+        "triton_rowwise": lambda: fp8_cast.cast_rowwise(x, E4M3),
+        "triton_tensorwise": lambda: fp8_cast.cast_tensorwise(x, E4M3),
+        "triton_tensorwise_plus_transposed": lambda: fp8_cast.cast_tensorwise(x, E4M3, transposed=True),
+        "triton_rowwise_of_transpose_padded": lambda: fp8_cast.cast_rowwise_t(x, E4M3),
+        "eager_rowwise": lambda: quantize_eager(x, E4M3, -1),
+        "eager_tensorwise": lambda: quantize_eager(x, E4M3, None),
+        "eager_rowwise_of_transpose_padded": lambda: quantize_eager(_pad_rows(x).t(), E4M3, -1)[0].contiguous(),
+    }
+    compiled = _compiled_quantize()
+    if compiled is not None:
+        out.update(compiled_rowwise=lambda: compiled(x, E4M3, -1), compiled_tensorwise=lambda: compiled(x, E4M3, None))
+    timed = {}
+    for name, fn in out.items():
+        try:
+            timed[name] = round(cuda_time_ms(fn, reps=20, warmup=3), 4)
+        except Exception as err:  # noqa: BLE001 - a report: say what failed, time the rest
+            timed[name] = f"{type(err).__name__}: {str(err)[:120]}"
+    return timed
 
 
 if __name__ == "__main__":  # the GPU check as a report: python -m llamafactory_mca.kernels.fp8
     import json
 
     report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__}
+              "torch": torch.__version__, "cast": cast_backend(), "cast_reason": cast_reason()}
     for name in FP8_RECIPES:
         for fmt in FP8_FORMATS:
             if fmt == "hybrid" and name != "tensorwise":
@@ -528,6 +615,11 @@ if __name__ == "__main__":  # the GPU check as a report: python -m llamafactory_
             report[f"{name}/{fmt}"] = {"ok": reason is None, "reason": reason, "rel_err": check_errors(r)}
             if reason is None and torch.cuda.is_available():
                 report[f"{name}/{fmt}"]["linear_fwd_bwd_s"] = _bench_linear(r)
+                if report["cast"] == "triton":  # the same linear on the torch casts, for comparison
+                    _STATE["cast"] = "torch"
+                    report[f"{name}/{fmt}"]["linear_fwd_bwd_s_torch_casts"] = _bench_linear(r)
+                    _STATE["cast"] = "triton"
     if torch.cuda.is_available():
         report["bf16_linear_fwd_bwd_s"] = _bench_linear(None)
+        report["cast_ms_8192x4096"] = _bench_casts()
     print(json.dumps(report, indent=1))
