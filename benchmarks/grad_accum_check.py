@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llamafactory_mca.kernels.grad_accum import accumulate_, fast_accumulate_available  # noqa: E402
-from llamafactory_mca.kernels.timing import cuda_time_ms  # noqa: E402  (kernel_check.py imports it from here)
+from llamafactory_mca.kernels.timing import cuda_time_ms  # noqa: E402
 
 
 def main() -> int:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from grad_accum_check import cuda_time_ms  # noqa: E402
+from llamafactory_mca.kernels.timing import cuda_time_ms  # noqa: E402
 
 from llamafactory_mca.kernels import prefix_attention  # noqa: E402
 from llamafactory_mca.models.attention import causal_band, lower_right_causal, lower_right_causal_sdpa  # noqa: E402
