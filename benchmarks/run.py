@@ -190,6 +190,7 @@ OURS_VARIANTS = {
     "allgather": dict(moe_token_dispatcher_type="allgather"),
     "alltoall": dict(moe_token_dispatcher_type="alltoall"),
     "fp8": dict(fp8=True),  # issue 18: FP8 GEMMs (e4m3, tensorwise), RESULTS.md "FP8"
+    "graphs": dict(cuda_graph_impl="local"),  # issue 22: megatron's local CUDA graphs of each transformer layer
 }
 
 

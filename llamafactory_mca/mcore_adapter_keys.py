@@ -87,10 +87,10 @@ UPSTREAM_KEYS: dict[str, UpstreamKey] = {
         "Hugging Face Trainer computes it", (True,),
         "remove the key (the loss is always averaged over the label tokens of the global batch)"),
     "transformer_impl": UpstreamKey("ours", "same key (default: our local modules; transformer_engine is opt-in)"),
-    "cuda_graph_impl": UpstreamKey(
-        "agree", "no CUDA graphs", (None, "none"), "remove the key (CUDA graph capture is not supported yet)"),
+    "cuda_graph_impl": UpstreamKey("ours", "same key: none, or local (megatron's graphs of whole transformer "
+                                   "layers; stage pt, one GPU per model replica, dense models)"),
     "cuda_graph_scope": UpstreamKey(
-        "agree", "no effect without cuda_graph_impl (as upstream)", ("*",)),
+        "agree", "no effect (with cuda_graph_impl: local the whole layer is graphed)", ("*",)),
     "fp8_recipe": UpstreamKey("ours", "same key: tensorwise (default), rowwise or blockwise, dynamic per-rank "
                               "scales without Transformer Engine (upstream's delayed / mxfp8 are refused)"),
     "fp8_param": UpstreamKey("agree", "weights stay bf16 (FP8 is used inside the GEMMs only)", (False,), _NO_FP8),

@@ -451,8 +451,9 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     )
 
 
-def seed_everything(seed: int) -> None:
-    """megatron's per-TP/EP-rank RNG streams (`model_parallel_cuda_manual_seed`), on GPU or CPU."""
+def seed_everything(seed: int, graph_safe: bool = False) -> None:
+    """megatron's per-TP/EP-rank RNG streams (`model_parallel_cuda_manual_seed`), on GPU or CPU; `graph_safe`:
+    streams that CUDA graphs can capture (megatron's local graphs refuse the others)."""
     import random as py_random
 
     import numpy as np
@@ -461,7 +462,8 @@ def seed_everything(seed: int) -> None:
     py_random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)  # CPU: patched to the CPU generator
+    # CPU: patched to the CPU generator
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=graph_safe)
 
 
 def initialize_layout(mca_args: "MegatronArguments", **options: Any) -> None:
@@ -489,7 +491,7 @@ def init_parallel(mca_args: "MegatronArguments", seed: int = 42) -> None:
     init_distributed(mca_args.distributed_timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         initialize_layout(mca_args, distributed_timeout_minutes=mca_args.distributed_timeout_minutes)
-    seed_everything(seed)
+    seed_everything(seed, graph_safe=getattr(mca_args, "cuda_graph_impl", "none") != "none")
 
 
 def destroy_parallel() -> None:

@@ -78,6 +78,7 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
     )
     if recompute_modules is not None:
         kw["recompute_modules"] = recompute_modules
+    kw.update(cuda_graph_fields(m.cuda_graph_impl, on_gpu()))
     num_experts = bridge.num_experts(hf_config)
     if num_experts:
         # As LLaMA-Factory's HF path: no load-balancing loss unless a coefficient is asked for (the trainer
@@ -107,6 +108,20 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
         kw.update(moe_router_fields(bridge, hf_config))
     kw.update(bridge.config_overrides(hf_config))
     return config_class(kw)(**kw)
+
+
+def cuda_graph_fields(impl: str, gpu: bool) -> dict[str, Any]:
+    """TransformerConfig fields of `cuda_graph_impl`: megatron's local graphs of whole transformer layers
+    (`cuda_graph_scope` empty: the whole layer), or nothing. Graphs need a GPU: on a CPU the key is refused rather
+    than dropped, so a recipe never trains other than it says."""
+    if impl == "none":
+        return {}
+    if not gpu:
+        from llamafactory_mca.args import McaArgumentError
+
+        raise McaArgumentError(f"`cuda_graph_impl`: '{impl}' captures CUDA graphs, and this run has no GPU. "
+                               "Fix: set cuda_graph_impl: none (or run on a GPU).")
+    return {"cuda_graph_impl": impl, "cuda_graph_scope": []}
 
 
 def moe_structure_fields(bridge: Any, hf_config: Any) -> dict[str, Any]:
