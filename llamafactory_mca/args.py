@@ -126,7 +126,11 @@ class MegatronArguments:
     bias_activation_fusion: bool = field(
         default=True, metadata={"help": "Fused bias + SwiGLU/GeLU (GPU; needs no TE). Off on CPU."}
     )
-    apply_rope_fusion: bool = field(default=False, metadata={"help": "Fused rotary embedding kernel."})
+    apply_rope_fusion: bool = field(
+        default=False,
+        metadata={"help": "Rotary embedding in one kernel forward and one backward: Transformer Engine's with its layer "
+                          "spec, otherwise ours (torch.compile, GPU only; off on CPU)."},
+    )
     bias_dropout_fusion: bool = field(default=False, metadata={"help": "Fused bias + dropout + residual add."})
     masked_softmax_fusion: bool = field(default=False, metadata={"help": "Fused masked softmax (local attention)."})
     gradient_accumulation_fusion: bool = field(

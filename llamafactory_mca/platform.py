@@ -62,6 +62,16 @@ def wgrad_fusion_available() -> bool:
     return install_wgrad_accumulation()
 
 
+def rope_fusion_available() -> bool:
+    """True when megatron's unfused RoPE now runs on our compiled kernel (kernels/rope.py, checked on the current
+    GPU; call after the device is set)."""
+    if not on_gpu():
+        return False
+    from llamafactory_mca.kernels.rope import install_rope_fusion
+
+    return install_rope_fusion()
+
+
 def on_gpu() -> bool:
     """True when CUDA is usable: we then run on GPUs with NCCL, else on CPU with gloo."""
     return torch.cuda.is_available() and torch.cuda.device_count() > 0

@@ -15,7 +15,7 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
     fusions that need Transformer Engine, Apex or CUDA are switched off where those are absent."""
     from llamafactory_mca.args import recompute_module_list
     from llamafactory_mca.models.spec import use_transformer_engine
-    from llamafactory_mca.platform import on_gpu, wgrad_fusion_available
+    from llamafactory_mca.platform import on_gpu, rope_fusion_available, wgrad_fusion_available
 
     bridge.check_config(hf_config)
     te = use_transformer_engine(mca_args)  # TE kernels only with the (opt-in) TE layer spec
@@ -23,6 +23,8 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act {act!r} is not supported by the Megatron bridge yet")
+    if m.apply_rope_fusion and not te:
+        rope_fusion_available()  # megatron's unfused RoPE on our kernel (kernels/rope.py), on a GPU where it checks out
     recompute_modules = recompute_module_list(m) or None
     if m.moe_layer_recompute:
         recompute_modules = sorted(set((recompute_modules or []) + ["moe"]))
@@ -65,6 +67,7 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
         # fusions: off where they need TE/apex/CUDA and those are absent
         bias_activation_fusion=m.bias_activation_fusion and on_gpu(),
         bias_dropout_fusion=m.bias_dropout_fusion and on_gpu(),
+        # TE's fused RoPE with the TE spec; otherwise megatron's unfused path, which runs our kernel where installed
         apply_rope_fusion=m.apply_rope_fusion and te,
         masked_softmax_fusion=m.masked_softmax_fusion and on_gpu(),
         gradient_accumulation_fusion=m.gradient_accumulation_fusion and (te or wgrad_fusion_available()),
