@@ -191,8 +191,7 @@ OURS_VARIANTS = {
     "alltoall": dict(moe_token_dispatcher_type="alltoall"),
     "fp8": dict(fp8=True),  # issue 18: FP8 GEMMs (e4m3, tensorwise), RESULTS.md "FP8"
     "graphs": dict(cuda_graph_impl="local"),  # issue 22: megatron's local CUDA graphs of each transformer layer
-    "rope": dict(apply_rope_fusion=True),  # issue 22: RoPE in one kernel each way (kernels/rope.py)
-    "graphs_rope": dict(cuda_graph_impl="local", apply_rope_fusion=True),
+    "unfused_rope": dict(apply_rope_fusion=False),  # issue 22: megatron's unfused RoPE (before our kernel)
 }
 
 
