@@ -8,8 +8,9 @@ the GPU, set the step time. Here the same formula, `t * cos(f) + rotate_half(t) 
 torch.compile: one Triton kernel forward, one backward. cos / sin are taken once per angle tensor (megatron's
 rotary embedding returns the same cached tensor to every layer and micro-batch) and kept on it.
 
-Measured (benchmarks/results, s1 on one H200, `ours_rope` against `ours` in one invocation): step 0.606 s
-against 0.688 s, the 512 `cat` and 768 of the 1288 bf16 `add` kernels of a step gone, losses within 5e-4.
+Measured (benchmarks/run.py s1 on one H200, exploratory run of commit 19debc2 with cos / sin still inside the
+kernel, `ours_rope` against `ours` in one invocation): step 0.606 s against 0.688 s, the 512 `cat` and 768 of the
+1288 bf16 `add` kernels of a step gone, losses within 5e-4 of megatron's unfused RoPE.
 
 Arithmetic: megatron rounds cos / sin to the input dtype (kept here) and each product to bf16 before adding; the
 compiled kernel keeps the products in fp32 and rounds once (within one bf16 rounding of megatron's result).
