@@ -128,8 +128,8 @@ class MegatronArguments:
     )
     apply_rope_fusion: bool = field(
         default=True,
-        metadata={"help": "Rotary embedding in one kernel forward and one backward: Transformer Engine's with its layer "
-                          "spec, otherwise ours (torch.compile, checked on the GPU; off on CPU)."},
+        metadata={"help": "Rotary embedding in one kernel forward and one backward: Transformer Engine's with its "
+                          "layer spec, otherwise ours (torch.compile, checked on the GPU; off on CPU)."},
     )
     bias_dropout_fusion: bool = field(default=False, metadata={"help": "Fused bias + dropout + residual add."})
     masked_softmax_fusion: bool = field(default=False, metadata={"help": "Fused masked softmax (local attention)."})

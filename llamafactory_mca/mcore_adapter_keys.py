@@ -62,7 +62,8 @@ UPSTREAM_KEYS: dict[str, UpstreamKey] = {
     "recompute_modules": UpstreamKey("ours", "same key (a YAML list or a comma-separated string)"),
     "recompute_num_layers": UpstreamKey("ours", "same key"),
     "bias_activation_fusion": UpstreamKey("ours", "same key (switched off where no GPU)"),
-    "apply_rope_fusion": UpstreamKey("ours", "same key (used with Transformer Engine only)"),
+    "apply_rope_fusion": UpstreamKey(
+        "ours", "same key (default true here: TE's kernel with its layer spec, ours on a GPU otherwise)"),
     "cross_entropy_loss_fusion": UpstreamKey("ours", "same key (our vocab-parallel cross entropy in every case)"),
     "moe_layer_recompute": UpstreamKey("ours", "same key"),
     "moe_token_dispatcher_type": UpstreamKey("ours", "same key (our default: alltoall)"),

@@ -58,3 +58,17 @@ def test_cuda_graph_fields_on_gpu_and_refused_on_cpu():
     with pytest.raises(McaArgumentError) as err:
         cuda_graph_fields("local", gpu=False)
     assert "`cuda_graph_impl`" in str(err.value) and "Fix: set cuda_graph_impl: none" in str(err.value)
+
+
+def test_graph_safe_rng_states_are_saved_as_tensors_and_restored_into_the_live_generators(tmp_path):
+    from llamafactory_mca.checkpoint import restore_tracker_states, tracker_states_as_tensors
+
+    gen = torch.Generator().manual_seed(1)  # a graph-safe tracker holds generators, a plain one state tensors
+    live = {"model-parallel-rng": gen, "plain": torch.Generator().manual_seed(9).get_state()}
+    torch.save(tracker_states_as_tensors(live), tmp_path / "rng.pth")
+    want = torch.rand(3, generator=gen)  # what the stream draws next after the save
+    saved = torch.load(tmp_path / "rng.pth", weights_only=True)  # what a resume reads
+    restored = restore_tracker_states(live, saved)
+    assert restored["model-parallel-rng"] is gen  # captured graphs keep pointing at the same generator
+    assert torch.is_tensor(restored["plain"])
+    assert torch.equal(torch.rand(3, generator=gen), want)
