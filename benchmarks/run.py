@@ -201,6 +201,8 @@ OURS_VARIANTS = {
     "alltoall": dict(moe_token_dispatcher_type="alltoall"),
     "fp8": dict(fp8=True),  # issue 18: FP8 GEMMs (e4m3, tensorwise), RESULTS.md "FP8"
     "fp8_rowwise": dict(fp8=True, fp8_recipe="rowwise"),
+    "graphs": dict(cuda_graph_impl="local"),  # issue 22: megatron's local CUDA graphs of each transformer layer
+    "unfused_rope": dict(apply_rope_fusion=False),  # issue 22: megatron's unfused RoPE (before our kernel)
 }
 
 

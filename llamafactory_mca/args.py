@@ -126,7 +126,11 @@ class MegatronArguments:
     bias_activation_fusion: bool = field(
         default=True, metadata={"help": "Fused bias + SwiGLU/GeLU (GPU; needs no TE). Off on CPU."}
     )
-    apply_rope_fusion: bool = field(default=False, metadata={"help": "Fused rotary embedding kernel."})
+    apply_rope_fusion: bool = field(
+        default=True,
+        metadata={"help": "Rotary embedding in one kernel forward and one backward: Transformer Engine's with its "
+                          "layer spec, otherwise ours (torch.compile, checked on the GPU; off on CPU)."},
+    )
     bias_dropout_fusion: bool = field(default=False, metadata={"help": "Fused bias + dropout + residual add."})
     masked_softmax_fusion: bool = field(default=False, metadata={"help": "Fused masked softmax (local attention)."})
     gradient_accumulation_fusion: bool = field(
@@ -144,6 +148,14 @@ class MegatronArguments:
         default="auto",
         metadata={"help": "Layer modules: 'auto' and 'local' use megatron's local modules with our kernels (the tested "
                           "path); 'transformer_engine' (experimental, opt-in) uses the Transformer Engine layer spec."},
+    )
+    cuda_graph_impl: Literal["none", "local"] = field(
+        default="none",
+        metadata={"help": "'local': CUDA graphs of each transformer layer's forward and backward (megatron-core's "
+                          "local implementation, no Transformer Engine needed), captured after the first step and "
+                          "replayed for every micro-batch: fewer kernel launches from the host. GPU only; stage pt "
+                          "(micro-batches of one shape), one model-parallel rank (tp = pp = cp = 1), dense models, "
+                          "no recompute, no LoRA, no FP8, no evaluation. 'none' (default): no graphs."},
     )
     # --- FP8 ---------------------------------------------------------------------------------------------------
     fp8_format: Optional[str] = field(
@@ -433,6 +445,7 @@ def validate_megatron_args(m: MegatronArguments, world_size: Optional[int], mode
         "set it to the number of minutes a collective may wait, e.g. 30",
     )
     check_fp8_args(m)
+    check_cuda_graph_args(m)
     if config is None:
         config = model_config.read_local_config(model_path)
     if config is not None:
@@ -457,6 +470,22 @@ def check_fp8_args(m: MegatronArguments) -> None:
             "remove transformer_impl / attention_backend: te, or remove fp8")
 
 
+def check_cuda_graph_args(m: MegatronArguments) -> None:
+    """`cuda_graph_impl: local`: only with what the captured layers can replay (one model-parallel rank, no
+    recompute, no FP8); the GPU, the stage and the model are checked where they are known."""
+    if m.cuda_graph_impl == "none":
+        return
+    key, off = "cuda_graph_impl", "or set cuda_graph_impl: none"
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        require(getattr(m, name) == 1, key, f"'local' graphs run with {name}: 1 only (not yet with "
+                f"{getattr(m, name)})", f"set {name}: 1 {off}")
+    require(m.virtual_pipeline_model_parallel_size in (None, 1), key, "'local' graphs need no virtual pipeline",
+            f"remove virtual_pipeline_model_parallel_size {off}")
+    require(m.recompute_granularity is None, key, "'local' graphs do not run with recompute (megatron graphs a "
+            "recomputed layer only as part of a whole-iteration graph)", f"remove recompute_granularity {off}")
+    require(m.fp8_format is None, key, "'local' graphs do not capture our FP8 GEMMs yet", f"remove fp8 {off}")
+
+
 def check_layout_against_model(m: MegatronArguments, config: dict) -> None:
     """Cross-check the layout with a Hugging Face config.json (dict): experts, heads, layers."""
     text = model_config.text_config(config)
@@ -474,6 +503,9 @@ def check_layout_against_model(m: MegatronArguments, config: dict) -> None:
     te = m.transformer_impl != "local" and (m.transformer_impl == "transformer_engine" or m.attention_backend == "te")
     check_linear_attention(text, tp, cp, te)
     experts = model_config.num_experts(text)
+    require(not experts or m.cuda_graph_impl == "none", "cuda_graph_impl",
+            f"'local' graphs of MoE layers ({model_type}) are not supported yet (the token dispatch reads counts on "
+            "the host)", "set cuda_graph_impl: none")
     require(ep == 1 or experts, "expert_model_parallel_size",
             f"the model ({model_type}) is dense: it has no experts to spread over {ep} ranks",
             "set expert_model_parallel_size: 1 (use data/tensor parallelism for dense models)")

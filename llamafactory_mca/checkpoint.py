@@ -464,10 +464,28 @@ def get_rng_state() -> dict[str, Any]:
     try:
         from megatron.core import tensor_parallel
 
-        state["megatron"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        state["megatron"] = tracker_states_as_tensors(tensor_parallel.get_cuda_rng_tracker().get_states())
     except Exception:  # noqa: BLE001 - tracker not initialised (no parallel state)
         pass
     return state
+
+
+def tracker_states_as_tensors(states: dict[str, Any]) -> dict[str, Any]:
+    """megatron's tracked RNG states as state tensors: under `cuda_graph_impl: local` the tracker holds graph-safe
+    generators (objects that torch.load(weights_only=True) refuses), otherwise the tensors already."""
+    return {name: s.get_state() if isinstance(s, torch.Generator) else s for name, s in states.items()}
+
+
+def restore_tracker_states(live: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """The tracker states to set from `saved` (state tensors): a live graph-safe generator keeps its identity
+    (captured CUDA graphs hold it) and takes the saved state; other names take the saved tensor."""
+    out = dict(saved)
+    for name, state in saved.items():
+        gen = live.get(name)
+        if isinstance(gen, torch.Generator):
+            gen.set_state(state.get_state() if isinstance(state, torch.Generator) else state)
+            out[name] = gen
+    return out
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -482,7 +500,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "megatron" in state:
         from megatron.core import tensor_parallel
 
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        tracker.set_states(restore_tracker_states(tracker.get_states(), state["megatron"]))
 
 
 def rng_state_to_tensors(state: dict[str, Any]) -> dict[str, Any]:

@@ -62,7 +62,8 @@ UPSTREAM_KEYS: dict[str, UpstreamKey] = {
     "recompute_modules": UpstreamKey("ours", "same key (a YAML list or a comma-separated string)"),
     "recompute_num_layers": UpstreamKey("ours", "same key"),
     "bias_activation_fusion": UpstreamKey("ours", "same key (switched off where no GPU)"),
-    "apply_rope_fusion": UpstreamKey("ours", "same key (used with Transformer Engine only)"),
+    "apply_rope_fusion": UpstreamKey(
+        "ours", "same key (default true here: TE's kernel with its layer spec, ours on a GPU otherwise)"),
     "cross_entropy_loss_fusion": UpstreamKey("ours", "same key (our vocab-parallel cross entropy in every case)"),
     "moe_layer_recompute": UpstreamKey("ours", "same key"),
     "moe_token_dispatcher_type": UpstreamKey("ours", "same key (our default: alltoall)"),
@@ -87,10 +88,10 @@ UPSTREAM_KEYS: dict[str, UpstreamKey] = {
         "Hugging Face Trainer computes it", (True,),
         "remove the key (the loss is always averaged over the label tokens of the global batch)"),
     "transformer_impl": UpstreamKey("ours", "same key (default: our local modules; transformer_engine is opt-in)"),
-    "cuda_graph_impl": UpstreamKey(
-        "agree", "no CUDA graphs", (None, "none"), "remove the key (CUDA graph capture is not supported yet)"),
+    "cuda_graph_impl": UpstreamKey("ours", "same key: none, or local (megatron's graphs of whole transformer "
+                                   "layers; stage pt, one GPU per model replica, dense models)"),
     "cuda_graph_scope": UpstreamKey(
-        "agree", "no effect without cuda_graph_impl (as upstream)", ("*",)),
+        "agree", "no effect (with cuda_graph_impl: local the whole layer is graphed)", ("*",)),
     "fp8_recipe": UpstreamKey("ours", "same key: tensorwise (default), rowwise or blockwise, dynamic per-rank "
                               "scales without Transformer Engine (upstream's delayed / mxfp8 are refused)"),
     "fp8_param": UpstreamKey("agree", "weights stay bf16 (FP8 is used inside the GEMMs only)", (False,), _NO_FP8),

@@ -62,6 +62,16 @@ def wgrad_fusion_available() -> bool:
     return install_wgrad_accumulation()
 
 
+def rope_fusion_available() -> bool:
+    """True when megatron's unfused RoPE now runs on our compiled kernel (kernels/rope.py, checked on the current
+    GPU; call after the device is set)."""
+    if not on_gpu():
+        return False
+    from llamafactory_mca.kernels.rope import install_rope_fusion
+
+    return install_rope_fusion()
+
+
 def on_gpu() -> bool:
     """True when CUDA is usable: we then run on GPUs with NCCL, else on CPU with gloo."""
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
@@ -451,8 +461,9 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     )
 
 
-def seed_everything(seed: int) -> None:
-    """megatron's per-TP/EP-rank RNG streams (`model_parallel_cuda_manual_seed`), on GPU or CPU."""
+def seed_everything(seed: int, graph_safe: bool = False) -> None:
+    """megatron's per-TP/EP-rank RNG streams (`model_parallel_cuda_manual_seed`), on GPU or CPU; `graph_safe`:
+    streams that CUDA graphs can capture (megatron's local graphs refuse the others)."""
     import random as py_random
 
     import numpy as np
@@ -461,7 +472,8 @@ def seed_everything(seed: int) -> None:
     py_random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)  # CPU: patched to the CPU generator
+    # CPU: patched to the CPU generator
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=graph_safe)
 
 
 def initialize_layout(mca_args: "MegatronArguments", **options: Any) -> None:
@@ -486,10 +498,14 @@ def init_parallel(mca_args: "MegatronArguments", seed: int = 42) -> None:
     setup_platform()
     from megatron.core import parallel_state
 
+    if getattr(mca_args, "cuda_graph_impl", "none") != "none":
+        # megatron's graphs refuse NCCL's graph buffer registration under the launcher's expandable_segments
+        # allocator (illegal memory accesses); no collective runs inside our graphs (tp = pp = cp = 1)
+        os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")
     init_distributed(mca_args.distributed_timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         initialize_layout(mca_args, distributed_timeout_minutes=mca_args.distributed_timeout_minutes)
-    seed_everything(seed)
+    seed_everything(seed, graph_safe=getattr(mca_args, "cuda_graph_impl", "none") != "none")
 
 
 def destroy_parallel() -> None:

@@ -72,6 +72,24 @@ def check_stage_options(recipe: dict[str, Any]) -> None:
         require(not _truthy(recipe.get(key)), key, f"stage {stage} trains unpacked samples", f"set {key}: false")
 
 
+def check_cuda_graph_options(recipe: dict[str, Any]) -> None:
+    """McaArgumentError for what `cuda_graph_impl: local` cannot replay: a captured layer takes micro-batches of
+    the shape it was captured with (pre-training blocks of `cutoff_len`; sft batches change length), trains with
+    gradients (no evaluation passes, which run the layers without them) and has no LoRA adapters yet."""
+    if recipe.get("cuda_graph_impl") in (None, "none"):
+        return
+    off = "or set cuda_graph_impl: none"
+    stage = recipe.get("stage", "sft")
+    require(stage == "pt", "cuda_graph_impl", f"'local' graphs replay micro-batches of one shape: stage pt (blocks "
+            f"of cutoff_len) only, not stage {stage} yet", f"use stage: pt {off}")
+    ftype = recipe.get("finetuning_type") or LF_DEFAULT_FINETUNING_TYPE
+    require(ftype != "lora", "cuda_graph_impl", "'local' graphs do not capture LoRA adapters yet",
+            f"set finetuning_type: full or freeze {off}")
+    for key in ("do_eval", "val_size", "eval_dataset"):
+        require(not _truthy(recipe.get(key)), "cuda_graph_impl", f"'local' graphs train only: evaluation ({key}) "
+                "would run the captured layers without gradients", f"remove {key} {off}")
+
+
 def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] = None,
                             schedules: Optional[tuple] = None) -> tuple[dict[str, Any], list[str]]:
     """(recipe without the keys dropped, notices to print once) or McaArgumentError naming key and fix.
@@ -93,6 +111,7 @@ def check_llamafactory_keys(recipe: dict[str, Any], stages: Optional[list[str]] 
     if stages is not None:
         check_stage(out.get("stage", "sft"), stages)
     check_stage_options(out)
+    check_cuda_graph_options(out)
     ftype = out.get("finetuning_type")
     if ftype is None:
         notices.append(f"`finetuning_type` is not set: LLaMA-Factory's default '{LF_DEFAULT_FINETUNING_TYPE}' runs "

@@ -217,3 +217,46 @@ def test_non_finite_step_names_step_and_value():
         check_finite(7, 2.5, float("inf"))
     with pytest.raises(NonFiniteError, match=r"step 2: loss = nan\b"):
         check_finite(2, float("nan"), None)
+
+
+CUDA_GRAPH_BAD = [
+    # (settings, a word of the refusal): `cuda_graph_impl: local` is refused where the captured layers cannot replay
+    (dict(tensor_model_parallel_size=2), "tensor_model_parallel_size: 1"),
+    (dict(pipeline_model_parallel_size=2), "pipeline_model_parallel_size: 1"),
+    (dict(context_parallel_size=2), "context_parallel_size: 1"),
+    (dict(recompute_granularity="full"), "recompute"),
+    (dict(fp8_format="e4m3"), "FP8"),
+]
+
+
+@pytest.mark.parametrize("settings,words", CUDA_GRAPH_BAD)
+def test_cuda_graphs_refuse_what_they_cannot_replay(settings, words):
+    with pytest.raises(McaArgumentError) as err:
+        validate_megatron_args(MegatronArguments(cuda_graph_impl="local", **settings), None)
+    text = str(err.value)
+    assert "`cuda_graph_impl`" in text and words in text and "Fix:" in text and "cuda_graph_impl: none" in text
+    validate_megatron_args(MegatronArguments(**settings), None)  # the same settings without graphs run
+
+
+def test_cuda_graphs_refuse_moe_models_and_accept_dense_ones():
+    m = MegatronArguments(cuda_graph_impl="local")
+    moe = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts": 4}
+    with pytest.raises(McaArgumentError, match="`cuda_graph_impl`.*MoE"):
+        validate_megatron_args(m, 1, config=moe)
+    validate_megatron_args(m, 1, config={"model_type": "qwen3", "num_hidden_layers": 2, "num_attention_heads": 4})
+
+
+@pytest.mark.parametrize("recipe,words", [
+    (dict(stage="sft"), "stage pt"),
+    (dict(stage="pt", finetuning_type="lora"), "LoRA"),
+    (dict(stage="pt", finetuning_type="full", val_size=0.1), "val_size"),
+    (dict(stage="pt", finetuning_type="full", do_eval=True), "do_eval"),
+])
+def test_cuda_graphs_refuse_recipes_whose_batches_they_cannot_replay(recipe, words):
+    from llamafactory_mca.recipe_checks import check_llamafactory_keys
+
+    with pytest.raises(McaArgumentError) as err:
+        check_llamafactory_keys(dict(recipe, cuda_graph_impl="local"))
+    assert "`cuda_graph_impl`" in str(err.value) and words in str(err.value) and "Fix:" in str(err.value)
+    check_llamafactory_keys(dict(recipe))  # accepted without graphs
+    check_llamafactory_keys(dict(stage="pt", finetuning_type="full", cuda_graph_impl="local"))

@@ -37,7 +37,7 @@ REFUSED_VALUES = {
     "account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True,
     "pipeline_model_parallel_layout": "E,t*2|t*2,L", "overlap_p2p_comm": True, "moe_pad_expert_input_to_capacity": True,
     "moe_token_drop_policy": "position", "moe_enable_routing_replay": True, "mtp_num_layers": 1,
-    "calculate_per_token_loss": False, "cuda_graph_impl": "local", "fp8_param": True,
+    "calculate_per_token_loss": False, "fp8_param": True,
     "additional_configs": {"foo": 1}, "distrib_optim_fully_reshardable": False,
     "distrib_optim_fully_reshardable_mem_efficient": True, "delay_grad_reduce": False,
     "ddp_average_in_collective": True, "optimizer": "sgd", "optimizer_cpu_offload": True,

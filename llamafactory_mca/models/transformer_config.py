@@ -15,7 +15,7 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
     fusions that need Transformer Engine, Apex or CUDA are switched off where those are absent."""
     from llamafactory_mca.args import recompute_module_list
     from llamafactory_mca.models.spec import use_transformer_engine
-    from llamafactory_mca.platform import on_gpu, wgrad_fusion_available
+    from llamafactory_mca.platform import on_gpu, rope_fusion_available, wgrad_fusion_available
 
     bridge.check_config(hf_config)
     te = use_transformer_engine(mca_args)  # TE kernels only with the (opt-in) TE layer spec
@@ -23,6 +23,8 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act {act!r} is not supported by the Megatron bridge yet")
+    if m.apply_rope_fusion and not te:
+        rope_fusion_available()  # megatron's unfused RoPE on our kernel (kernels/rope.py), on a GPU where it checks out
     recompute_modules = recompute_module_list(m) or None
     if m.moe_layer_recompute:
         recompute_modules = sorted(set((recompute_modules or []) + ["moe"]))
@@ -65,6 +67,7 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
         # fusions: off where they need TE/apex/CUDA and those are absent
         bias_activation_fusion=m.bias_activation_fusion and on_gpu(),
         bias_dropout_fusion=m.bias_dropout_fusion and on_gpu(),
+        # TE's fused RoPE with the TE spec; otherwise megatron's unfused path, which runs our kernel where installed
         apply_rope_fusion=m.apply_rope_fusion and te,
         masked_softmax_fusion=m.masked_softmax_fusion and on_gpu(),
         gradient_accumulation_fusion=m.gradient_accumulation_fusion and (te or wgrad_fusion_available()),
@@ -78,6 +81,7 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
     )
     if recompute_modules is not None:
         kw["recompute_modules"] = recompute_modules
+    kw.update(cuda_graph_fields(m.cuda_graph_impl, on_gpu()))
     num_experts = bridge.num_experts(hf_config)
     if num_experts:
         # As LLaMA-Factory's HF path: no load-balancing loss unless a coefficient is asked for (the trainer
@@ -107,6 +111,20 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
         kw.update(moe_router_fields(bridge, hf_config))
     kw.update(bridge.config_overrides(hf_config))
     return config_class(kw)(**kw)
+
+
+def cuda_graph_fields(impl: str, gpu: bool) -> dict[str, Any]:
+    """TransformerConfig fields of `cuda_graph_impl`: megatron's local graphs of whole transformer layers
+    (`cuda_graph_scope` empty: the whole layer), or nothing. Graphs need a GPU: on a CPU the key is refused rather
+    than dropped, so a recipe never trains other than it says."""
+    if impl == "none":
+        return {}
+    if not gpu:
+        from llamafactory_mca.args import McaArgumentError
+
+        raise McaArgumentError(f"`cuda_graph_impl`: '{impl}' captures CUDA graphs, and this run has no GPU. "
+                               "Fix: set cuda_graph_impl: none (or run on a GPU).")
+    return {"cuda_graph_impl": impl, "cuda_graph_scope": []}
 
 
 def moe_structure_fields(bridge: Any, hf_config: Any) -> dict[str, Any]:

@@ -208,6 +208,12 @@ def kernel_summary(mca_args: Any, config: Any) -> str:
     fusions = [name.replace("_fusion", "") for name in ("bias_activation_fusion", "gradient_accumulation_fusion",
                                                         "apply_rope_fusion", "masked_softmax_fusion",
                                                         "bias_dropout_fusion") if getattr(config, name, False)]
+    from llamafactory_mca.kernels import rope
+
+    if rope.installed() and "apply_rope" not in fusions:
+        fusions.append("apply_rope (ours, compiled)")
+    if getattr(config, "cuda_graph_impl", "none") != "none":
+        fusions.append(f"cuda graphs ({config.cuda_graph_impl}, per layer)")
     parts.append(f"fusions: {', '.join(fusions) or 'none'}")
     parts.append(f"device: {'cuda (nccl)' if on_gpu() else 'cpu (gloo)'}")
     return " | ".join(parts)
