@@ -73,7 +73,8 @@ def check_stage_options(recipe: dict[str, Any]) -> None:
         require(not _truthy(recipe.get(key)), key, f"stage {stage} trains unpacked samples", f"set {key}: false")
 
 
-HYBRID_MODEL_TYPES = ("qwen3_next",)  # gated delta-net (linear attention) layers: models/gated_delta_net.py
+# gated delta-net (linear attention) layers: models/gated_delta_net.py
+HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 GATED_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # fused as q|gate, k, v per group: no LoRA slots yet
 
 

@@ -52,7 +52,7 @@ def _qwen3_vl_rope(hf_config: Any, input_ids, image_grid_thw, video_grid_thw, at
 
 
 _ROPE_FNS = {"qwen2_vl": _qwen2_vl_rope, "qwen2_5_vl": _qwen2_5_vl_rope, "qwen3_vl": _qwen3_vl_rope,
-             "qwen3_vl_moe": _qwen3_vl_rope}
+             "qwen3_vl_moe": _qwen3_vl_rope, "qwen3_5": _qwen3_vl_rope, "qwen3_5_moe": _qwen3_vl_rope}
 
 
 def rope_fn(hf_config: Any) -> Optional[Callable]:

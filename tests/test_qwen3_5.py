@@ -1,0 +1,208 @@
+"""Qwen3.5 (`qwen3_5`) and Qwen3.5-MoE (`qwen3_5_moe`), issue 15: vision-language models on Qwen3-Next's hybrid
+decoder (tests/vl_helpers.py `make_tiny_qwen3_5`: 4 layers linear / full / linear / full, 2 delta-net key heads of
+2 value heads, gated attention with partial rotary in interleaved mRoPE sections, 2 vision blocks without DeepStack;
+dense with tied embeddings, MoE with 4 experts top-2 and a gated shared expert, fused experts as transformers
+stores them).
+
+One `torchrun --nproc_per_node 2` launch per family (tests/vl_helpers.py) with one image per row (and a video
+beside the images where the layout name ends in `video`): logits equal Hugging Face's
+Qwen3_5(Moe)ForConditionalGeneration (fp32, positions from HF's get_rope_index) for one process per model copy
+(dp2), TP=2 (dense), TP=2 + SP, PP=2 (vision tower on stage 0 only, a linear- and a full-attention layer on each
+stage) and EP=2 (MoE); parameter gradients equal HF's (dp2; dense tp2); the export is bit-exact and
+save_hf_pretrained reloads with transformers to the same weights. Unit tests: registration, config mapping, table
+coverage, the refusals before launch. Extended: sft through `USE_MCA=1 llamafactory-cli train` against
+LLaMA-Factory's HF path with images, and the merged checkpoint loaded by the family's transformers class.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests import vl_helpers
+
+DENSE_LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "dp2video", "pp2video")
+MOE_LAYOUTS = ("dp2", "tp2sp", "pp2", "ep2", "ep2video")
+TOL = 1e-5
+# the delta-net gate path (in_proj_a, dt_bias, A_log) has near-zero gradients: fp32 rounding is a larger share of
+# them than of the other tensors' (tests/test_qwen3_next.py says the same of Qwen3-Next)
+GRAD_REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def dense_results(tmp_path_factory):
+    model = vl_helpers.make_tiny_qwen3_5(str(tmp_path_factory.mktemp("qwen3_5") / "qwen3_5"))
+    return vl_helpers.launch_checks(model, DENSE_LAYOUTS, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def moe_results(tmp_path_factory):
+    model = vl_helpers.make_tiny_qwen3_5_moe(str(tmp_path_factory.mktemp("qwen3_5_moe") / "qwen3_5_moe"))
+    return vl_helpers.launch_checks(model, MOE_LAYOUTS, tmp_path_factory)
+
+
+def assert_parity(results: list, layout: str) -> None:
+    """Logits within TOL of HF's where the images change them; under PP the vision tower lives on stage 0 only."""
+    vl_helpers.assert_logits_parity(results, layout, TOL)
+    if layout.startswith("pp2"):
+        assert [results[rank][layout]["has_vision"] for rank in (0, 1)] == [True, False]
+
+
+def assert_grads(r: dict) -> None:
+    assert "error" not in r, r["error"]
+    assert "grad_error" not in r, r["grad_error"]
+    assert r["grad_max_rel_diff"] <= GRAD_REL_TOL, r
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
+def test_qwen3_5_logits_and_round_trip(dense_results, layout):
+    assert_parity(dense_results, layout)
+    vl_helpers.assert_round_trip(dense_results[0][layout])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", ("dp2", "tp2"))
+def test_qwen3_5_grads_match_hf(dense_results, layout):
+    assert_grads(dense_results[0][layout])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_qwen3_5_moe_logits_and_round_trip(moe_results, layout):
+    assert_parity(moe_results, layout)
+    vl_helpers.assert_round_trip(moe_results[0][layout])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_qwen3_5_moe_grads_match_hf(moe_results):
+    assert_grads(moe_results[0]["dp2"])
+
+
+# ------------------------------------------------------------------------------------ config, table, refusals
+
+
+def tiny_config(moe: bool = False):
+    import transformers
+
+    prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
+    return getattr(transformers, prefix + "Config")(
+        text_config=vl_helpers.qwen3_5_text(moe), vision_config=vl_helpers.QWEN3_5_VISION, image_token_id=1000,
+        video_token_id=999, vision_start_token_id=998, vision_end_token_id=997, tie_word_embeddings=not moe)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_registered_and_transformer_config(moe):
+    """The hybrid fields, the mRoPE sections on the partial rotary channels, no DeepStack; MoE: every layer MoE with
+    the gated shared expert and renormalised top-k."""
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.registry import bridge_for, mca_supported_model_types
+
+    kind = "qwen3_5_moe" if moe else "qwen3_5"
+    assert kind in mca_supported_model_types()
+    hf = tiny_config(moe)
+    bridge = bridge_for(kind)
+    assert type(bridge).__name__ == ("Qwen3_5MoeBridge" if moe else "Qwen3_5Bridge")
+    cfg = bridge.transformer_config(hf, MegatronArguments())
+    assert cfg.attention_output_gate and cfg.qk_layernorm and not cfg.add_qkv_bias
+    assert (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+            cfg.linear_value_head_dim) == (2, 4, 16, 8)
+    assert cfg.mrope_section == [2, 1, 1] and bridge.rotary_percent(hf) == 0.5
+    assert bridge.tied_embeddings(hf) is (not moe)
+    if moe:
+        assert cfg.num_moe_experts == 4 and cfg.moe_layer_freq == 1 and cfg.moe_ffn_hidden_size == 24
+        assert cfg.moe_shared_expert_intermediate_size == 40 and cfg.moe_shared_expert_gate
+        assert not cfg.moe_router_pre_softmax  # top-k renormalised
+        assert bridge.expert_writer(hf).layout == "memory"  # transformers loads qwen3_5_moe experts unconverted
+    else:
+        assert not cfg.num_moe_experts and cfg.ffn_hidden_size == 96
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_table_covers_checkpoint(moe, tmp_path):
+    """Every tensor of the tiny checkpoint has a table entry (fused experts through their per-expert views)."""
+    from llamafactory_mca.models.registry import bridge_for
+
+    path = (vl_helpers.make_tiny_qwen3_5_moe if moe else vl_helpers.make_tiny_qwen3_5)(str(tmp_path / "m"))
+    bridge = bridge_for("qwen3_5_moe" if moe else "qwen3_5")
+    reader = bridge.reader(path)
+    names = {h for hf, _ in bridge.table.values() for h in (hf if isinstance(hf, tuple) else (hf,))}
+    expected = set()
+    for name in names:
+        filled = [name.replace("{L}", str(i)) for i in range(4)]
+        expected |= {f.replace("{E}", str(e)) for f in filled for e in range(4)}
+    try:
+        stored = set(reader.weight_map)
+        present = {n for n in expected if n in reader}
+        visual = {n for n in stored if n.startswith("model.visual.")}
+        fused = {n for n in stored if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+        assert stored - visual - fused <= present, sorted(stored - visual - fused - present)
+        assert bool(fused) is moe
+    finally:
+        reader.close()
+
+
+def _write_config(tmp_path, moe: bool = False) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(moe).to_dict()))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("layout,key", [
+    (dict(tensor_model_parallel_size=4), "tensor_model_parallel_size"),  # 2 linear-attention key heads
+    (dict(context_parallel_size=2), "context_parallel_size"),
+    (dict(transformer_impl="transformer_engine"), "transformer_impl"),
+])
+def test_layout_refused_before_launch(layout, key):
+    """The launcher's check of config.json (text_config) against the layout names the key and the fix."""
+    from llamafactory_mca.args import MegatronArguments, McaArgumentError, check_layout_against_model
+
+    config = tiny_config().to_dict()
+    config["text_config"]["num_attention_heads"] = config["text_config"]["num_key_value_heads"] = 8
+    with pytest.raises(McaArgumentError, match=f"`{key}`.*Fix:"):
+        check_layout_against_model(MegatronArguments(**layout), config)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("keys,key", [
+    (dict(neat_packing=True), "neat_packing"),
+    (dict(packing=True), "packing"),
+])
+def test_packing_refused_before_launch(tmp_path, moe, keys, key):
+    """Packing runs for the other vision-language families, not through the delta-net layers."""
+    from llamafactory_mca.args import McaArgumentError
+    from llamafactory_mca.recipe_checks import check_llamafactory_keys
+
+    recipe = dict(model_name_or_path=_write_config(tmp_path, moe), stage="sft", finetuning_type="full", **keys)
+    with pytest.raises(McaArgumentError, match=f"`{key}`.*Fix:"):
+        check_llamafactory_keys(recipe)
+    check_llamafactory_keys(dict(recipe, packing=False, neat_packing=False))
+
+
+def test_lora_refused_before_launch(tmp_path):
+    """LoRA: refused for every vision-language family (`finetuning_type`), and for the gated q/k/v in any case."""
+    from types import SimpleNamespace
+
+    from llamafactory_mca.arg_hooks import check_model_family
+    from llamafactory_mca.args import McaArgumentError
+    from llamafactory_mca.recipe_checks import check_llamafactory_keys
+
+    path = _write_config(tmp_path)
+    with pytest.raises(McaArgumentError, match="`finetuning_type`.*Fix:"):
+        check_model_family(SimpleNamespace(model_name_or_path=path), None, "lora")
+    with pytest.raises(McaArgumentError, match="`lora_target`.*Fix:"):
+        check_llamafactory_keys(dict(model_name_or_path=path, stage="sft", finetuning_type="lora"))
+
+
+def test_attention_bias_refused():
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.registry import bridge_for
+
+    hf = tiny_config()
+    hf.text_config.attention_bias = True
+    with pytest.raises(ValueError, match="attention_bias.*Fix:"):
+        bridge_for("qwen3_5").transformer_config(hf, MegatronArguments())
