@@ -292,6 +292,16 @@ def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
         if family == "qwen3_vl_moe":  # 4 experts (top 2) of 48 channels in every layer
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
             names = ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor")
+    elif family in ("qwen3_5", "qwen3_5_moe"):  # the hybrid text model of `qwen3_5_text`, no DeepStack
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        vision = dict(QWEN3_5_VISION)
+        text = qwen3_5_text(family == "qwen3_5_moe", vocab_size=512, max_position_embeddings=1024,
+                            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+        video_processor = Qwen3VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64 * 4})
+        prefix = "Qwen3_5Moe" if family == "qwen3_5_moe" else "Qwen3_5"
+        names = (prefix + "Config", prefix + "ForConditionalGeneration", "Qwen3VLProcessor")
     else:
         raise ValueError(family)
     config_cls, model_cls, processor_cls = (getattr(transformers, n) for n in names)
@@ -301,10 +311,10 @@ def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
         text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+        tie_word_embeddings=family == "qwen3_5", eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     torch.manual_seed(0)
     model = model_cls(config)
-    if family == "qwen3_vl_moe":
+    if family in ("qwen3_vl_moe", "qwen3_5_moe"):
         randomize_experts(model)
     model.save_pretrained(path)
     if family == "qwen3_vl_moe":
