@@ -271,5 +271,9 @@ def test_qwen3_5_sft_parity_and_merge(tmp_path):
 @pytest.mark.extended
 @pytest.mark.timeout(3600)
 def test_qwen3_5_moe_sft_parity_and_merge(tmp_path):
-    """EP=2 (the merge of its checkpoint gathers the experts and fuses them in transformers' layout)."""
-    _sft_parity_and_merge(tmp_path, "qwen3_5_moe", {"ep2": (2, dict(expert_model_parallel_size=2))})
+    """TP=2 (+ SP) x EP=2 on 2 processes (experts not split by TP: expert_tensor_parallel_size 1), so that data
+    parallelism stays 1 and the micro-batches are the HF run's (VL losses are weighted per micro-batch); the merge
+    of its checkpoint gathers the experts and fuses them in transformers' layout."""
+    _sft_parity_and_merge(tmp_path, "qwen3_5_moe", {"tp2ep2": (2, dict(
+        tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
+        expert_tensor_parallel_size=1))})
