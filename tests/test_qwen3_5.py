@@ -22,8 +22,8 @@ import pytest
 
 from tests import vl_helpers
 
-DENSE_LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "dp2video", "pp2video")
-MOE_LAYOUTS = ("dp2", "tp2sp", "pp2", "ep2", "ep2video")
+LAYOUTS = {"qwen3_5": ("dp2", "tp2", "tp2sp", "pp2", "dp2video", "pp2video"),
+           "qwen3_5_moe": ("dp2", "tp2sp", "pp2", "ep2", "ep2video")}
 TOL = 1e-5
 # the delta-net gate path (in_proj_a, dt_bias, A_log) has near-zero gradients: fp32 rounding is a larger share of
 # them than of the other tensors' (tests/test_qwen3_next.py says the same of Qwen3-Next)
@@ -31,57 +31,41 @@ GRAD_REL_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def dense_results(tmp_path_factory):
-    model = vl_helpers.make_tiny_qwen3_5(str(tmp_path_factory.mktemp("qwen3_5") / "qwen3_5"))
-    return vl_helpers.launch_checks(model, DENSE_LAYOUTS, tmp_path_factory)
+def launched(tmp_path_factory):
+    """family -> per-rank results of its one launch (`vl_helpers.launch_checks` over LAYOUTS[family]), launched
+    when first asked for."""
+    done: dict = {}
+
+    def get(family: str) -> list:
+        if family not in done:
+            model = vl_helpers.FAMILIES[family][0](str(tmp_path_factory.mktemp(family) / family))
+            done[family] = vl_helpers.launch_checks(model, LAYOUTS[family], tmp_path_factory)
+        return done[family]
+
+    return get
 
 
-@pytest.fixture(scope="module")
-def moe_results(tmp_path_factory):
-    model = vl_helpers.make_tiny_qwen3_5_moe(str(tmp_path_factory.mktemp("qwen3_5_moe") / "qwen3_5_moe"))
-    return vl_helpers.launch_checks(model, MOE_LAYOUTS, tmp_path_factory)
-
-
-def assert_parity(results: list, layout: str) -> None:
-    """Logits within TOL of HF's where the images change them; under PP the vision tower lives on stage 0 only."""
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("family,layout", [(f, layout) for f, layouts in LAYOUTS.items() for layout in layouts])
+def test_logits_and_round_trip(launched, family, layout):
+    """Logits within TOL of HF's where the images change them (under PP the vision tower lives on stage 0 only);
+    the export is bit-exact and reloads with transformers."""
+    results = launched(family)
     vl_helpers.assert_logits_parity(results, layout, TOL)
     if layout.startswith("pp2"):
         assert [results[rank][layout]["has_vision"] for rank in (0, 1)] == [True, False]
+    vl_helpers.assert_round_trip(results[0][layout])
 
 
-def assert_grads(r: dict) -> None:
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("family,layout", [("qwen3_5", "dp2"), ("qwen3_5", "tp2"), ("qwen3_5_moe", "dp2")])
+def test_grads_match_hf(launched, family, layout):
+    r = launched(family)[0][layout]
     assert "error" not in r, r["error"]
     assert "grad_error" not in r, r["grad_error"]
     assert r["grad_max_rel_diff"] <= GRAD_REL_TOL, r
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
-def test_qwen3_5_logits_and_round_trip(dense_results, layout):
-    assert_parity(dense_results, layout)
-    vl_helpers.assert_round_trip(dense_results[0][layout])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", ("dp2", "tp2"))
-def test_qwen3_5_grads_match_hf(dense_results, layout):
-    assert_grads(dense_results[0][layout])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", MOE_LAYOUTS)
-def test_qwen3_5_moe_logits_and_round_trip(moe_results, layout):
-    assert_parity(moe_results, layout)
-    vl_helpers.assert_round_trip(moe_results[0][layout])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_qwen3_5_moe_grads_match_hf(moe_results):
-    assert_grads(moe_results[0]["dp2"])
 
 
 # ------------------------------------------------------------------------------------ config, table, refusals
