@@ -246,9 +246,11 @@ def _sft_parity_and_merge(tmp_path, family: str, layouts: dict) -> None:
 @pytest.mark.extended
 @pytest.mark.timeout(3600)
 def test_qwen3_5_sft_parity_and_merge(tmp_path):
-    """One process, and TP=2 + SP (the merge of its checkpoint at TP=1 reassembles the sectioned projections)."""
+    """TP=2 + SP (the merge of its checkpoint at TP=1 reassembles the sectioned projections), one process, and PP=2
+    (vision tower, a linear- and a full-attention layer on stage 0; the tied output layer on stage 1)."""
     _sft_parity_and_merge(tmp_path, "qwen3_5", {
-        "tp2sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)), "one": (1, {})})
+        "tp2sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)), "one": (1, {}),
+        "pp2": (2, dict(pipeline_model_parallel_size=2))})
 
 
 @pytest.mark.slow
