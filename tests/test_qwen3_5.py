@@ -201,8 +201,9 @@ SFT_REL_TOL = 1e-4  # the issue's bound
 def _sft_recipe(model: str, out: str, **ours) -> dict:
     from lf_runs import make_recipe
 
-    return make_recipe(model, out, dataset="tiny_vl", template="qwen3_5_nothink", cutoff_len=256, max_steps=STEPS,
-                       freeze_vision_tower=False, freeze_multi_modal_projector=False, **ours)
+    return make_recipe(model, out, **{**dict(dataset="tiny_vl", template="qwen3_5_nothink", cutoff_len=256,
+                                             max_steps=STEPS, freeze_vision_tower=False,
+                                             freeze_multi_modal_projector=False), **ours})
 
 
 def _sft_parity_and_merge(tmp_path, family: str, layouts: dict) -> None:
@@ -263,3 +264,19 @@ def test_qwen3_5_moe_sft_parity_and_merge(tmp_path):
     _sft_parity_and_merge(tmp_path, "qwen3_5_moe", {"tp2ep2": (2, dict(
         tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
         expert_tensor_parallel_size=1))})
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.timeout(1800)
+def test_qwen3_5_video_sft_parity(tmp_path):
+    """Videos through LLaMA-Factory's Qwen3-VL plugin (the qwen3_5 templates use it; tests/data/tiny_vl_video.json:
+    4-frame clips, timestamps between the frame groups), one process: per-step losses match the HF path."""
+    from lf_runs import assert_parity
+
+    model = vl_helpers.make_tiny_vl_model(str(tmp_path / "tiny"), family="qwen3_5")
+    hf = vl_helpers.train_vl(tmp_path, "hf_video", _sft_recipe(model, str(tmp_path / "hf"), dataset="tiny_vl_video"),
+                             mca=False)
+    out = vl_helpers.train_vl(tmp_path, "mca_video", _sft_recipe(model, str(tmp_path / "out"), dataset="tiny_vl_video",
+                                                                 save_hf_model=False))
+    assert_parity(hf, out, expected=STEPS, rel_tol=SFT_REL_TOL)
