@@ -11,6 +11,10 @@ The megatron model is a GPTModel whose block spec lists one layer spec per layer
 SelfAttention with `attention_output_gate` elsewhere, `ZeroCenteredRMSNorm` for every norm. Refused before the
 model is built: Transformer Engine's spec, context parallelism and a TP size that does not divide
 `linear_num_key_heads` (recipe_checks.check_linear_attention), attention biases.
+
+Qwen3.5 (models/qwen3_5.py) runs the same hybrid decoder: the table, spec, config checks and overrides it shares
+are the functions here (`hybrid_attention_table`, `hybrid_model_spec`, `check_hybrid_config`,
+`linear_attention_overrides`, `checked_linear_attention`).
 """
 
 from __future__ import annotations
