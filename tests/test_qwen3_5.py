@@ -108,6 +108,29 @@ def test_registered_and_transformer_config(moe):
 
 
 @pytest.mark.parametrize("moe", [False, True])
+def test_released_shapes(moe):
+    """transformers' default configs (the released 9B-class dense / 35B-A3B shapes: head_dim 256, a quarter of it
+    rotary, 16 delta-net key heads; no mrope_section, so transformers' default [11, 11, 10]) map, and the launcher
+    takes TP=4 where the key / value heads split (dense: 4) and refuses it naming the key where not (MoE: 2)."""
+    import transformers
+
+    from llamafactory_mca.args import MegatronArguments, McaArgumentError, check_layout_against_model
+    from llamafactory_mca.models.registry import bridge_for
+
+    hf = getattr(transformers, "Qwen3_5MoeConfig" if moe else "Qwen3_5Config")()
+    bridge = bridge_for(hf.model_type)
+    cfg = bridge.transformer_config(hf, MegatronArguments())
+    assert cfg.mrope_section == [11, 11, 10] and bridge.rotary_percent(hf) == 0.25 and cfg.kv_channels == 256
+    assert cfg.linear_num_key_heads == 16 and bool(cfg.num_moe_experts) is moe
+    tp4 = MegatronArguments(tensor_model_parallel_size=4)
+    if moe:
+        with pytest.raises(McaArgumentError, match="`tensor_model_parallel_size`.*key/value heads.*Fix:"):
+            check_layout_against_model(tp4, hf.to_dict())
+    else:
+        check_layout_against_model(tp4, hf.to_dict())
+
+
+@pytest.mark.parametrize("moe", [False, True])
 def test_table_covers_checkpoint(moe, tmp_path):
     """Every tensor of the tiny checkpoint has a table entry (fused experts through their per-expert views)."""
     from llamafactory_mca.models.registry import bridge_for

@@ -45,6 +45,7 @@ from llamafactory_mca.models.qwen3_next import (
 from llamafactory_mca.models.qwen3_vl import Qwen3VLBridge, internal_layout, qwen3_vl_model_class
 from llamafactory_mca.models.qwen3_vl_moe import Qwen3VLMoeBridge
 
+DEFAULT_MROPE_SECTION = (11, 11, 10)  # transformers' Qwen3_5TextRotaryEmbedding without rope mrope_section
 SPLIT_PROJECTIONS = (("in_proj_qkv.weight", CONV3), ("in_proj_z.weight", COLUMN), ("in_proj_b.weight", COLUMN),
                      ("in_proj_a.weight", COLUMN))
 
@@ -71,6 +72,10 @@ class Qwen3_5Bridge(Qwen3VLBridge):
     def check_config(self, hf_config) -> None:
         super().check_config(hf_config)
         check_hybrid_config(self.text_config(hf_config), hf_config.model_type)
+
+    def mrope_section(self, hf_config) -> list:
+        """The config's mRoPE sections, else transformers' default for Qwen3.5 (`Qwen3_5TextRotaryEmbedding`)."""
+        return super().mrope_section(hf_config) or list(DEFAULT_MROPE_SECTION)
 
     def rotary_percent(self, hf_config) -> float:
         return super().rotary_percent(self.text_config(hf_config))
