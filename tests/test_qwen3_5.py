@@ -283,10 +283,12 @@ def test_qwen3_5_sft_parity_and_merge(tmp_path):
 def test_qwen3_5_moe_sft_parity_and_merge(tmp_path):
     """TP=2 (+ SP) x EP=2 on 2 processes (experts not split by TP: expert_tensor_parallel_size 1), so that data
     parallelism stays 1 and the micro-batches are the HF run's (VL losses are weighted per micro-batch); the merge
-    of its checkpoint gathers the experts and fuses them in transformers' layout."""
-    _sft_parity_and_merge(tmp_path, "qwen3_5_moe", {"tp2ep2": (2, dict(
-        tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
-        expert_tensor_parallel_size=1))})
+    of its checkpoint gathers the experts and fuses them in transformers' layout. Then PP=2 with megatron's default
+    allgather dispatcher (which Qwen3-VL-MoE refuses under PP for its DeepStack p2p shapes; Qwen3.5 has none)."""
+    _sft_parity_and_merge(tmp_path, "qwen3_5_moe", {
+        "tp2ep2": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
+                           expert_tensor_parallel_size=1)),
+        "pp2": (2, dict(pipeline_model_parallel_size=2))})
 
 
 @pytest.mark.slow
