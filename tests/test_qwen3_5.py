@@ -274,7 +274,7 @@ def test_qwen3_5_sft_parity_and_merge(tmp_path):
     (vision tower, a linear- and a full-attention layer on stage 0; the tied output layer on stage 1)."""
     _sft_parity_and_merge(tmp_path, "qwen3_5", {
         "tp2sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)), "one": (1, {}),
-        "pp2": (2, dict(pipeline_model_parallel_size=2))})
+        "pp2": (2, dict(pipeline_model_parallel_size=2, moe_token_dispatcher_type="allgather"))})
 
 
 @pytest.mark.slow
@@ -283,12 +283,12 @@ def test_qwen3_5_sft_parity_and_merge(tmp_path):
 def test_qwen3_5_moe_sft_parity_and_merge(tmp_path):
     """TP=2 (+ SP) x EP=2 on 2 processes (experts not split by TP: expert_tensor_parallel_size 1), so that data
     parallelism stays 1 and the micro-batches are the HF run's (VL losses are weighted per micro-batch); the merge
-    of its checkpoint gathers the experts and fuses them in transformers' layout. Then PP=2 with megatron's default
-    allgather dispatcher (which Qwen3-VL-MoE refuses under PP for its DeepStack p2p shapes; Qwen3.5 has none)."""
+    of its checkpoint gathers the experts and fuses them in transformers' layout. Then PP=2 with the allgather
+    dispatcher (which Qwen3-VL-MoE refuses under PP for its DeepStack p2p shapes; Qwen3.5 has none)."""
     _sft_parity_and_merge(tmp_path, "qwen3_5_moe", {
         "tp2ep2": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
                            expert_tensor_parallel_size=1)),
-        "pp2": (2, dict(pipeline_model_parallel_size=2))})
+        "pp2": (2, dict(pipeline_model_parallel_size=2, moe_token_dispatcher_type="allgather"))})
 
 
 @pytest.mark.slow
