@@ -305,3 +305,19 @@ def test_qwen3_5_video_sft_parity(tmp_path):
     out = vl_helpers.train_vl(tmp_path, "mca_video", _sft_recipe(model, str(tmp_path / "out"), dataset="tiny_vl_video",
                                                                  save_hf_model=False))
     assert_parity(hf, out, expected=STEPS, rel_tol=SFT_REL_TOL)
+
+
+def test_allgather_under_pp_only_refused_with_deepstack():
+    """The allgather dispatcher cannot take p2p shapes that vary per micro-batch: refused under PP for Qwen3-VL-MoE
+    (DeepStack maps travel between stages), accepted for Qwen3.5-MoE (no DeepStack, fixed shapes)."""
+    from transformers import Qwen3VLMoeConfig
+
+    from llamafactory_mca.args import MegatronArguments
+    from llamafactory_mca.models.registry import bridge_for
+
+    args = MegatronArguments(pipeline_model_parallel_size=2, moe_token_dispatcher_type="allgather")
+    bridge_for("qwen3_5_moe").transformer_config(tiny_config(moe=True), args)
+    vl_moe = vl_helpers.qwen3_vl_config(Qwen3VLMoeConfig, moe_intermediate_size=48, num_experts=4,
+                                        num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="`moe_token_dispatcher_type`.*Fix:"):
+        bridge_for("qwen3_vl_moe").transformer_config(vl_moe, args)
