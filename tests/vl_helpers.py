@@ -180,12 +180,59 @@ def store_experts_as_released(path: str) -> None:
     save_file(hub, file, metadata={"format": "pt"})
 
 
+def qwen3_5_text(moe: bool = False, **fields) -> dict:
+    """The tiny Qwen3.5(-MoE) text config: 4 hybrid layers (linear, full, linear, full: under PP=2 one of each on
+    both stages), 2 delta-net key heads of 2 value heads each, gated attention with head_dim 16 and partial rotary
+    (8 of 16 channels) in interleaved mRoPE sections [2, 1, 1]; `moe`: 4 experts (top 2) of 24 channels and a gated
+    shared expert of 40 in every layer; `fields`: overrides."""
+    text = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=96, vocab_size=1001, rms_norm_eps=1e-6, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                 "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                layer_types=["linear_attention", "full_attention"] * 2)
+    if moe:
+        text.update(moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2)
+        del text["intermediate_size"]
+    return dict(text, **fields)
+
+
+QWEN3_5_VISION = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16)
+
+
+def make_tiny_qwen3_5(path: str, seed: int = 0, moe: bool = False) -> str:
+    """Tiny Qwen3.5 (`qwen3_5_text`; dense: tied word embeddings, as the small released models) or Qwen3.5-MoE
+    (`moe`: untied, routers and experts drawn at random, fused experts in transformers' own layout, which the
+    released checkpoints hold too); 2 vision blocks without DeepStack."""
+    import transformers
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
+    config = getattr(transformers, prefix + "Config")(
+        text_config=qwen3_5_text(moe), vision_config=QWEN3_5_VISION, image_token_id=1000, video_token_id=999,
+        vision_start_token_id=998, vision_end_token_id=997, tie_word_embeddings=not moe)
+    model = getattr(transformers, prefix + "ForConditionalGeneration")(config)
+    if moe:
+        randomize_experts(model)
+    return _perturb_and_save(model, path)
+
+
+def make_tiny_qwen3_5_moe(path: str, seed: int = 0) -> str:
+    """Tiny Qwen3.5-MoE (`make_tiny_qwen3_5`)."""
+    return make_tiny_qwen3_5(path, seed, moe=True)
+
+
 FAMILIES = {  # --family: (tiny model builder, HF class name, module with get_rope_index)
     "qwen2_vl": (make_tiny_qwen2_vl, "Qwen2VLForConditionalGeneration", "llamafactory_mca.models.qwen2_vl"),
     "qwen2_5_vl": (make_tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration",
                    "llamafactory_mca.models.qwen2_5_vl"),
     "qwen3_vl": (make_tiny_qwen3_vl, "Qwen3VLForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
     "qwen3_vl_moe": (make_tiny_qwen3_vl_moe, "Qwen3VLMoeForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
+    "qwen3_5": (make_tiny_qwen3_5, "Qwen3_5ForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
+    "qwen3_5_moe": (make_tiny_qwen3_5_moe, "Qwen3_5MoeForConditionalGeneration", "llamafactory_mca.models.qwen3_vl"),
 }
 
 
@@ -245,6 +292,16 @@ def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
         if family == "qwen3_vl_moe":  # 4 experts (top 2) of 48 channels in every layer
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
             names = ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor")
+    elif family in ("qwen3_5", "qwen3_5_moe"):  # the hybrid text model of `qwen3_5_text`, no DeepStack
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        vision = dict(QWEN3_5_VISION)
+        text = qwen3_5_text(family == "qwen3_5_moe", vocab_size=512, max_position_embeddings=1024,
+                            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+        video_processor = Qwen3VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64 * 4})
+        prefix = "Qwen3_5Moe" if family == "qwen3_5_moe" else "Qwen3_5"
+        names = (prefix + "Config", prefix + "ForConditionalGeneration", "Qwen3VLProcessor")
     else:
         raise ValueError(family)
     config_cls, model_cls, processor_cls = (getattr(transformers, n) for n in names)
@@ -254,10 +311,10 @@ def make_tiny_vl_model(path: str, family: str = "qwen2_vl") -> str:
         text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+        tie_word_embeddings=family == "qwen3_5", eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     torch.manual_seed(0)
     model = model_cls(config)
-    if family == "qwen3_vl_moe":
+    if family in ("qwen3_vl_moe", "qwen3_5_moe"):
         randomize_experts(model)
     model.save_pretrained(path)
     if family == "qwen3_vl_moe":
@@ -307,7 +364,7 @@ def make_inputs(hf_config, seed: int = 7, video: bool = False) -> dict:
     if video:
         vgrid = torch.tensor([[2, 4, 4]])
         per_step = 16 // merge
-        if hf_config.model_type.startswith("qwen3_vl"):
+        if hf_config.model_type.startswith(("qwen3_vl", "qwen3_5")):
             for step in range(2):
                 rows[0] += [900 + step, vs] + [hf_config.video_token_id] * per_step + [ve]
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # the multimodal (vision-language) families: the one list (args.py, model_state.py, the VL bridges)
-MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+MULTIMODAL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 
 def is_multimodal(hf_config: Any) -> bool:

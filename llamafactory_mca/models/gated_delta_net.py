@@ -12,6 +12,10 @@ layout kept so that conversion is a plain split (models/param_mapping.py):
   A_log, dt_bias  per value head (split over TP), norm.weight [dv] (replicated; its gradient is summed over TP in
                 autograd, each rank seeing only its heads), out_proj RowParallelLinear.
 
+`SplitGatedDeltaNet` is Qwen3.5's variant (transformers' `Qwen3_5GatedDeltaNet`): the same computation with
+separate projections `in_proj_qkv` ([q | k | v] over all heads, split over TP by section like the convolution),
+`in_proj_z`, `in_proj_b`, `in_proj_a` (per value head).
+
 Under sequence parallelism the input projections gather the sequence and out_proj scatters it back, as for
 attention. The recurrence itself is `kernels.linear_attention.gated_delta_rule` (fla on a GPU, torch elsewhere).
 Packed sequences (neat_packing's THD rows, `PackedSeqParams`): the convolution and the recurrence restart at every
@@ -125,8 +129,7 @@ class GatedDeltaNet(MegatronModule):
         self.eps = config.layernorm_epsilon
         linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
                       gather_output=False, is_expert=False)
-        self.in_proj_qkvz = ColumnParallelLinear(config.hidden_size, 2 * nk * self.dk + 2 * nv * self.dv, **linear)
-        self.in_proj_ba = ColumnParallelLinear(config.hidden_size, 2 * nv, **linear)
+        self.build_projections(config.hidden_size, nk, nv, linear)
         channels = self.nk_local * 2 * self.dk + self.nv_local * self.dv
         kernel = config.linear_conv_kernel_dim
         self.conv1d = torch.nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1, bias=False,
@@ -142,33 +145,72 @@ class GatedDeltaNet(MegatronModule):
                                           input_is_parallel=True, skip_bias_add=True, is_expert=False)
         self.cp = CpHeadExchange.of_parallel_state()
 
+    def build_projections(self, hidden: int, nk: int, nv: int, linear: dict) -> None:
+        """The input projections (Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, rows grouped per key head)."""
+        self.in_proj_qkvz = ColumnParallelLinear(hidden, 2 * nk * self.dk + 2 * nv * self.dv, **linear)
+        self.in_proj_ba = ColumnParallelLinear(hidden, 2 * nv, **linear)
+
+    def projection_names(self) -> tuple[str, ...]:
+        """The input projections' module names."""
+        return ("in_proj_qkvz", "in_proj_ba")
+
+    def sectioned_weights(self) -> tuple[str, ...]:
+        """Weights whose rows are the q | k | v channel sections, each split over TP (saved per section)."""
+        return ("conv1d.weight",)
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input projections of [s, b, h] `hidden_states`: (the convolution's input [b, s, q|k|v channels of
+        this rank], z [b, s, value heads, dv], b and a [b, s, value heads]), from the fused per-key-head
+        `in_proj_qkvz` / `in_proj_ba` (Qwen3-Next)."""
+        qkvz, _ = self.in_proj_qkvz(hidden_states)
+        ba, _ = self.in_proj_ba(hidden_states)
+        seq, batch = qkvz.shape[:2]
+        qkvz = qkvz.transpose(0, 1).reshape(batch, seq, self.nk_local, -1)
+        ba = ba.transpose(0, 1).reshape(batch, seq, self.nk_local, -1)
+        vz = self.per_key * self.dv
+        query, key, value, z = torch.split(qkvz, [self.dk, self.dk, vz, vz], dim=3)
+        b, a = torch.split(ba, [self.per_key, self.per_key], dim=3)
+        mixed = torch.cat([t.reshape(batch, seq, -1) for t in (query, key, value)], dim=-1)
+        return (mixed, z.reshape(batch, seq, self.nv_local, self.dv), b.reshape(batch, seq, self.nv_local),
+                a.reshape(batch, seq, self.nv_local))
+
+    def exchange_to_heads(self, mixed: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                          packed_seq_params: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`project`'s outputs for this rank's tokens and all of its TP heads -> the same for whole sequences and
+        this CP rank's block of key-head groups (the value heads of a key head are contiguous, so a block of
+        key heads is one of value heads too); unchanged without context parallelism."""
+        if self.cp.size == 1:
+            return mixed, z, b, a
+        batch, seq = mixed.shape[:2]
+        key_dim = self.nk_local * self.dk
+        q, k, v = mixed.split([key_dim, key_dim, self.nv_local * self.dv], dim=-1)
+        parts = [t.reshape(batch, seq, self.cp.size, -1) for t in (q, k, v, z, b, a)]
+        sizes = [t.shape[-1] for t in parts]
+        whole = self.cp.to_heads(torch.cat(parts, dim=-1).transpose(0, 1), packed_seq_params)
+        q, k, v, z, b, a = whole.transpose(0, 1).squeeze(2).split(sizes, dim=-1)
+        return torch.cat([q, k, v], dim=-1), z.unflatten(-1, (-1, self.dv)), b, a
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, packed_seq_params: Any = None,
                 **kwargs: Any):
         """Megatron's self-attention call: returns (output [s, b, h], None). Under context parallelism the key-head
         groups go through the recurrence on whole sequences, `nk / (tp * cp)` per rank (cp_head_exchange.py)."""
-        qkvz, _ = self.in_proj_qkvz(hidden_states)
-        ba, _ = self.in_proj_ba(hidden_states)
-        local_seq, batch = qkvz.shape[:2]
-        groups = torch.cat([qkvz.reshape(local_seq, batch, self.nk_local, -1),
-                            ba.reshape(local_seq, batch, self.nk_local, -1)], dim=-1)
-        groups = self.cp.to_heads(groups, packed_seq_params).transpose(0, 1)  # [b, s, key-head groups of this rank]
-        seq, nk = groups.shape[1:3]
-        nv = nk * self.per_key
+        mixed, z, b, a = self.project(hidden_states)
+        local_seq = mixed.shape[1]
+        mixed, z, b, a = self.exchange_to_heads(mixed, z, b, a, packed_seq_params)
+        batch, seq, nv = z.shape[:3]
+        nk = nv // self.per_key
         lengths = segment_lengths(packed_seq_params, seq)
-        vz = self.per_key * self.dv
-        query, key, value, z, b, a = torch.split(groups, [self.dk, self.dk, vz, vz, self.per_key, self.per_key], dim=3)
-        mixed = torch.cat([t.reshape(batch, seq, -1) for t in (query, key, value)], dim=-1).transpose(1, 2)
         weight = self.conv_weight_of_rank(nk)
         pad = weight.shape[-1] - 1
         mixed = per_segment(lambda x: F.silu(F.conv1d(x, weight, padding=pad, groups=weight.shape[0])[..., :x.shape[-1]]),
-                            [mixed], lengths, dim=2).transpose(1, 2)
+                            [mixed.transpose(1, 2)], lengths, dim=2).transpose(1, 2)
         query, key, value = torch.split(mixed, [nk * self.dk, nk * self.dk, nv * self.dv], dim=-1)
         query = query.reshape(batch, seq, nk, self.dk)
         key = key.reshape(batch, seq, nk, self.dk)
         value = value.reshape(batch, seq, nv, self.dv)
         heads = slice(self.cp.rank * nv, (self.cp.rank + 1) * nv)
-        beta = b.reshape(batch, seq, nv).sigmoid()
-        g = -self.A_log[heads].float().exp() * F.softplus(a.reshape(batch, seq, nv).float() + self.dt_bias[heads])
+        beta = b.sigmoid()
+        g = -self.A_log[heads].float().exp() * F.softplus(a.float() + self.dt_bias[heads])
         if self.per_key > 1:
             query = query.repeat_interleave(self.per_key, dim=2)
             key = key.repeat_interleave(self.per_key, dim=2)
@@ -206,14 +248,15 @@ class GatedDeltaNet(MegatronModule):
         out = make_sharded_tensors_for_checkpoint(own, prefix, {"dt_bias": 0, "A_log": 0}, sharded_offsets, **groups)
         out.update(make_sharded_tensors_for_checkpoint(self.conv1d.state_dict(prefix="", keep_vars=True),
                                                        f"{prefix}conv1d.", {"weight": 0}, sharded_offsets, **groups))
-        key_dim = self.nk_local * self.dk
-        out[f"{prefix}conv1d.weight"] = split_sections_factory(out[f"{prefix}conv1d.weight"],
-                                                               [key_dim, key_dim, self.nv_local * self.dv],
-                                                               ["query", "key", "value"])
         out.update(make_sharded_tensors_for_checkpoint(self.norm.state_dict(prefix="", keep_vars=True),
                                                        f"{prefix}norm.", {}, sharded_offsets, **groups))
-        for name in ("in_proj_qkvz", "in_proj_ba", "out_proj"):
+        for name in self.projection_names() + ("out_proj",):
             out.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.", sharded_offsets, metadata))
+        key_dim = self.nk_local * self.dk
+        for name in self.sectioned_weights():
+            out[f"{prefix}{name}"] = split_sections_factory(out[f"{prefix}{name}"],
+                                                            [key_dim, key_dim, self.nv_local * self.dv],
+                                                            ["query", "key", "value"])
         return out
 
     def gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -226,3 +269,30 @@ class GatedDeltaNet(MegatronModule):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         h = weight * h.to(dtype)
         return (h * F.silu(gate.float())).to(dtype)
+
+
+class SplitGatedDeltaNet(GatedDeltaNet):
+    """Qwen3.5's gated delta-net: the same computation with separate input projections, as transformers'
+    `Qwen3_5GatedDeltaNet` holds them: `in_proj_qkv` ([q (all key heads) | k | v (all value heads)], each section
+    split over TP like the convolution's channels, `param_mapping.ConvSections`, so a rank's output is its
+    convolution input as it stands), `in_proj_z` [value heads * dv], `in_proj_b` and `in_proj_a` [value heads]
+    (split over TP by value heads: a rank's value heads are those of its key heads)."""
+
+    def build_projections(self, hidden: int, nk: int, nv: int, linear: dict) -> None:
+        """`in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a` (class docstring)."""
+        self.in_proj_qkv = ColumnParallelLinear(hidden, 2 * nk * self.dk + nv * self.dv, **linear)
+        self.in_proj_z = ColumnParallelLinear(hidden, nv * self.dv, **linear)
+        self.in_proj_b = ColumnParallelLinear(hidden, nv, **linear)
+        self.in_proj_a = ColumnParallelLinear(hidden, nv, **linear)
+
+    def projection_names(self) -> tuple[str, ...]:
+        return ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+
+    def sectioned_weights(self) -> tuple[str, ...]:
+        return ("conv1d.weight", "in_proj_qkv.weight")
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As `GatedDeltaNet.project`, from the separate projections."""
+        mixed, z, b, a = (getattr(self, name)(hidden_states)[0].transpose(0, 1) for name in self.projection_names())
+        batch, seq = mixed.shape[:2]
+        return mixed, z.reshape(batch, seq, self.nv_local, self.dv), b, a

@@ -67,6 +67,17 @@ def interleaved_mrope_freqs(inv_freq: torch.Tensor, position_ids: torch.Tensor, 
     return emb[..., None, :].transpose(0, 1).contiguous()
 
 
+def deepstack_visual_indexes(hf_config: Any) -> list:
+    """The vision layers whose features DeepStack adds to the decoder (none for a tower without DeepStack, e.g.
+    Qwen3.5's)."""
+    return list(getattr(hf_config.vision_config, "deepstack_visual_indexes", None) or ())
+
+
+def deepstack_features(vision_output: Any) -> list:
+    """The vision tower's DeepStack feature maps (none where the tower has no DeepStack)."""
+    return list(getattr(vision_output, "deepstack_features", None) or ())
+
+
 @functools.lru_cache(maxsize=None)
 def deepstack_layer_class():
     """megatron's TransformerLayer that adds DeepStack map k (the `context` it is given) after global layer k."""
@@ -113,7 +124,7 @@ def qwen3_vl_model_class():
 
         def __init__(self, *args, hf_config=None, **kwargs):
             super().__init__(*args, hf_config=hf_config, **kwargs)
-            self.num_deepstack = len(getattr(hf_config.vision_config, "deepstack_visual_indexes", ()) or ())
+            self.num_deepstack = len(deepstack_visual_indexes(hf_config))
             # the trainer then exchanges p2p shapes per micro-batch (training/loop.configure_schedule)
             self.varying_p2p_shapes = self.num_deepstack > 0 and ps.get_pipeline_model_parallel_world_size() > 1
 
@@ -136,7 +147,7 @@ def qwen3_vl_model_class():
                 if maps is None:
                     maps = [torch.zeros_like(emb) for _ in range(self.num_deepstack)]
                 full = mask.unsqueeze(-1).expand_as(emb)
-                maps = [m.masked_scatter(full, f.to(emb.dtype)) for m, f in zip(maps, out.deepstack_features)]
+                maps = [m.masked_scatter(full, f.to(emb.dtype)) for m, f in zip(maps, deepstack_features(out))]
             if maps is not None:
                 maps = torch.stack([self.to_decoder_layout(cp_local_tokens(m, packed_seq_params))
                                     for m in maps]) if maps else None
@@ -202,7 +213,7 @@ class Qwen3VLBridge(Qwen2VLBridge):
         super().check_config(hf_config)
         if getattr(self.text_config(hf_config), "attention_bias", False):
             raise ValueError(f"{hf_config.model_type} with attention_bias=True is not supported by the Megatron "
-                             "bridge yet")
+                             "bridge yet. Fix: set attention_bias: false in config.json (the released models do)")
 
     def qk_layernorm(self, hf_config) -> bool:
         return True
@@ -214,7 +225,7 @@ class Qwen3VLBridge(Qwen2VLBridge):
         """The text model's TransformerConfig. DeepStack maps cross pipeline stages inside the p2p tensor, whose
         shape then varies per micro-batch, which megatron's allgather MoE dispatcher does not allow."""
         config = super().transformer_config(hf_config, mca_args, params_dtype)
-        if (config.pipeline_model_parallel_size > 1 and config.num_moe_experts
+        if (config.pipeline_model_parallel_size > 1 and config.num_moe_experts and deepstack_visual_indexes(hf_config)
                 and config.moe_token_dispatcher_type == "allgather"):
             raise ValueError(
                 f"`moe_token_dispatcher_type`: {hf_config.model_type} with pipeline parallelism sends its DeepStack "

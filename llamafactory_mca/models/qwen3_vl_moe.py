@@ -104,13 +104,15 @@ class FusedExpertReader(SafetensorsReader):
 class FusedExpertWriter:
     """Per-expert Hugging Face tensors -> the fused checkpoint tensors of their layer (module docstring).
 
-    Hub layout unless `hub_layout_safe` says otherwise. `add(name, tensor)` returns [(name, tensor)] for any other
+    `layout`: "hub" or "memory" (module docstring); None: hub unless `hub_layout_safe` says otherwise.
+    `add(name, tensor)` returns [(name, tensor)] for any other
     tensor, [] for a per-expert piece until the fused tensor it belongs to is complete, then
     [(fused name, fused tensor)]. A piece that arrives twice starts that
     tensor again (a new pass: the export plans the shapes on `meta` tensors, then streams the real ones)."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, layout: Optional[str] = None):
         self.num_experts = num_experts
+        self.layout = layout
         self.pending: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -131,7 +133,7 @@ class FusedExpertWriter:
         per_expert = [torch.cat([pieces[(e, p)] for p in projs], 0) for e in range(self.num_experts)]
         ffn = per_expert[0].shape[0] // len(projs) if len(projs) == 2 else per_expert[0].shape[1]
         hidden = per_expert[0].shape[1] if len(projs) == 2 else per_expert[0].shape[0]
-        if hub_layout_safe(hidden, ffn):
+        if self.layout == "hub" or (self.layout is None and hub_layout_safe(hidden, ffn)):
             per_expert = [t.t() for t in per_expert]
         return [(fused, torch.stack(per_expert).contiguous())]
 
@@ -141,6 +143,7 @@ class Qwen3VLMoeBridge(Qwen3VLBridge):
 
     model_types = ("qwen3_vl_moe",)
     table = internal_layout(Qwen3MoeBridge.table)
+    expert_layout: Optional[str] = None  # the fused tensors' layout on export (`FusedExpertWriter`)
 
     def check_config(self, hf_config) -> None:
         super().check_config(hf_config)
@@ -180,7 +183,7 @@ class Qwen3VLMoeBridge(Qwen3VLBridge):
         writer = self.__dict__.get("_expert_writer")
         num = self.num_experts(hf_config)
         if writer is None or writer.num_experts != num:
-            writer = FusedExpertWriter(num)
+            writer = FusedExpertWriter(num, self.expert_layout)
             self.__dict__["_expert_writer"] = writer
         return writer
 

@@ -27,6 +27,8 @@ _FAMILIES = {
     "qwen3_vl": ("llamafactory_mca.models.qwen3_vl", "Qwen3VLBridge"),
     "qwen3_vl_moe": ("llamafactory_mca.models.qwen3_vl_moe", "Qwen3VLMoeBridge"),
     "qwen3_next": ("llamafactory_mca.models.qwen3_next", "Qwen3NextBridge"),
+    "qwen3_5": ("llamafactory_mca.models.qwen3_5", "Qwen3_5Bridge"),
+    "qwen3_5_moe": ("llamafactory_mca.models.qwen3_5", "Qwen3_5MoeBridge"),
 }
 
 

@@ -34,7 +34,8 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
         num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
         kv_channels=bridge.head_dim(hf_config),
-        ffn_hidden_size=hf_config.intermediate_size,
+        # MoE-only configs without a dense size (Qwen3.5-MoE): the expert size (no dense MLP uses it)
+        ffn_hidden_size=getattr(hf_config, "intermediate_size", None) or bridge.moe_ffn_hidden_size(hf_config),
         normalization="RMSNorm",
         layernorm_epsilon=hf_config.rms_norm_eps,
         gated_linear_unit=True,

@@ -1,10 +1,10 @@
-"""Multimodal models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) in training: mRoPE positions for the batches and LLaMA-Factory's
-freeze rules.
+"""Multimodal models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) in training: mRoPE positions for the batches and
+LLaMA-Factory's freeze rules.
 
 * Positions: LLaMA-Factory's collator computes the [3, b, s] mRoPE positions only when it holds the Hugging Face
   model (`model.get_rope_index`); ours has none, so `rope_fn` gives the same function on the HF config
-  (`get_rope_index` of models.qwen2_vl / qwen2_5_vl / qwen3_vl, Hugging Face's own code), applied per collated
-  batch with its attention mask; Qwen2.5-VL videos take the collator's `second_per_grid_ts` (Qwen3-VL marks its
+  (`get_rope_index` of models.qwen2_vl / qwen2_5_vl / qwen3_vl, Hugging Face's own code; Qwen3.5 uses Qwen3-VL's),
+  applied per collated batch with its attention mask; Qwen2.5-VL videos take the collator's `second_per_grid_ts` (Qwen3-VL marks its
   video frames with timestamp text tokens instead).
 * neat_packing: each packed sample's positions are computed as if it were unpacked and the rows concatenated
   (`packed_rope_positions`), as LLaMA-Factory's collator does per sub-sequence
@@ -52,7 +52,7 @@ def _qwen3_vl_rope(hf_config: Any, input_ids, image_grid_thw, video_grid_thw, at
 
 
 _ROPE_FNS = {"qwen2_vl": _qwen2_vl_rope, "qwen2_5_vl": _qwen2_5_vl_rope, "qwen3_vl": _qwen3_vl_rope,
-             "qwen3_vl_moe": _qwen3_vl_rope}
+             "qwen3_vl_moe": _qwen3_vl_rope, "qwen3_5": _qwen3_vl_rope, "qwen3_5_moe": _qwen3_vl_rope}
 
 
 def rope_fn(hf_config: Any) -> Optional[Callable]:
