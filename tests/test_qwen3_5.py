@@ -161,7 +161,7 @@ def _write_config(tmp_path, moe: bool = False) -> str:
 
 @pytest.mark.parametrize("layout,key", [
     (dict(tensor_model_parallel_size=4), "tensor_model_parallel_size"),  # 2 linear-attention key heads
-    (dict(context_parallel_size=2), "context_parallel_size"),
+    (dict(context_parallel_size=4), "context_parallel_size"),  # tp x cp must divide the 2 key heads
     (dict(transformer_impl="transformer_engine"), "transformer_impl"),
 ])
 def test_layout_refused_before_launch(layout, key):
@@ -175,34 +175,28 @@ def test_layout_refused_before_launch(layout, key):
 
 
 @pytest.mark.parametrize("moe", [False, True])
-@pytest.mark.parametrize("keys,key", [
-    (dict(neat_packing=True), "neat_packing"),
-    (dict(packing=True), "packing"),
-])
-def test_packing_refused_before_launch(tmp_path, moe, keys, key):
-    """Packing runs for the other vision-language families, not through the delta-net layers."""
-    from llamafactory_mca.args import McaArgumentError
+@pytest.mark.parametrize("keys", [dict(neat_packing=True), dict(packing=True), dict(context_parallel_size=2)])
+def test_packing_and_cp_pass_the_checks(tmp_path, moe, keys):
+    """Packing and context parallelism run through the delta-net layers (tests/test_vl_packing_cp.py checks them)."""
+    from llamafactory_mca.args import MegatronArguments, check_layout_against_model
     from llamafactory_mca.recipe_checks import check_llamafactory_keys
 
-    recipe = dict(model_name_or_path=_write_config(tmp_path, moe), stage="sft", finetuning_type="full", **keys)
-    with pytest.raises(McaArgumentError, match=f"`{key}`.*Fix:"):
-        check_llamafactory_keys(recipe)
-    check_llamafactory_keys(dict(recipe, packing=False, neat_packing=False))
+    path = _write_config(tmp_path, moe)
+    check_llamafactory_keys(dict(model_name_or_path=path, stage="sft", finetuning_type="full", **keys))
+    config = json.loads((tmp_path / "config.json").read_text())
+    check_layout_against_model(MegatronArguments(context_parallel_size=keys.get("context_parallel_size", 1)), config)
 
 
 def test_lora_refused_before_launch(tmp_path):
-    """LoRA: refused for every vision-language family (`finetuning_type`), and for the gated q/k/v in any case."""
+    """LoRA: refused for every vision-language family (`finetuning_type`)."""
     from types import SimpleNamespace
 
     from llamafactory_mca.arg_hooks import check_model_family
     from llamafactory_mca.args import McaArgumentError
-    from llamafactory_mca.recipe_checks import check_llamafactory_keys
 
     path = _write_config(tmp_path)
     with pytest.raises(McaArgumentError, match="`finetuning_type`.*Fix:"):
         check_model_family(SimpleNamespace(model_name_or_path=path), None, "lora")
-    with pytest.raises(McaArgumentError, match="`lora_target`.*Fix:"):
-        check_llamafactory_keys(dict(model_name_or_path=path, stage="sft", finetuning_type="lora"))
 
 
 def test_attention_bias_refused():

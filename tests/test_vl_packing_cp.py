@@ -24,10 +24,11 @@ import pytest
 from tests import vl_helpers
 
 LAYOUTS = ("thd", "cp2", "cp2thd")
-# default tier: Qwen2.5-VL (the Qwen2-VL model class and data path, with a video and second_per_grid_ts);
-# Qwen2-VL (the same path without video) and Qwen3-VL (DeepStack maps split like the embeddings) in the extended one
+# default tier: Qwen2.5-VL (the Qwen2-VL model class and data path, with a video and second_per_grid_ts), Qwen3.5 and
+# Qwen3.5-MoE (gated delta-net layers: per-sample restarts, CP head exchange); Qwen2-VL (the same path without
+# video) and Qwen3-VL (DeepStack maps split like the embeddings) in the extended one
 FAMILIES = (pytest.param("qwen2_vl", marks=pytest.mark.extended), "qwen2_5_vl",
-            pytest.param("qwen3_vl", marks=pytest.mark.extended))
+            pytest.param("qwen3_vl", marks=pytest.mark.extended), "qwen3_5", "qwen3_5_moe")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -22,9 +22,10 @@ Qwen3-Next's hybrid decoder. What they take from where:
   checkpoints' multi-token-prediction weights (`mtp.*`) are neither loaded nor exported (transformers ignores
   them too).
 
-Refused as for Qwen3-Next (before launch, naming key and fix): context parallelism, packing / neat_packing, the TE
-layer spec, a TP size not dividing `linear_num_key_heads`, attention biases; LoRA as for every vision-language
-family (full fine-tuning only).
+Packing (neat_packing) and context parallelism run as for Qwen3-Next's delta-net layers (per-sample restarts, the
+CP head exchange) and Qwen3-VL's vision path (tests/test_vl_packing_cp.py). Refused as for Qwen3-Next (before
+launch, naming key and fix): the TE layer spec, TP or TP x CP sizes not dividing `linear_num_key_heads`, attention
+biases; LoRA as for every vision-language family (full fine-tuning only).
 """
 
 from __future__ import annotations
