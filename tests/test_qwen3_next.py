@@ -162,8 +162,9 @@ def test_attention_bias_refused():
 def test_lora_on_hybrid_layers_matches_peft(tmp_path):
     """LoRA on every linear of the hybrid layers against PEFT: the gated q_proj (q and gate rows per head, fused
     per query group as megatron keeps them: param_mapping.GatedFusedQKV.fuse_outputs), k/v/o, the delta-net's
-    in_proj_qkvz / in_proj_ba / out_proj and the dense and shared-expert MLPs. tests/lora_worker.py at TP=2 + SP and
-    PP=2: logits vs PEFT, the merged model and the exported PEFT adapter (bit-identical tensors) within 1e-5."""
+    in_proj_qkvz / in_proj_ba / out_proj, the dense and shared-expert MLPs and the routed experts (PEFT
+    target_parameters). tests/lora_worker.py at TP=2 + SP, PP=2 and EP=2: logits vs PEFT, the merged model and the
+    exported PEFT adapter (bit-identical tensors) within 1e-5."""
     from lf_runs import make_lora_adapter
     from lora_worker import assert_results
 
@@ -173,9 +174,10 @@ def test_lora_on_hybrid_layers_matches_peft(tmp_path):
     model = make_tiny_model(KIND, str(tmp_path / "model"))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj", "gate_proj",
                "up_proj", "down_proj"]
-    adapter = make_lora_adapter(model, str(tmp_path / "adapter"), seed=3, target_modules=targets)
-    launch_worker("lora_worker.py", ["--model", model, "--adapter", adapter, "--layouts", "tp2sp,pp2"], tmp_path,
-                  key=("layout",))
+    adapter = make_lora_adapter(model, str(tmp_path / "adapter"), seed=3, target_modules=targets,
+                                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    launch_worker("lora_worker.py", ["--model", model, "--adapter", adapter, "--layouts", "tp2sp,pp2,ep2"],
+                  tmp_path, key=("layout",))
     assert assert_results(str(tmp_path / "res")) == {"logits_vs_peft", "merged_logits_vs_peft",
                                                     "exported_adapter_logits_diff", "merged_hf_logits_diff"}
 

@@ -378,6 +378,14 @@ def apply_lora(bridge: Any, models: Sequence[torch.nn.Module], finetuning_args: 
     available = {_module_short(h) for _, _, hf, _ in targets for h in hf}
     has_moe = bool(getattr(unwrap_model(models[0]).config, "num_moe_experts", None))
     state.target_modules, state.target_parameters = _resolve_targets(requested, available, has_moe)
+    if [t.strip() for t in requested] == ["all"] and getattr(unwrap_model(models[0]).config, "moe_shared_expert_gate",
+                                                              False):
+        from llamafactory_mca.log import get_logger
+
+        get_logger("lora").warning_rank0(
+            "lora_target: all leaves out the shared expert's gate (`shared_expert_gate`, a 1-output linear), which "
+            "LLaMA-Factory's HF path adapts under `all`: the two backends train slightly different adapters. Fix, "
+            "where the HF path's exact set matters: list the same modules for both (lora_target: q_proj,v_proj,...)")
     if state.target_parameters and state.dropout > 0:
         raise ValueError("`lora_dropout`: PEFT's LoRA on expert parameters (target_parameters) has no dropout, so "
                          "the Megatron backend's expert adapters have none either. Fix: set lora_dropout: 0, or "
