@@ -74,10 +74,13 @@ def test_preemption_signal_saves_and_the_restart_resumes_bit_exactly(models, ful
                             text=True)
     log = os.path.join(out, "trainer_log.jsonl")
     deadline = time.time() + 600
-    while not (os.path.isfile(log) and log_records(out)) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    workers = _workers(proc.pid)
+    workers: list = []
+    while len(workers) < 2 and proc.poll() is None and time.time() < deadline:  # found early: the signal must
+        time.sleep(0.05)  # reach a worker within a step of the first log record on a loaded CI machine
+        workers = _workers(proc.pid)
     assert len(workers) == 2, proc.communicate()[0][-3000:] if proc.poll() is not None else workers
+    while not (os.path.isfile(log) and log_records(out)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     workers[-1].send_signal(signal.SIGUSR1)  # one rank only: the ranks agree on the step to stop after
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-5000:]  # workers, torchrun and llamafactory-cli exit 0

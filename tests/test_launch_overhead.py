@@ -53,7 +53,7 @@ def test_rope_fusion_is_not_installed_without_a_gpu():
 
 
 def test_cuda_graph_fields_on_gpu_and_refused_on_cpu():
-    assert cuda_graph_fields("none", gpu=False) == {}
+    assert cuda_graph_fields("none", gpu=False) == {"cuda_graph_scope": []}
     assert cuda_graph_fields("local", gpu=True) == {"cuda_graph_impl": "local", "cuda_graph_scope": []}
     with pytest.raises(McaArgumentError) as err:
         cuda_graph_fields("local", gpu=False)

@@ -116,10 +116,11 @@ def build_transformer_config(bridge: Any, hf_config: Any, mca_args: Any, params_
 
 def cuda_graph_fields(impl: str, gpu: bool) -> dict[str, Any]:
     """TransformerConfig fields of `cuda_graph_impl`: megatron's local graphs of whole transformer layers
-    (`cuda_graph_scope` empty: the whole layer), or nothing. Graphs need a GPU: on a CPU the key is refused rather
-    than dropped, so a recipe never trains other than it says."""
+    (`cuda_graph_scope` empty: the whole layer), or none. The scope is always given as megatron's current spelling
+    (its default "full" warns that it is deprecated in every config). Graphs need a GPU: on a CPU the key is
+    refused rather than dropped, so a recipe never trains other than it says."""
     if impl == "none":
-        return {}
+        return {"cuda_graph_scope": []}
     if not gpu:
         from llamafactory_mca.args import McaArgumentError
 

@@ -121,7 +121,32 @@ def layer_activation_bytes(d: ModelDims, w: Workload, m: Any) -> float:
             mlp = 2 * norm_in
     if "layernorm" in selective:
         mlp -= norm_in
+    if d.linear_fraction:
+        attn = (1 - d.linear_fraction) * attn + d.linear_fraction * delta_net_activation_bytes(d, w, m)
     return attn + mlp
+
+
+# fp32 tensors of one delta-net layer's recurrence kept for backward, in units of [tokens x value heads x dv]
+# elements, counted in kernels/linear_attention.torch_gated_delta_rule: q, k, v, k*beta, v*beta, k*beta*exp(g),
+# k decayed to the chunk end, w (8); the per-chunk states as the loop keeps them and stacked (2 x 2: dk / chunk =
+# 2 at 128 / 64); the loop's new values and their stack (2); q*exp(g) (1); the chunk matrices (decay twice, the
+# masked product, the triangular system and its inverse, q k^T, the intra-chunk scores: 7 x chunk / dv = 3.5);
+# the gated norm's fp32 input and gate (2): 22.5 (measured q3next at d722ff5: 49.5 GiB peak, this model 48.0)
+DELTA_NET_FP32_UNITS = 22.5
+
+
+def delta_net_activation_bytes(d: ModelDims, w: Workload, m: Any) -> float:
+    """Bytes one gated delta-net layer keeps for backward for one micro-batch on one rank: the input norm, the
+    bf16 projections and convolution, the fp32 recurrence (DELTA_NET_FP32_UNITS); under CP the rank holds the whole
+    sequence of 1 / cp of the heads, the same count."""
+    a = w.dtype_bytes
+    tp, cp = m.tensor_model_parallel_size, m.context_parallel_size
+    sp = tp if m.sequence_parallel else 1
+    T = w.tokens_per_micro_batch() / cp
+    keys, values = d.linear_key_heads * d.linear_key_dim / tp, d.linear_value_heads * d.linear_value_dim / tp
+    projections = a * T * (2 * keys + 2 * values + 2 * d.linear_value_heads / tp)
+    conv = 2 * a * T * (2 * keys + values)
+    return 2 * a * T * d.hidden / sp + projections + conv + 4 * T * values * DELTA_NET_FP32_UNITS
 
 
 def inflight_micro_batches(pp_rank: int, m: Any, num_micro: int) -> float:
@@ -203,4 +228,4 @@ def fits(ranks: list, gpu_memory: int) -> bool:
 
 
 __all__ = ["GIB", "HEADROOM_BYTES", "RankMemory", "Workload", "fits", "inflight_micro_batches",
-           "layer_activation_bytes", "rank_memory"]
+           "layer_activation_bytes", "delta_net_activation_bytes", "rank_memory"]

@@ -168,6 +168,12 @@ class ModelDims:
     qk_layernorm: bool = False
     padded_vocab: int = 0
     vocab: int = 0
+    # hybrid models (gated delta-net layers): their share of the layers and their widths
+    linear_fraction: float = 0.0
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
 
     @property
     def moe(self) -> bool:
@@ -217,6 +223,12 @@ def layer_template(bridge: Any, hf_config: Any, dtype: torch.dtype, freeze: Opti
                      topk=cfg.moe_router_topk or 0, qk_layernorm=bool(cfg.qk_layernorm),
                      padded_vocab=int(model_state(model).padded_vocab_size), vocab=int(bridge.padded_vocab_size(hf_config, 1)))
     dims.vocab = min(dims.vocab, _real_vocab(hf_config))
+    mixers = [type(layer.self_attention).__name__ for layer in model.decoder.layers]
+    linear = sum(name.endswith("GatedDeltaNet") for name in mixers)
+    if linear:
+        dims.linear_fraction = linear / len(mixers)
+        dims.linear_key_heads, dims.linear_value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        dims.linear_key_dim, dims.linear_value_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
     t = LayerTemplate(hidden=cfg.hidden_size, tied=bool(model.share_embeddings_and_output_weights), dims=dims)
     layer0 = model.decoder.layers[0]
     for _name, p in layer0.named_parameters():
