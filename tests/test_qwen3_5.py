@@ -288,12 +288,13 @@ def test_qwen3_5_moe_sft_parity_and_merge(tmp_path):
 @pytest.mark.slow
 @pytest.mark.extended
 @pytest.mark.timeout(1800)
-def test_qwen3_5_video_sft_parity(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_video_sft_parity(tmp_path, family):
     """Videos through LLaMA-Factory's Qwen3-VL plugin (the qwen3_5 templates use it; tests/data/tiny_vl_video.json:
     4-frame clips, timestamps between the frame groups), one process: per-step losses match the HF path."""
     from lf_runs import assert_parity
 
-    model = vl_helpers.make_tiny_vl_model(str(tmp_path / "tiny"), family="qwen3_5")
+    model = vl_helpers.make_tiny_vl_model(str(tmp_path / "tiny"), family=family)
     hf = vl_helpers.train_vl(tmp_path, "hf_video", _sft_recipe(model, str(tmp_path / "hf"), dataset="tiny_vl_video"),
                              mca=False)
     out = vl_helpers.train_vl(tmp_path, "mca_video", _sft_recipe(model, str(tmp_path / "out"), dataset="tiny_vl_video",
