@@ -498,14 +498,15 @@ def init_parallel(mca_args: "MegatronArguments", seed: int = 42) -> None:
     setup_platform()
     from megatron.core import parallel_state
 
-    if getattr(mca_args, "cuda_graph_impl", "none") != "none":
+    graphs = getattr(mca_args, "cuda_graph_impl", "none") != "none"
+    if graphs:
         # megatron's graphs refuse NCCL's graph buffer registration under the launcher's expandable_segments
         # allocator (illegal memory accesses); no collective runs inside our graphs (tp = pp = cp = 1)
         os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")
     init_distributed(mca_args.distributed_timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         initialize_layout(mca_args, distributed_timeout_minutes=mca_args.distributed_timeout_minutes)
-    seed_everything(seed, graph_safe=getattr(mca_args, "cuda_graph_impl", "none") != "none")
+    seed_everything(seed, graph_safe=graphs)
 
 
 def destroy_parallel() -> None:

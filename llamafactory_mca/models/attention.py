@@ -43,6 +43,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from llamafactory_mca.kernels import prefix_attention
+from llamafactory_mca.models.packing import packed_boundaries, segment_lengths
 
 try:  # torch >= 2.5
     _SDPA_HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__
@@ -284,21 +285,6 @@ class SDPAttention(MegatronModule):
             return 1, 0
         return group.size(), group.rank()
 
-    @staticmethod
-    def _segment_lengths(packed_seq_params: PackedSeqParams) -> list:
-        cu = packed_seq_params.cu_seqlens_q_padded
-        if cu is None:
-            cu = packed_seq_params.cu_seqlens_q
-        cache = getattr(packed_seq_params, "_mca_seg_lens", None)
-        if cache is not None and cache[0] is cu:
-            return cache[1]
-        lens = (cu[1:] - cu[:-1]).tolist()  # one host sync per microbatch, cached on the params object
-        try:
-            packed_seq_params._mca_seg_lens = (cu, lens)
-        except Exception:  # pragma: no cover
-            pass
-        return lens
-
     def _pieces_forward(self, q, k, v, seg_lens, causal, attention_mask) -> torch.Tensor:
         """q [b, h, sq, d] local rows; k/v [b, g, sk_local, d]. Attention per piece, rows in local order."""
         cp, rank = self._cp_size_rank()
@@ -370,7 +356,7 @@ class SDPAttention(MegatronModule):
                 if attention_mask is not None:
                     raise NotImplementedError(
                         "context parallelism with packed sequences takes cu_seqlens only, not an attention_mask")
-                seg_lens = self._segment_lengths(packed_seq_params)
+                seg_lens = segment_lengths(packed_seq_params)
             else:
                 seg_lens = [sq * cp]
             if sum(seg_lens) != sq * cp:
@@ -388,8 +374,7 @@ class SDPAttention(MegatronModule):
     def _dense_forward(self, q, k, v, sq, causal, attention_mask, packed_seq_params) -> torch.Tensor:
         mask = None
         if packed_seq_params is not None:
-            cu = packed_seq_params.cu_seqlens_q_padded
-            mask = _packed_mask(packed_seq_params.cu_seqlens_q if cu is None else cu, sq, q.device)
+            mask = _packed_mask(packed_boundaries(packed_seq_params), sq, q.device)
             if self._window_for(sq) is not None:
                 mask = mask & causal_band(sq, sq, 0, self.window, q.device)
             if attention_mask is not None:

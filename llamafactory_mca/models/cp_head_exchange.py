@@ -10,7 +10,8 @@ share of the heads" and back (the Ulysses exchange), with the CP layout of `mode
 
 Both directions are megatron's autograd all-to-all (its backward is the opposite exchange). Packed (THD) rows
 are split per sample (the params' padded cu_seqlens, global as cp_split keeps them), so the permutation follows
-each sample. The permutation is built once per sequence layout (cached by the segment lengths).
+each sample. The permutation of the last layout is kept (both directions of a micro-batch use it; packed
+layouts change with every micro-batch, so no more is kept).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from llamafactory_mca.models.packing import cp_indices
+from llamafactory_mca.models.packing import cp_indices, segment_lengths
 
 
 class CpHeadExchange:
@@ -27,7 +28,7 @@ class CpHeadExchange:
 
     def __init__(self, group: Any, size: int, rank: int):
         self.group, self.size, self.rank = group, size, rank
-        self._order: dict = {}
+        self._order: tuple = (None, None)  # (layout key, (order, inverse)) of the last layout seen
 
     @classmethod
     def of_parallel_state(cls) -> "CpHeadExchange":
@@ -40,16 +41,14 @@ class CpHeadExchange:
     def received_order(self, full_len: int, packed_seq_params: Any, device: torch.device) -> tuple:
         """(positions in the whole sequence of the tokens as received: rank 0's chunks, then rank 1's ...;
         its inverse permutation)."""
-        lens = [full_len]
-        if packed_seq_params is not None:
-            cu = packed_seq_params.cu_seqlens_q_padded
-            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-            lens = (cu[1:] - cu[:-1]).tolist()
+        lens = [full_len] if packed_seq_params is None else segment_lengths(packed_seq_params)
         key = (tuple(lens), device)
-        if key not in self._order:
+        # one entry: to_heads and to_sequence of a micro-batch share it, and packed layouts change with every
+        # micro-batch, so keeping older ones would only grow
+        if self._order[0] != key:
             order = torch.cat([cp_indices(lens, self.size, r) for r in range(self.size)]).to(device)
-            self._order[key] = (order, torch.argsort(order))
-        return self._order[key]
+            self._order = (key, (order, torch.argsort(order)))
+        return self._order[1]
 
     def to_heads(self, x: torch.Tensor, packed_seq_params: Any = None) -> torch.Tensor:
         """[s_local, b, H, C] (this rank's chunks, all heads) -> [s_local * cp, b, H / cp, C] (whole sequences,

@@ -20,7 +20,7 @@ Under sequence parallelism the input projections gather the sequence and out_pro
 attention. The recurrence itself is `kernels.linear_attention.gated_delta_rule` (fla on a GPU, torch elsewhere).
 Packed sequences (neat_packing's THD rows, `PackedSeqParams`): the convolution and the recurrence restart at every
 sample's (padded) start, so each sample sees only itself, as the attention layers do; the segment boundaries are
-read to the host once per micro-batch (`segment_lengths`). Context parallelism: an all-to-all over the CP group
+read to the host once per micro-batch (`packing.segment_lengths`). Context parallelism: an all-to-all over the CP group
 gives each rank whole sequences of `nk / (tp * cp)` key-head groups for the convolution and the recurrence, and
 returns the outputs to its load-balanced chunks before out_proj (models/cp_head_exchange.py).
 """
@@ -42,21 +42,14 @@ from megatron.core.transformer.module import MegatronModule
 
 from llamafactory_mca.kernels.linear_attention import gated_delta_rule
 from llamafactory_mca.models.cp_head_exchange import CpHeadExchange
+from llamafactory_mca.models.packing import segment_lengths
 
-_LAST_SEGMENTS: list = [None, None]  # (cu_seqlens tensor, its lengths): every layer of a micro-batch shares one
-
-
-def segment_lengths(packed_seq_params: Any, seq: int) -> list[int]:
-    """Token counts of the packed samples of a THD row of `seq` tokens (padded boundaries where given), [seq]
-    without packing. One host read per micro-batch: the layers share the micro-batch's cu_seqlens tensor."""
+def row_segments(packed_seq_params: Any, seq: int) -> list[int]:
+    """Token counts of the packed samples of a THD row of `seq` tokens (`packing.segment_lengths`: one host read
+    per micro-batch), [seq] without packing."""
     if packed_seq_params is None:
         return [seq]
-    cu = packed_seq_params.cu_seqlens_q_padded
-    cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-    if _LAST_SEGMENTS[0] is not cu:
-        bounds = cu.tolist()
-        _LAST_SEGMENTS[:] = [cu, [b - a for a, b in zip(bounds, bounds[1:])]]
-    lengths = _LAST_SEGMENTS[1]
+    lengths = segment_lengths(packed_seq_params)
     if sum(lengths) != seq:
         raise ValueError(f"packed samples of {sum(lengths)} tokens in a row of {seq}: the linear-attention layers "
                          "need the whole THD row")
@@ -199,7 +192,7 @@ class GatedDeltaNet(MegatronModule):
         mixed, z, b, a = self.exchange_to_heads(mixed, z, b, a, packed_seq_params)
         batch, seq, nv = z.shape[:3]
         nk = nv // self.per_key
-        lengths = segment_lengths(packed_seq_params, seq)
+        lengths = row_segments(packed_seq_params, seq)
         weight = self.conv_weight_of_rank(nk)
         pad = weight.shape[-1] - 1
         mixed = per_segment(lambda x: F.silu(F.conv1d(x, weight, padding=pad, groups=weight.shape[0])[..., :x.shape[-1]]),

@@ -231,6 +231,28 @@ def cp_indices(seq_lens: list[int], cp_size: int, cp_rank: int, device: Any = No
     return torch.cat(parts).to(device) if device is not None else torch.cat(parts)
 
 
+def packed_boundaries(packed_seq_params: Any) -> torch.Tensor:
+    """The cu_seqlens that lay a THD row out: the padded ones where given (each sample padded for CP / SP), else
+    the plain ones (megatron's THD RoPE reads them the same way)."""
+    cu = packed_seq_params.cu_seqlens_q_padded
+    return packed_seq_params.cu_seqlens_q if cu is None else cu
+
+
+def segment_lengths(packed_seq_params: Any) -> list[int]:
+    """Token counts of the (padded) samples of a THD row. The boundaries may live on the GPU: they are read to the
+    host once per params object (every layer of a micro-batch gets the same one) and cached on it."""
+    cu = packed_boundaries(packed_seq_params)
+    cache = getattr(packed_seq_params, "mca_segment_lengths", None)
+    if cache is not None and cache[0] is cu:
+        return cache[1]
+    lens = (cu[1:] - cu[:-1]).tolist()
+    try:
+        packed_seq_params.mca_segment_lengths = (cu, lens)
+    except AttributeError:  # pragma: no cover - a params type with slots: no cache, same result
+        pass
+    return lens
+
+
 def cp_split(batch: dict[str, Any], cp_size: int, cp_rank: int, packed_seq_params: Any = None) -> dict[str, Any]:
     """This CP rank's part of `batch` (a new dict). Tensors are split along their last dim when it is the
     sequence length (a 4-D attention mask along dim 2, its query rows, keeping all key columns); others pass.
@@ -240,11 +262,8 @@ def cp_split(batch: dict[str, Any], cp_size: int, cp_rank: int, packed_seq_param
         return dict(batch)
     seq_len = None
     if packed_seq_params is not None:
-        cu = packed_seq_params.cu_seqlens_q_padded
-        if cu is None:
-            cu = packed_seq_params.cu_seqlens_q
-        lens = (cu[1:] - cu[:-1]).tolist()
-        seq_len = int(cu[-1])
+        lens = segment_lengths(packed_seq_params)
+        seq_len = sum(lens)
     else:
         for key in ("input_ids", "tokens", "labels"):
             if torch.is_tensor(batch.get(key)):

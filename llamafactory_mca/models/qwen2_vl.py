@@ -105,14 +105,9 @@ def cp_local_tokens(x: torch.Tensor, packed_seq_params: Any = None) -> torch.Ten
     cp = ps.get_context_parallel_world_size()
     if cp == 1:
         return x
-    from llamafactory_mca.models.packing import cp_indices
+    from llamafactory_mca.models.packing import cp_indices, segment_lengths
 
-    if packed_seq_params is not None:
-        cu = packed_seq_params.cu_seqlens_q_padded
-        cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-        lens = (cu[1:] - cu[:-1]).tolist()
-    else:
-        lens = [x.shape[1]]
+    lens = [x.shape[1]] if packed_seq_params is None else segment_lengths(packed_seq_params)
     return x.index_select(1, cp_indices(lens, cp, ps.get_context_parallel_rank(), x.device))
 
 

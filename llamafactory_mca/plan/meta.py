@@ -223,10 +223,11 @@ def layer_template(bridge: Any, hf_config: Any, dtype: torch.dtype, freeze: Opti
                      topk=cfg.moe_router_topk or 0, qk_layernorm=bool(cfg.qk_layernorm),
                      padded_vocab=int(model_state(model).padded_vocab_size), vocab=int(bridge.padded_vocab_size(hf_config, 1)))
     dims.vocab = min(dims.vocab, _real_vocab(hf_config))
-    mixers = [type(layer.self_attention).__name__ for layer in model.decoder.layers]
-    linear = sum(name.endswith("GatedDeltaNet") for name in mixers)
+    from llamafactory_mca.models.gated_delta_net import GatedDeltaNet
+
+    linear = sum(isinstance(layer.self_attention, GatedDeltaNet) for layer in model.decoder.layers)
     if linear:
-        dims.linear_fraction = linear / len(mixers)
+        dims.linear_fraction = linear / len(model.decoder.layers)
         dims.linear_key_heads, dims.linear_value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dims.linear_key_dim, dims.linear_value_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
     t = LayerTemplate(hidden=cfg.hidden_size, tied=bool(model.share_embeddings_and_output_weights), dims=dims)
